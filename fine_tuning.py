@@ -1,0 +1,100 @@
+"""Stage 3 — cluster-probe fine-tuning: C class centroids learnt by modularity (SPEC §6).
+
+    python fine_tuning.py --dataset cocostuff27 --data_dir DATA --ckpt checkpoint/dino_vitbase8_pretrain.pth --head tr
+"""
+
+import torch
+
+from loader.netloader import (atomic_torch_save, build_cluster, build_segment, cluster_path, load_codebook,
+                              load_into, run_dir, segment_path)
+from modules.objectives import fine_tuning_step
+from utils import cli
+from utils.config import build_parser
+from utils.distributed import all_reduce_mean, barrier
+from utils.engine import Stage, first_last, fixed_batch_loss, make_loader
+
+
+def parser():
+    return build_parser(__doc__.strip().splitlines()[0], stage="fine_tuning")
+
+
+def main(args):
+    info, backbone = cli.prepare(args)
+    codebook = load_codebook(args, backbone.embed_dim)
+    segment = load_into(build_segment(args, backbone.embed_dim), segment_path(args), "segment").to(info.device)
+    if args.head == "tr":
+        segment.set_codebook(codebook.to(info.device))
+    # As in the reference, stage 3 optimises every segment parameter; only those that receive a
+    # gradient move (with SPEC's detached probe and detached modularity features: the probe).
+    segment.requires_grad_(True)
+    cluster = build_cluster(args, backbone.embed_dim)
+    cluster.codebook.data.copy_(codebook)
+    cluster.codebook.requires_grad_(False)
+    cluster = cluster.to(info.device)
+    log_dir = run_dir(args)
+    if info.is_main:
+        cli.write_config(args, log_dir, "fine_tuning")
+
+    train_set = cli.dataset(args, info, "train", args.train_resolution, backbone)
+    loader, sampler = make_loader(train_set, info, args.batch_size, args.num_workers, shuffle=True,
+                                  drop_last=True, seed=args.seed)
+    segment_params = [p for p in segment.parameters() if p.requires_grad]
+    lr = args.lr * info.world_size
+    optimizer_segment = torch.optim.Adam(segment_params, lr=lr, weight_decay=args.weight_decay)
+    optimizer_cluster = torch.optim.Adam([cluster.cluster_probe], lr=lr)
+    schedulers = [torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+                  for opt in (optimizer_segment, optimizer_cluster)]
+    stage = Stage("fine_tuning", info, log_dir, args.amp)
+
+    def losses(img, label):
+        with stage.autocast():
+            with torch.no_grad():
+                tokens = backbone(img)
+            return fine_tuning_step(segment, cluster.cluster_probe, tokens, label, args.n_classes, grid=args.grid)
+
+    probe = None
+    segment.train()
+    for epoch in range(args.epoch):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        bar = stage.progress(loader, desc=f"[fine-tuning {args.head}] epoch {epoch + 1}/{args.epoch}")
+        for it, batch in enumerate(bar):
+            if args.max_steps is not None and it >= args.max_steps:
+                break
+            img = batch["img"].to(info.device, non_blocking=True)
+            label = batch["label"].to(info.device, non_blocking=True)
+            if probe is None:
+                probe = (img, label)
+                start = fixed_batch_loss(lambda: losses(img, label)["loss_mod"])
+            out = losses(img, label)
+            stage.step(out["loss"], [optimizer_segment, optimizer_cluster],
+                       segment_params + [cluster.cluster_probe], grad_clip=args.grad_clip,
+                       clip_params=segment_params)
+            acc = 100.0 * float(out["n_correct"]) / max(1, float(out["n_counted"]))
+            stage.log(epoch=epoch, loss=out["loss"].item(), loss_mod=out["loss_mod"].item(),
+                      loss_linear=out["loss_linear"].item(), probe_acc=acc,
+                      lr=optimizer_cluster.param_groups[0]["lr"])
+            bar.set_postfix(mod=f"{out['loss_mod'].item():.4f}", lin=f"{out['loss_linear'].item():.3f}",
+                            acc=f"{acc:.1f}")
+        for scheduler in schedulers:
+            scheduler.step()
+        if info.is_main:
+            atomic_torch_save(segment.state_dict(), segment_path(args))
+            atomic_torch_save(cluster.state_dict(), cluster_path(args))
+        barrier(info)
+
+    end = fixed_batch_loss(lambda: losses(*probe)["loss_mod"])
+    summary = {"segment": segment_path(args), "cluster": cluster_path(args),
+               "loss_mod_first": first_last(stage.records, "loss_mod")[0],
+               "loss_mod_last": first_last(stage.records, "loss_mod")[1],
+               "fixed_batch_loss_mod_start": all_reduce_mean(start, info),
+               "fixed_batch_loss_mod_end": all_reduce_mean(end, info),
+               "probe_acc_last": first_last(stage.records, "probe_acc")[1]}
+    if info.is_main:
+        print(f"[fine-tuning {args.head}] saved {cluster_path(args)}; fixed-batch modularity loss "
+              f"{summary['fixed_batch_loss_mod_start']:.4f} -> {summary['fixed_batch_loss_mod_end']:.4f}")
+    stage.finish(summary, plot_keys=["loss_mod", "loss_linear", "probe_acc"])
+
+
+if __name__ == "__main__":
+    cli.run(main, parser())

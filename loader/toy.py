@@ -1,0 +1,172 @@
+"""The embedded toy dataset: synthetic 'stuff' scenes generated locally from a seed.
+
+Each image is a warped Voronoi layout of regions; each region shows one of six texture
+classes (stripes, checkers, noise, waves, gradient, dots). A class paints with two hues,
+its own and the one of class ``c + 2``, so every hue belongs to two classes and no class
+can be told from one pixel's colour: the texture decides. Every region jitters its hues,
+saturation, brightness, orientation, phase and texture scale.
+
+On disk (what the folder loader reads)::
+
+    <root>/toy/{train,val}/images/<00000>.png   RGB
+    <root>/toy/{train,val}/labels/<00000>.png   class ids 0..n_classes-1 (uint8)
+    <root>/toy/.complete.json                   written last: the generation parameters
+
+Same parameters -> identical bytes (for the same numpy / Pillow versions).
+"""
+
+import colorsys
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+TOY_CLASS_NAMES = ("stripes", "checkers", "noise", "waves", "gradient", "dots")
+
+MARKER = ".complete.json"
+_SPLITS = {"train": 0, "val": 1}
+_BASE_HUES = np.array([0.0, 0.17, 0.33, 0.5, 0.62, 0.8])
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Bilinearly upsampled uniform noise: [size, size] in [0, 1], about ``cells`` blobs a side."""
+    grid = rng.random((cells + 1, cells + 1))
+    pos = np.linspace(0, cells, size, endpoint=False)
+    i = pos.astype(np.int64)
+    f = pos - i
+    rows = grid[i] * (1 - f)[:, None] + grid[i + 1] * f[:, None]
+    return rows[:, i] * (1 - f)[None, :] + rows[:, i + 1] * f[None, :]
+
+
+def _layout(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Region index per pixel, [size, size]: nearest of 4-8 seeds in a warped plane."""
+    n_regions = int(rng.integers(4, 9))
+    seeds = rng.random((n_regions, 2))
+    yy, xx = np.meshgrid(np.linspace(0, 1, size), np.linspace(0, 1, size), indexing="ij")
+    warp = 0.12
+    yy = yy + warp * (_smooth_noise(rng, size, 3) - 0.5)
+    xx = xx + warp * (_smooth_noise(rng, size, 3) - 0.5)
+    dist = (yy[None] - seeds[:, 0, None, None]) ** 2 + (xx[None] - seeds[:, 1, None, None]) ** 2
+    return dist.argmin(0)
+
+
+def _soft(x: np.ndarray, sharpness: float) -> np.ndarray:
+    return 0.5 + 0.5 * np.tanh(sharpness * x)
+
+
+def _texture(cls: int, u: np.ndarray, v: np.ndarray, period: np.ndarray, phase: np.ndarray,
+             noise: np.ndarray) -> np.ndarray:
+    """Texture value in [0, 1] of class ``cls`` at rotated pixel coordinates u, v: [M] -> [M]."""
+    a = 2 * np.pi * u / period + phase
+    b = 2 * np.pi * v / period
+    if cls == 0:  # stripes
+        return _soft(np.sin(a), 3.0)
+    if cls == 1:  # checkers
+        return _soft(np.sin(a) * np.sin(b + phase), 4.0)
+    if cls == 2:  # smooth noise
+        return noise
+    if cls == 3:  # waves: stripes bent by a slower sine across them
+        return _soft(np.sin(a + 2.0 * np.sin(b / 2.5)), 1.5)
+    if cls == 4:  # gradient: a slow ramp
+        return 0.5 + 0.5 * np.sin(a / 6.0)
+    # dots on a lattice
+    du = np.mod(u / period + phase / (2 * np.pi), 1.0) - 0.5
+    dv = np.mod(v / period, 1.0) - 0.5
+    return _soft(0.3 - np.sqrt(du * du + dv * dv), 25.0)
+
+
+def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Per-region colours: [R] each -> [R, 3] in [0, 1]."""
+    return np.array([colorsys.hsv_to_rgb(*hsv) for hsv in zip(np.mod(h, 1.0), s, v)]).reshape(-1, 3)
+
+
+def toy_sample(rng: np.random.Generator, size: int, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One scene: (image uint8 [size, size, 3], label uint8 [size, size] in 0..n_classes-1)."""
+    regions = _layout(rng, size)
+    n_regions = int(regions.max()) + 1
+    region_class = rng.integers(0, n_classes, n_regions)
+    hue_a = _BASE_HUES[region_class] + rng.uniform(-0.05, 0.05, n_regions)
+    hue_b = _BASE_HUES[(region_class + 2) % len(_BASE_HUES)] + rng.uniform(-0.05, 0.05, n_regions)
+    colour_a = _hsv_to_rgb(hue_a, rng.uniform(0.45, 0.9, n_regions), rng.uniform(0.45, 0.95, n_regions))
+    colour_b = _hsv_to_rgb(hue_b, rng.uniform(0.45, 0.9, n_regions), rng.uniform(0.45, 0.95, n_regions))
+    angle = rng.choice(np.deg2rad([0.0, 45.0, 90.0, 135.0]), n_regions) + rng.uniform(-0.2, 0.2, n_regions)
+    period = 14.0 * size / 256 * rng.uniform(0.7, 1.4, n_regions)
+    phase = rng.uniform(0, 2 * np.pi, n_regions)
+    noise = _smooth_noise(rng, size, max(2, size // 24))
+
+    yy, xx = np.meshgrid(np.arange(size, dtype=np.float64), np.arange(size, dtype=np.float64), indexing="ij")
+    label = region_class[regions]
+    t = np.empty((size, size))
+    for cls in range(n_classes):
+        mask = label == cls
+        if not mask.any():
+            continue
+        r = regions[mask]
+        cos, sin = np.cos(angle[r]), np.sin(angle[r])
+        u = xx[mask] * cos + yy[mask] * sin
+        v = -xx[mask] * sin + yy[mask] * cos
+        t[mask] = _texture(cls, u, v, period[r], phase[r], noise[mask])
+    rgb = colour_a[regions] * (1 - t[..., None]) + colour_b[regions] * t[..., None]
+    rgb = rgb + rng.normal(0.0, 0.03, rgb.shape)
+    image = np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
+    return image, label.astype(np.uint8)
+
+
+def _save_png(array: np.ndarray, path: str):
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        Image.fromarray(array).save(tmp, format="PNG", compress_level=6)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_split(toy_root: str, split: str, count: int, seed: int, size: int, n_classes: int):
+    image_dir = os.path.join(toy_root, split, "images")
+    label_dir = os.path.join(toy_root, split, "labels")
+    os.makedirs(image_dir, exist_ok=True)
+    os.makedirs(label_dir, exist_ok=True)
+    names = {f"{i:05d}.png" for i in range(count)}
+    for i in range(count):
+        rng = np.random.default_rng([seed, _SPLITS[split], i])
+        image, label = toy_sample(rng, size, n_classes)
+        _save_png(image, os.path.join(image_dir, f"{i:05d}.png"))
+        _save_png(label, os.path.join(label_dir, f"{i:05d}.png"))
+    for directory in (image_dir, label_dir):
+        for stale in set(os.listdir(directory)) - names:
+            if stale.endswith(".png") and stale[:-4].isdigit():
+                os.remove(os.path.join(directory, stale))
+
+
+def ensure_toy(root: str, seed: int = 0, n_train: int = 300, n_val: int = 100, size: int = 256,
+               n_classes: int = 6) -> str:
+    """Generate ``<root>/toy`` unless a complete copy with these parameters is there; -> its path.
+
+    The marker file is written last, so an interrupted generation is redone on the next call.
+    """
+    if not 2 <= n_classes <= len(TOY_CLASS_NAMES):
+        raise ValueError(f"the toy dataset has 2..{len(TOY_CLASS_NAMES)} classes, got {n_classes}")
+    if size < 16 or n_train < 1 or n_val < 1:
+        raise ValueError(f"toy dataset needs size >= 16 and at least one image per split, "
+                         f"got size={size}, n_train={n_train}, n_val={n_val}")
+    toy_root = os.path.join(root, "toy")
+    params = {"seed": seed, "n_train": n_train, "n_val": n_val, "size": size, "n_classes": n_classes}
+    marker = os.path.join(toy_root, MARKER)
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            try:
+                if json.load(f) == params:
+                    return toy_root
+            except json.JSONDecodeError:
+                pass
+        os.remove(marker)
+    os.makedirs(toy_root, exist_ok=True)
+    _write_split(toy_root, "train", n_train, seed, size, n_classes)
+    _write_split(toy_root, "val", n_val, seed, size, n_classes)
+    tmp = f"{marker}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(params, f)
+    os.replace(tmp, marker)
+    return toy_root

@@ -1,0 +1,300 @@
+"""Segmentation heads of CAUSE (SPEC §5, §6).
+
+`SegmentMLP` / `SegmentTR` hold the student head and projection, their EMA teacher copies
+and the linear probe; `Cluster` holds the concept codebook and the cluster probe. Module
+and parameter names follow the released CAUSE checkpoints, so those load with
+`strict=True` (DESIGN.md, state-dict names).
+
+Tokens are `[B, N, D]` on a square, row-major `h x w` grid (`h = w = sqrt(N)`); every 1x1
+convolution acts on the `[B, D, h, w]` image of the tokens.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from modules.ops import vq
+
+
+def grid_side(num_tokens: int) -> int:
+    """Side of the square token grid holding `num_tokens` tokens; ValueError if not square."""
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(f"expected tokens on a square grid, got N={num_tokens} tokens (not a perfect square)")
+    return side
+
+
+def tokens_to_image(x: torch.Tensor) -> torch.Tensor:
+    """x: [B, N, D] -> [B, D, h, w] with h = w = sqrt(N), tokens row-major."""
+    batch, num_tokens, dim = x.shape
+    side = grid_side(num_tokens)
+    return x.permute(0, 2, 1).reshape(batch, dim, side, side)
+
+
+def image_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """x: [B, D, h, w] -> [B, h*w, D], row-major."""
+    batch, dim = x.shape[:2]
+    return x.reshape(batch, dim, -1).permute(0, 2, 1)
+
+
+def _reduce(f1: nn.Module, f2: nn.Module, drop: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """f1(drop(x)) + f2(drop(x)) on the image of the tokens, two independent dropout draws.
+
+    tokens: [B, N, D] -> [B, N, r]
+    """
+    image = tokens_to_image(tokens)
+    return image_to_tokens(f1(drop(image)) + f2(drop(image)))
+
+
+def _reduction_convs(dim: int, reduced_dim: int) -> tuple[nn.Conv2d, nn.Sequential]:
+    f1 = nn.Conv2d(dim, reduced_dim, kernel_size=1)
+    f2 = nn.Sequential(
+        nn.Conv2d(dim, dim, kernel_size=1),
+        nn.ReLU(),
+        nn.Conv2d(dim, reduced_dim, kernel_size=1),
+    )
+    return f1, f2
+
+
+class HeadMLP(nn.Module):
+    """MLP head h(T) = f1(drop(T)) + f2(drop(T)); dropout only in train mode."""
+
+    def __init__(self, dim: int, reduced_dim: int, dropout: float = 0.1):
+        super().__init__()
+        self.f1, self.f2 = _reduction_convs(dim, reduced_dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: [B, N, D] -> [B, N, r]"""
+        return _reduce(self.f1, self.f2, self.drop, tokens)
+
+
+class TokenProjection(nn.Module):
+    """A 1x1 convolution applied per token: projection heads and the linear probe."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.f = nn.Conv2d(in_dim, out_dim, kernel_size=1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: [B, N, in_dim] -> [B, N, out_dim]"""
+        return image_to_tokens(self.f(tokens_to_image(tokens)))
+
+
+class DecoderLayer(nn.Module):
+    """One DETR-style post-norm decoder layer (1 attention head) followed by the f1/f2 reduction.
+
+    Sequence-first layout, as `nn.MultiheadAttention` with `batch_first=False`.
+    """
+
+    def __init__(self, dim: int, reduced_dim: int, hidden_dim: int = 2048, num_heads: int = 1, dropout: float = 0.1):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout)
+        self.multihead_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout)
+
+        self.linear1 = nn.Linear(dim, hidden_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(hidden_dim, dim)
+
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+
+        self.f1, self.f2 = _reduction_convs(dim, reduced_dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, query: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """query: [N, B, D], memory: [N, B, D], pos: [N, 1, D] -> [B, N, r]"""
+        t = query
+        q = k = t + pos
+        t = self.norm1(t + self.dropout1(self.self_attn(q, k, value=t)[0]))
+        t = self.norm2(t + self.dropout2(self.multihead_attn(query=t + pos, key=memory, value=memory)[0]))
+        t = t + self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(t)))))
+        t = memory + self.norm3(t)
+        return _reduce(self.f1, self.f2, self.drop, t.transpose(0, 1))
+
+
+class HeadTR(nn.Module):
+    """TR head: codebook-quantised tokens attend to the tokens (SPEC §5).
+
+    The codebook (the frozen stage-1 mediator) is a non-persistent buffer set by
+    `set_codebook`, so it stays out of the state dict.
+    """
+
+    codebook: torch.Tensor | None
+
+    def __init__(self, dim: int, reduced_dim: int, num_queries: int, dropout: float = 0.1):
+        super().__init__()
+        self.num_queries = num_queries
+        self.query_pos = nn.Parameter(torch.randn(num_queries, dim))
+        self.tr = DecoderLayer(dim, reduced_dim, dropout=dropout)
+        self.register_buffer("codebook", None, persistent=False)
+
+    def set_codebook(self, codebook: torch.Tensor) -> None:
+        """codebook: [K, D], stored detached on the head's device and dtype."""
+        dim = self.query_pos.shape[1]
+        if codebook.dim() != 2 or codebook.shape[1] != dim:
+            raise ValueError(f"codebook must have shape [K, {dim}], got {list(codebook.shape)}")
+        self.codebook = codebook.detach().to(device=self.query_pos.device, dtype=self.query_pos.dtype)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: [B, N, D] -> [B, N, r]; N must equal num_queries."""
+        num_tokens = tokens.shape[1]
+        if num_tokens != self.num_queries:
+            side = math.isqrt(self.num_queries)
+            raise ValueError(
+                f"the TR head was built for train resolution {side}x{side} patches ({self.num_queries} tokens), "
+                f"got {num_tokens} tokens; use the train resolution (image side = {side} x patch size)"
+            )
+        if self.codebook is None:
+            raise RuntimeError("the TR head has no codebook: call set_codebook() with the stage-1 modular.npy first")
+        query = vq(tokens, self.codebook)
+        return self.tr(query.transpose(0, 1), tokens.transpose(0, 1), self.query_pos.unsqueeze(1))
+
+
+@torch.no_grad()
+def ema_init(student: nn.Module, teacher: nn.Module) -> None:
+    """Copy the student's parameters into the teacher (new storage) and freeze the teacher."""
+    student_params = dict(student.named_parameters())
+    teacher_params = dict(teacher.named_parameters())
+    if student_params.keys() != teacher_params.keys():
+        raise ValueError(
+            f"student and teacher differ in parameters: {sorted(student_params.keys() ^ teacher_params.keys())}"
+        )
+    for name, param in student_params.items():
+        if param.shape != teacher_params[name].shape:
+            raise ValueError(
+                f"parameter {name}: student shape {list(param.shape)} != teacher {list(teacher_params[name].shape)}"
+            )
+        teacher_params[name].copy_(param)
+        teacher_params[name].requires_grad_(False)
+
+
+@torch.no_grad()
+def ema_update(student: nn.Module, teacher: nn.Module, momentum: float = 0.99) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, in place."""
+    for student_param, teacher_param in zip(student.parameters(), teacher.parameters(), strict=True):
+        teacher_param.copy_(momentum * teacher_param + (1 - momentum) * student_param)
+
+
+class SegmentBase(nn.Module):
+    """Student head + projection, EMA teacher copies and linear probe (set by subclasses)."""
+
+    head: nn.Module
+    projection_head: TokenProjection
+    head_ema: nn.Module
+    projection_head_ema: TokenProjection
+    linear: TokenProjection
+
+    def student_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the student head and projection head."""
+        return [*self.head.parameters(), *self.projection_head.parameters()]
+
+    def teacher_modules(self) -> tuple[nn.Module, nn.Module]:
+        """(head_ema, projection_head_ema)."""
+        return self.head_ema, self.projection_head_ema
+
+    def init_teacher(self) -> None:
+        """Teacher := copy of the student, frozen."""
+        ema_init(self.head, self.head_ema)
+        ema_init(self.projection_head, self.projection_head_ema)
+
+    def update_teacher(self, momentum: float = 0.99) -> None:
+        """EMA step of head_ema and projection_head_ema towards the student."""
+        ema_update(self.head, self.head_ema, momentum)
+        ema_update(self.projection_head, self.projection_head_ema, momentum)
+
+
+class SegmentMLP(SegmentBase):
+    def __init__(
+        self,
+        dim: int,
+        reduced_dim: int = 90,
+        projection_dim: int = 2048,
+        n_classes: int = 27,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        self.head = HeadMLP(dim, reduced_dim, dropout)
+        self.projection_head = TokenProjection(reduced_dim, projection_dim)
+        self.head_ema = HeadMLP(dim, reduced_dim, dropout)
+        self.projection_head_ema = TokenProjection(reduced_dim, projection_dim)
+        self.linear = TokenProjection(reduced_dim, n_classes)
+        self.init_teacher()
+
+
+class SegmentTR(SegmentBase):
+    def __init__(
+        self,
+        dim: int,
+        reduced_dim: int = 90,
+        projection_dim: int = 2048,
+        n_classes: int = 27,
+        num_queries: int = 400,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        self.head = HeadTR(dim, reduced_dim, num_queries, dropout)
+        self.projection_head = TokenProjection(reduced_dim, projection_dim)
+        self.head_ema = HeadTR(dim, reduced_dim, num_queries, dropout)
+        self.projection_head_ema = TokenProjection(reduced_dim, projection_dim)
+        self.linear = TokenProjection(reduced_dim, n_classes)
+        self.init_teacher()
+
+    def set_codebook(self, codebook: torch.Tensor) -> None:
+        """codebook: [K, D], the frozen mediator used by both head and head_ema."""
+        self.head.set_codebook(codebook)
+        self.head_ema.set_codebook(codebook)
+
+
+class Cluster(nn.Module):
+    """Concept codebook `[K, D]` and cluster probe `[C, r]`, both uniform in +-1/size."""
+
+    def __init__(self, dim: int, reduced_dim: int, num_codebook: int, n_classes: int):
+        super().__init__()
+        self.codebook = nn.Parameter(torch.empty(num_codebook, dim).uniform_(-1.0 / num_codebook, 1.0 / num_codebook))
+        self.cluster_probe = nn.Parameter(torch.empty(n_classes, reduced_dim).uniform_(-1.0 / n_classes, 1.0 / n_classes))
+
+    def scores(self, feats: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of every pixel feature with every centroid.
+
+        feats: [B, r, H, W] -> [B, C, H, W]
+        """
+        if feats.dim() != 4 or feats.shape[1] != self.cluster_probe.shape[1]:
+            raise ValueError(f"feats must have shape [B, {self.cluster_probe.shape[1]}, H, W], got {list(feats.shape)}")
+        normed_feats = F.normalize(feats, dim=1)
+        normed_probe = F.normalize(self.cluster_probe, dim=1)
+        return torch.einsum("brhw,cr->bchw", normed_feats, normed_probe)
+
+
+def linear_probe_loss(
+    logits: torch.Tensor, label: torch.Tensor, n_classes: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cross-entropy of the upsampled probe logits over pixels with 0 <= label < n_classes.
+
+    logits: [B, C, h, w], label: [B, H, W] integer -> (loss, n_correct, n_counted).
+    The logits are upsampled bilinearly (align_corners=False) to the label size. With no
+    counted pixel the loss is a zero that keeps the graph. Counts are int64 0-dim tensors.
+    """
+    if logits.dim() != 4 or logits.shape[1] != n_classes:
+        raise ValueError(f"logits must have shape [B, {n_classes}, h, w], got {list(logits.shape)}")
+    if label.dim() != 3 or label.shape[0] != logits.shape[0]:
+        raise ValueError(f"label must have shape [{logits.shape[0]}, H, W], got {list(label.shape)}")
+    if label.is_floating_point() or label.is_complex():
+        raise ValueError(f"label must be an integer tensor, got {label.dtype}")
+    logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
+    flat_logits = logits.permute(0, 2, 3, 1).reshape(-1, n_classes)
+    flat_label = label.reshape(-1).long()
+    counted = (flat_label >= 0) & (flat_label < n_classes)
+    counted_logits = flat_logits[counted]
+    counted_label = flat_label[counted]
+    if counted_label.numel() == 0:
+        loss = flat_logits.sum() * 0.0
+    else:
+        loss = F.cross_entropy(counted_logits, counted_label)
+    n_correct = (counted_logits.argmax(dim=1) == counted_label).sum()
+    return loss, n_correct, counted.sum()

@@ -1,0 +1,192 @@
+"""Evaluation — flip TTA, dense CRF, Hungarian-matched mIoU / pixel accuracy, pictures (SPEC §7).
+
+    python test.py --dataset cocostuff27 --data_dir DATA --ckpt checkpoint/dino_vitbase8_pretrain.pth --head tr
+
+Writes ``metrics.json``, ``iou.md``, ``confusion.png`` and the panels of the first
+``--save_images`` images into the run directory ``<out>/<dataset>/<baseline>/<K>/<head>/``.
+Evaluation runs in one process (the first id of ``--gpu``).
+"""
+
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+from loader.datasets import dataset_info
+from loader.netloader import (build_cluster, build_segment, cluster_path, load_codebook, load_into, run_dir,
+                              segment_path)
+from modules.kmeans import fit_kmeans, kmeans_scores
+from modules.objectives import flip_tta_features, upsample
+from modules.segment import tokens_to_image
+from utils import cli
+from utils.config import build_parser, str2bool
+from utils.crf import CRFPool, unnormalize_to_uint8
+from utils.engine import atomic_write_text, make_loader
+from utils.metrics import UnsupervisedMetrics
+from utils.visualize import dataset_colormap, plot_confusion, save_iou_table, save_panel
+
+CRF_ALPHA = 3.0
+RANDOM_BACKBONE_NOTE = ("note: the backbone is random (ckpt empty): these numbers check the pipeline, not the "
+                        "method; set ckpt= to an official checkpoint for real results")
+
+
+def parser():
+    p = build_parser(__doc__.strip().splitlines()[0], stage="test")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--crf", type=str2bool, default=True, help="yes/no: also evaluate with dense-CRF post-processing")
+    g.add_argument("--crf_workers", type=int, default=None, help="CRF process-pool size (default: CPU count; 0 = serial)")
+    g.add_argument("--baseline", choices=["kmeans", "none"], default="kmeans",
+                   help="k-means (faiss, C clusters) on the frozen backbone tokens and on the head features")
+    g.add_argument("--kmeans_tokens_per_image", type=int, default=64,
+                   help="tokens per image sampled to fit the k-means baselines")
+    g.add_argument("--save_images", type=int, default=8, help="panels written for the first N images")
+    return p
+
+
+def class_names(args):
+    if args.dataset == "folder":
+        return [str(c) for c in range(args.n_classes)]
+    return list(dataset_info(args.dataset).class_names)
+
+
+def as_tokens(x):
+    """[B, C, H, W] -> [B, H*W, C]."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def fit_baselines(args, loader, backbone, segment, device):
+    """Fit spherical k-means with C clusters on sampled backbone tokens and head features."""
+    gen = torch.Generator().manual_seed(args.seed)
+    samples = {"kmeans": [], "kmeans_head": []}
+    for batch in loader:
+        u, tokens = flip_tta_features(backbone, segment.head_ema, batch["img"].to(device))
+        for key, feats in (("kmeans", tokens), ("kmeans_head", as_tokens(u))):
+            feats = feats.float().cpu()
+            n = min(args.kmeans_tokens_per_image, feats.shape[1])
+            idx = torch.stack([torch.randperm(feats.shape[1], generator=gen)[:n] for _ in range(feats.shape[0])])
+            samples[key].append(torch.gather(feats, 1, idx[..., None].expand(-1, -1, feats.shape[2])).flatten(0, 1))
+    return {key: fit_kmeans(torch.cat(v), args.n_classes, seed=args.seed).to(device) for key, v in samples.items()}
+
+
+def evaluate(args, loader, backbone, segment, cluster, device, centroids, crf_pool):
+    metrics = {key: UnsupervisedMetrics(args.n_classes) for key in ("cluster", "cluster_crf")}
+    metrics["linear"] = UnsupervisedMetrics(args.n_classes, hungarian=False)
+    metrics["linear_crf"] = UnsupervisedMetrics(args.n_classes, hungarian=False)
+    for key in centroids:
+        metrics[key] = UnsupervisedMetrics(args.n_classes)
+    used = torch.zeros(args.n_classes, dtype=torch.long)
+    kept = []
+    bar = tqdm_bar(loader)
+    for batch in bar:
+        img, label = batch["img"].to(device), batch["label"].to(device)
+        size = label.shape[-2:]
+        u, tokens = flip_tta_features(backbone, segment.head_ema, img)
+        u = u.float()
+        feats = upsample(u, size)
+        scores = cluster.scores(feats)
+        pred = scores.argmax(1)
+        metrics["cluster"].update(pred, label)
+        used += torch.bincount(pred.flatten().cpu(), minlength=args.n_classes)
+        lin_logits = tokens_to_image(segment.linear(as_tokens(feats)))
+        lin_pred = lin_logits.argmax(1)
+        metrics["linear"].update(lin_pred, label)
+        for key, cents in centroids.items():
+            src = tokens_to_image(tokens.float()) if key == "kmeans" else u
+            metrics[key].update(upsample(kmeans_scores(src, cents), size).argmax(1), label)
+        crf_pred = None
+        if crf_pool is not None:
+            images = unnormalize_to_uint8(img.float().cpu(), backbone.mean, backbone.std)
+            crf_pred = crf_pool(images, torch.log_softmax(scores * CRF_ALPHA, dim=1).cpu()).argmax(1).to(device)
+            metrics["cluster_crf"].update(crf_pred, label)
+            lin_onehot = F.one_hot(lin_pred, args.n_classes).permute(0, 3, 1, 2).float()
+            metrics["linear_crf"].update(crf_pool(images, lin_onehot.cpu()).argmax(1).to(device), label)
+        for i in range(img.shape[0]):
+            if len(kept) < args.save_images:
+                kept.append((unnormalize_to_uint8(img[i:i + 1].float().cpu(), backbone.mean, backbone.std)[0],
+                             label[i].cpu(), pred[i].cpu(), None if crf_pred is None else crf_pred[i].cpu()))
+    return metrics, used, kept
+
+
+def tqdm_bar(loader):
+    from tqdm import tqdm
+
+    return tqdm(loader, desc="[test]", dynamic_ncols=True, leave=False)
+
+
+def summarise(args, metrics, used, names):
+    result = {"dataset": args.dataset, "head": args.head, "n_classes": args.n_classes,
+              "backbone": args.ckpt or f"random {args.arch}", "test_resolution": args.test_resolution}
+    for key, m in metrics.items():
+        if m.histogram.sum() == 0:
+            continue
+        values = m.compute()
+        result[key] = {"mIoU": values["mIoU"], "pAcc": values["pAcc"], "iou": values["iou"]}
+        if key.startswith("cluster") or key.startswith("kmeans"):
+            result[key]["assignment"] = values["assignment"]
+    result["clusters_used"] = int((used > 0).sum())
+    result["cluster_pixel_share"] = [round(100.0 * float(c) / max(1, int(used.sum())), 2) for c in used]
+    result["class_names"] = names
+    return result
+
+
+def write_outputs(args, result, metrics, kept, names, out_dir):
+    atomic_write_text(os.path.join(out_dir, "metrics.json"), json.dumps(result, indent=2))
+    best = "cluster_crf" if "cluster_crf" in result else "cluster"
+    save_iou_table(result[best]["iou"], names, os.path.join(out_dir, "iou.md"))
+    plot_confusion(metrics[best].matched_histogram(), names, os.path.join(out_dir, "confusion.png"))
+    cmap = dataset_colormap(args.dataset, args.n_classes)
+    panel_dir = os.path.join(out_dir, "panels")
+    os.makedirs(panel_dir, exist_ok=True)
+    for i, (image, gt, pred, crf_pred) in enumerate(kept):
+        final = crf_pred if crf_pred is not None else pred
+        save_panel(os.path.join(panel_dir, f"{i:04d}.png"), image, gt, pred,
+                   crf_pred if crf_pred is not None else pred, metrics[best].map(final), cmap)
+
+
+def results_table(result):
+    rows = [("CAUSE (cluster probe)", "cluster"), ("CAUSE + CRF", "cluster_crf"),
+            ("linear probe (supervised)", "linear"), ("linear probe + CRF", "linear_crf"),
+            ("k-means on backbone tokens", "kmeans"), ("k-means on head features", "kmeans_head")]
+    lines = [f"{'':30s} {'mIoU':>7s} {'pAcc':>7s}"]
+    for title, key in rows:
+        if key in result:
+            lines.append(f"{title:30s} {result[key]['mIoU']:7.2f} {result[key]['pAcc']:7.2f}")
+    lines.append(f"clusters receiving pixels: {result['clusters_used']}/{result['n_classes']}")
+    return "\n".join(lines)
+
+
+def main(args):
+    info, backbone = cli.prepare(args)
+    device = info.device
+    if not info.is_main:
+        return
+    codebook = load_codebook(args, backbone.embed_dim)
+    segment = load_into(build_segment(args, backbone.embed_dim), segment_path(args), "segment").to(device)
+    if args.head == "tr":
+        segment.set_codebook(codebook.to(device))
+    cluster = load_into(build_cluster(args, backbone.embed_dim), cluster_path(args), "cluster").to(device)
+    segment.eval()
+    out_dir = run_dir(args)
+    cli.write_config(args, out_dir, "test")
+
+    val_set = cli.dataset(args, info, "val", args.test_resolution, backbone)
+    loader, _ = make_loader(val_set, info, args.batch_size, args.num_workers, shuffle=False, drop_last=False)
+    names = class_names(args)
+    with torch.no_grad():
+        centroids = fit_baselines(args, loader, backbone, segment, device) if args.baseline == "kmeans" else {}
+        if args.crf:
+            with CRFPool(num_workers=args.crf_workers) as pool:
+                metrics, used, kept = evaluate(args, loader, backbone, segment, cluster, device, centroids, pool)
+        else:
+            metrics, used, kept = evaluate(args, loader, backbone, segment, cluster, device, centroids, None)
+    result = summarise(args, metrics, used, names)
+    write_outputs(args, result, metrics, kept, names, out_dir)
+    print(results_table(result))
+    if not args.ckpt:
+        print(RANDOM_BACKBONE_NOTE)
+    print(f"metrics: {os.path.join(out_dir, 'metrics.json')}")
+
+
+if __name__ == "__main__":
+    cli.run(main, parser(), single_process=True)

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test command of the README: bootstraps .venv if needed, then runs the whole suite.
+# Extra arguments go to pytest, e.g. `bash test.sh tests/test_ops.py -x`.
+set -euo pipefail
+cd "$(dirname "$0")"
+source scripts/bootstrap.sh
+exec "$PY" -m pytest "$@"

@@ -1,0 +1,151 @@
+import warnings
+
+import numpy as np
+import pydensecrf.densecrf as dcrf
+import pydensecrf.utils as dcrf_utils
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as VF
+
+from utils.crf import CRFPool, batch_dense_crf, dense_crf, unnormalize_to_uint8
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def two_region_problem(seed, height=24, width=32, noise=0.6):
+    """A two-colour image and noisy log-probabilities of its two regions."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((height, width, 3), np.uint8)
+    image[:, : width // 2] = (200, 40, 30)
+    image[:, width // 2:] = (30, 60, 210)
+    truth = np.zeros((height, width), np.int64)
+    truth[:, width // 2:] = 1
+    onehot = np.stack([truth == 0, truth == 1]).astype(np.float32)
+    scores = 3 * (onehot + rng.normal(0, noise, onehot.shape)).astype(np.float32)
+    return image, torch.log_softmax(torch.from_numpy(scores), dim=0), truth
+
+
+def test_crf_cleans_a_noisy_two_region_map():
+    image, logits, truth = two_region_problem(0)
+    error_before = (logits.argmax(0).numpy() != truth).mean()
+    probs = dense_crf(image, logits, iters=10)
+    error_after = (probs.argmax(0).numpy() != truth).mean()
+    assert error_before > 0.08
+    assert error_after < 0.2 * error_before
+    assert probs.dtype == torch.float32
+    assert torch.allclose(probs.sum(0), torch.ones(24, 32), atol=1e-4)
+
+
+def test_dense_crf_matches_the_literal_reference_recipe():
+    image, logits, _ = two_region_problem(1, noise=1.0)
+    low_res = logits[:, ::2, ::2].contiguous()
+    resized = F.interpolate(low_res[None], size=(24, 32), mode="bilinear", align_corners=False)[0]
+    probs = F.softmax(resized, dim=0).numpy()
+    crf = dcrf.DenseCRF2D(32, 24, 2)
+    crf.setUnaryEnergy(np.ascontiguousarray(dcrf_utils.unary_from_softmax(probs)))
+    crf.addPairwiseGaussian(sxy=1, compat=3)
+    crf.addPairwiseBilateral(sxy=67, srgb=3, rgbim=np.ascontiguousarray(image[:, :, ::-1]), compat=4)
+    expected = np.array(crf.inference(5)).reshape(2, 24, 32)
+    out = dense_crf(image, low_res.numpy(), iters=5)
+    assert out.shape == (2, 24, 32)
+    assert np.array_equal(out.numpy(), expected)
+
+
+def test_dense_crf_rejects_bad_input():
+    image, logits, _ = two_region_problem(2)
+    with pytest.raises(ValueError, match="uint8 image"):
+        dense_crf(image.astype(np.float32), logits)
+    with pytest.raises(ValueError, match=r"\[C, h, w\]"):
+        dense_crf(image, logits[None])
+
+
+def test_unnormalize_matches_the_reference_inverse_transform():
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (2, 3, 8, 8), dtype=np.uint8)
+    normalised = VF.normalize(torch.from_numpy(pixels).float() / 255, MEAN, STD)
+    out = unnormalize_to_uint8(normalised, MEAN, STD)
+    assert out.shape == (2, 8, 8, 3) and out.dtype == np.uint8
+    for i in range(2):
+        inverse = VF.normalize(VF.normalize(normalised[i], [0.0] * 3, [1 / s for s in STD]),
+                               [-m for m in MEAN], [1.0] * 3)
+        assert np.array_equal(out[i], np.array(VF.to_pil_image(inverse)))
+    # truncation, not rounding: values never exceed the original pixel
+    assert np.all(out.astype(int) - pixels.transpose(0, 2, 3, 1) <= 0)
+    assert np.all(out.astype(int) - pixels.transpose(0, 2, 3, 1) >= -1)
+    assert unnormalize_to_uint8(normalised[0], MEAN, STD).shape == (8, 8, 3)
+
+
+def test_unnormalize_clamps_out_of_range_values():
+    far = torch.tensor([-10.0, 10.0]).view(1, 1, 1, 2).expand(1, 3, 1, 2)
+    out = unnormalize_to_uint8(far, MEAN, STD)
+    assert out[0, 0, 0].tolist() == [0, 0, 0]
+    assert out[0, 0, 1].tolist() == [255, 255, 255]
+
+
+def batch_problem():
+    problems = [two_region_problem(seed) for seed in range(3)]
+    images = np.stack([p[0] for p in problems])
+    logits = torch.stack([p[1] for p in problems])[:, :, ::2, ::2]
+    return images, logits
+
+
+def test_pool_serial_and_single_image_results_are_identical():
+    images, logits = batch_problem()
+    serial = batch_dense_crf(images, logits, iters=3, num_workers=0)
+    assert serial.shape == (3, 2, 24, 32)
+    for i in range(3):
+        assert torch.equal(serial[i], dense_crf(images[i], logits[i], iters=3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with CRFPool(num_workers=2, timeout=120) as pool:
+            first = pool(list(images), logits, iters=3)
+            second = pool(torch.from_numpy(images), logits.numpy(), iters=3)
+    assert torch.equal(first, serial)
+    assert torch.equal(second, serial)
+
+
+class FailingPool:
+    def map_async(self, *args, **kwargs):
+        raise RuntimeError("worker died")
+
+    def terminate(self):
+        pass
+
+    def join(self):
+        pass
+
+
+def test_worker_failure_falls_back_to_serial(monkeypatch):
+    images, logits = batch_problem()
+    serial = batch_dense_crf(images, logits, iters=3, num_workers=0)
+    pool = CRFPool(num_workers=2)
+    monkeypatch.setattr(pool, "_get_pool", FailingPool)
+    with pytest.warns(RuntimeWarning, match="worker died"):
+        out = pool(images, logits, iters=3)
+    assert torch.equal(out, serial)
+    assert pool._pool is None
+
+
+def test_timeout_falls_back_to_serial_and_the_next_batch_uses_a_fresh_pool():
+    images, logits = batch_problem()
+    serial = batch_dense_crf(images, logits, iters=3, num_workers=0)
+    with CRFPool(num_workers=1, timeout=0.0) as pool:
+        with pytest.warns(RuntimeWarning, match="timed out"):
+            out = pool(images, logits, iters=3)
+        assert torch.equal(out, serial)
+        pool.timeout = 120
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert torch.equal(pool(images, logits, iters=3), serial)
+
+
+def test_batch_input_errors():
+    images, logits = batch_problem()
+    with pytest.raises(ValueError, match="got 2 images but class scores for 3"):
+        batch_dense_crf(images[:2], logits, num_workers=0)
+    with pytest.raises(ValueError, match=r"\[B, C, h, w\]"):
+        batch_dense_crf(images, logits[0], num_workers=0)
+    with pytest.raises(ValueError, match="num_workers"):
+        CRFPool(num_workers=-1)

@@ -1,0 +1,82 @@
+"""Stage 1 — the mediator: a concept codebook learnt by maximising soft modularity (SPEC §4).
+
+    python train_mediator.py --dataset cocostuff27 --data_dir DATA --ckpt checkpoint/dino_vitbase8_pretrain.pth
+"""
+
+import os
+
+import numpy as np
+import torch
+
+from loader.netloader import atomic_np_save, build_cluster, codebook_path, mediator_dir
+from modules.objectives import mediator_loss
+from utils import cli
+from utils.config import build_parser
+from utils.distributed import all_reduce_mean, barrier
+from utils.engine import Stage, first_last, fixed_batch_loss, make_loader
+
+
+def parser():
+    p = build_parser(__doc__.strip().splitlines()[0], stage="mediator")
+    p.add_argument("--overwrite", action="store_true", help="retrain even if the codebook exists")
+    return p
+
+
+def main(args):
+    info, backbone = cli.prepare(args)
+    out_path = codebook_path(args)
+    if os.path.isfile(out_path) and not args.overwrite:
+        if info.is_main:
+            print(f"codebook {out_path} exists, skipping stage 1 (--overwrite to retrain)")
+        return
+    log_dir = mediator_dir(args)
+    if info.is_main:
+        cli.write_config(args, log_dir, "mediator")
+
+    train_set = cli.dataset(args, info, "train", args.train_resolution, backbone)
+    loader, sampler = make_loader(train_set, info, args.batch_size, args.num_workers, shuffle=True,
+                                  drop_last=True, seed=args.seed)
+    cluster = build_cluster(args, backbone.embed_dim).to(info.device)
+    codebook = cluster.codebook  # uniform in [-1/K, 1/K]
+    optimizer = torch.optim.Adam([codebook], lr=args.lr * info.world_size)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.2)
+    stage = Stage("mediator", info, log_dir, args.amp)
+
+    def loss_of(img):
+        with stage.autocast():
+            with torch.no_grad():
+                tokens = backbone(img)
+            return mediator_loss(codebook, tokens, grid=args.grid)
+
+    probe = None
+
+    for epoch in range(args.epoch):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        bar = stage.progress(loader, desc=f"[mediator] epoch {epoch + 1}/{args.epoch}")
+        for it, batch in enumerate(bar):
+            if args.max_steps is not None and it >= args.max_steps:
+                break
+            img = batch["img"].to(info.device, non_blocking=True)
+            if probe is None:
+                probe = img
+                start = fixed_batch_loss(lambda: loss_of(img))
+            loss = loss_of(img)
+            stage.step(loss, [optimizer], [codebook])
+            stage.log(epoch=epoch, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        scheduler.step()
+
+    first, last = first_last(stage.records, "loss")
+    end = fixed_batch_loss(lambda: loss_of(probe))
+    if info.is_main:
+        atomic_np_save(codebook.detach().float().cpu().numpy().astype(np.float32), out_path)
+        print(f"[mediator] codebook {tuple(codebook.shape)} saved to {out_path} (loss {first} -> {last})")
+    stage.finish({"codebook": out_path, "loss_first": first, "loss_last": last,
+                  "fixed_batch_loss_start": all_reduce_mean(start, info),
+                  "fixed_batch_loss_end": all_reduce_mean(end, info)}, plot_keys=["loss"])
+    barrier(info)
+
+
+if __name__ == "__main__":
+    cli.run(main, parser())

@@ -1,0 +1,93 @@
+"""Entry-point helpers shared by the stage scripts: error reporting and run set-up."""
+
+import os
+import sys
+import warnings
+
+import torch
+
+from utils.config import resolve, save_config
+from utils.distributed import barrier, cleanup, launch, setup
+from utils.engine import seed_everything
+
+
+def expected_errors():
+    """Exceptions that mean bad input (a path, a file, a flag), reported as one line."""
+    from loader.netloader import ArtifactMismatchError, MissingArtifactError
+
+    errors = [FileNotFoundError, MissingArtifactError, ArtifactMismatchError, ValueError]
+    return tuple(errors)
+
+
+def run(main, parser, argv=None, single_process=False):
+    """Parse flags, launch one process per device, turn bad input into one line and exit code 2.
+
+    ``single_process``: evaluation-type scripts use only the first id of ``--gpu``.
+    """
+    args = parser.parse_args(argv)
+    if single_process:
+        args.gpu = str(args.gpu).split(",")[0]
+    try:
+        launch(main, args)
+    except expected_errors() as err:
+        if os.environ.get("CAUSE_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: no partial artifact was written", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:
+        # mp.spawn re-raises a child's failure with the child's traceback as text.
+        if type(err).__name__ == "ProcessRaisedException":
+            lines = [line for line in str(err).strip().splitlines() if line.strip()]
+            print(f"error: {lines[-1] if lines else err}", file=sys.stderr)
+            sys.exit(1)
+        raise
+    finally:
+        cleanup()
+
+
+def prepare(args):
+    """Set up this process, the backbone and the resolved flags.
+
+    Returns ``(info, backbone)``; ``args`` is completed in place with the published defaults.
+    """
+    from loader.datasets import dataset_info
+    from loader.netloader import build_backbone
+
+    info = setup(args.gpu, use_cpu=args.cpu)
+    seed_everything(args.seed + info.rank)
+    if args.amp is None:
+        args.amp = info.device.type == "cuda"
+    with warnings.catch_warnings():
+        if not info.is_main:
+            warnings.simplefilter("ignore")
+        backbone = build_backbone(args, info.device)
+    n_classes = args.n_classes if args.dataset == "folder" else dataset_info(args.dataset).n_classes
+    if n_classes is None:
+        raise ValueError("--dataset folder needs --n_classes")
+    resolve(args, backbone.patch_size, n_classes)
+    args.family_resolved = backbone.family
+    args.world_size = info.world_size
+    if info.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return info, backbone
+
+
+def dataset(args, info, split, resolution, backbone):
+    """Build a split with the backbone's own normalisation; the toy data is generated once, by rank 0."""
+    from loader.datasets import build_dataset
+    from loader.toy import ensure_toy
+
+    if args.dataset == "toy":
+        if info.is_main:
+            ensure_toy(args.data_dir)
+        barrier(info)
+    return build_dataset(args.dataset, args.data_dir, split, resolution, mean=backbone.mean, std=backbone.std,
+                         n_classes=args.n_classes, image_dir=args.image_dir, label_dir=args.label_dir)
+
+
+def write_config(args, directory, name):
+    os.makedirs(directory, exist_ok=True)
+    save_config(args, os.path.join(directory, f"config_{name}.json"))

@@ -1,0 +1,150 @@
+"""The command line shared by the four stage scripts.
+
+Every script builds its parser with :func:`build_parser`, adds its own few flags, and calls
+:func:`resolve` once the backbone is known: the published defaults of SPEC depend on the
+dataset, the head and the backbone's patch size, so flags left at ``None`` are filled in
+there. The resolved namespace is what gets written to the run directory as JSON.
+"""
+
+import argparse
+import json
+import math
+import os
+
+HEAD_ALIASES = {"mlp": "mlp", "cnn": "mlp", "tr": "tr", "detr": "tr"}
+COCO_FAMILY = ("cocostuff27", "coco81", "coco171")
+
+# Published per-stage settings (SPEC §4-6).
+STAGE_EPOCHS = {"mediator": {"mlp": 1, "tr": 1}, "front_door": {"mlp": 2, "tr": 2},
+                "fine_tuning": {"mlp": 1, "tr": 5}, "test": {"mlp": 1, "tr": 1}}
+STAGE_RESOLUTION = {"mediator": {"mlp": 320, "tr": 320}, "front_door": {"mlp": 224, "tr": 320},
+                    "fine_tuning": {"mlp": 224, "tr": 320}, "test": {"mlp": 224, "tr": 320}}
+
+
+def str2bool(value):
+    """argparse type for yes/no flags (``--grid yes``), as the reference spells them."""
+    if isinstance(value, bool):
+        return value
+    lowered = value.lower()
+    if lowered in ("yes", "true", "t", "y", "1"):
+        return True
+    if lowered in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected yes/no, got {value!r}")
+
+
+def head_type(value):
+    """argparse type for ``--head``: ``mlp``/``tr`` and the reference's ``cnn``/``detr``."""
+    try:
+        return HEAD_ALIASES[value.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"--head must be one of mlp, tr (aliases cnn, detr), got {value!r}")
+
+
+def build_parser(description, stage):
+    """The shared parser, grouped as data / backbone / head / optimisation / distributed / output."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.set_defaults(stage=stage)
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="toy",
+                      help="cocostuff27, cityscapes, pascalvoc, coco81, coco171, folder or toy "
+                           "(embedded synthetic data, generated on first use)")
+    data.add_argument("--data_dir", default="data", help="root folder that holds the datasets")
+    data.add_argument("--image_dir", default=None, help="--dataset folder: the folder of images")
+    data.add_argument("--label_dir", default=None, help="--dataset folder: optional folder of label PNGs")
+    data.add_argument("--n_classes", type=int, default=None,
+                      help="number of classes (taken from the dataset registry; needed for --dataset folder)")
+    data.add_argument("--batch_size", type=int, default=16, help="images per process")
+    data.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
+                      help="data-loading worker processes per training process")
+    data.add_argument("--train_resolution", type=int, default=None,
+                      help="training crop size (default: SPEC's for the stage and head, rounded up to a "
+                           "multiple of the patch size, e.g. 322 for patch 14)")
+    data.add_argument("--test_resolution", type=int, default=None,
+                      help="evaluation size (default 320, rounded up to the patch size; the TR head must be "
+                           "evaluated at its training resolution)")
+
+    backbone = parser.add_argument_group("backbone")
+    backbone.add_argument("--ckpt", default="",
+                          help="official self-supervised checkpoint file (DINO, DINOv2, iBOT, MSN, MAE, MoCo v3, "
+                               "Unicom); empty = random weights of --arch (plumbing check only)")
+    backbone.add_argument("--family", default=None,
+                          choices=["dino", "dinov2", "ibot", "msn", "mae", "mocov3", "unicom"],
+                          help="checkpoint family (default: detected from the file's keys)")
+    backbone.add_argument("--arch", default="vit_tiny_patch16_224",
+                          help="timm ViT name used when --ckpt is empty")
+    backbone.add_argument("--num_heads", type=int, default=None,
+                          help="attention heads of the backbone (default: the official architecture; "
+                               "12 reproduces the reference's DINO ViT-S features)")
+
+    head = parser.add_argument_group("head")
+    head.add_argument("--head", type=head_type, default="mlp",
+                      help="segmentation head: mlp or tr (aliases cnn, detr)")
+    head.add_argument("--num_codebook", type=int, default=2048, help="concepts in the mediator codebook (K)")
+    head.add_argument("--reduced_dim", type=int, default=90, help="segment feature width (r)")
+    head.add_argument("--projection_dim", type=int, default=2048, help="projection head width (E)")
+    head.add_argument("--grid", type=str2bool, default=True, help="yes/no: stochastic 4x4 grid sampling")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epoch", type=int, default=None, help="epochs (default: SPEC's for the stage and head)")
+    optim.add_argument("--lr", type=float, default=1e-3, help="learning rate per process (scaled by world size)")
+    optim.add_argument("--weight_decay", type=float, default=None,
+                       help="segment weight decay (default 1e-4, 0 on Cityscapes)")
+    optim.add_argument("--grad_clip", type=float, default=None,
+                       help="gradient-norm clip of the segment parameters (default per dataset and head, SPEC §5)")
+    optim.add_argument("--max_steps", type=int, default=None, help="stop each epoch after this many steps")
+    optim.add_argument("--seed", type=int, default=0, help="random seed (offset by rank)")
+    optim.add_argument("--amp", type=str2bool, default=None,
+                       help="yes/no: mixed precision (default: yes on CUDA, no on CPU)")
+
+    dist = parser.add_argument_group("distributed")
+    dist.add_argument("--gpu", default="0",
+                      help="GPU ids, e.g. 0,1,2,3: one process is spawned per id (under torchrun this is ignored)")
+    dist.add_argument("--port", default="12355", help="rendezvous port when spawning with --gpu")
+    dist.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", default="CAUSE", help="artifact root: codebooks, heads, logs and test outputs")
+    return parser
+
+
+def round_to_patch(resolution, patch_size):
+    """Smallest multiple of ``patch_size`` that is >= ``resolution`` (320 -> 322 for patch 14)."""
+    return int(math.ceil(resolution / patch_size) * patch_size)
+
+
+def default_grad_clip(dataset, head):
+    """SPEC §5: MLP 1 (Cityscapes) / 0.1 (COCO); TR 1 / 2. Deviation: VOC, folder, toy take 1."""
+    if dataset in COCO_FAMILY:
+        return 0.1 if head == "mlp" else 2.0
+    return 1.0
+
+
+def resolve(args, patch_size, n_classes):
+    """Fill every ``None`` flag with the published default for this stage, head and backbone."""
+    stage, head = args.stage, args.head
+    if args.epoch is None:
+        args.epoch = STAGE_EPOCHS[stage][head]
+    if args.train_resolution is None:
+        args.train_resolution = STAGE_RESOLUTION["fine_tuning" if stage == "test" else stage][head]
+    args.train_resolution = round_to_patch(args.train_resolution, patch_size)
+    if args.test_resolution is None:
+        args.test_resolution = args.train_resolution if head == "tr" else 320
+    args.test_resolution = round_to_patch(args.test_resolution, patch_size)
+    if args.weight_decay is None:
+        args.weight_decay = 0.0 if args.dataset == "cityscapes" else 1e-4
+    if args.grad_clip is None:
+        args.grad_clip = default_grad_clip(args.dataset, head)
+    args.n_classes = n_classes
+    args.num_queries = (args.train_resolution // patch_size) ** 2
+    return args
+
+
+def save_config(args, path):
+    """Write the resolved configuration as JSON (atomically)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(vars(args), f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)

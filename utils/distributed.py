@@ -1,0 +1,121 @@
+"""One process per device: torchrun, ``--gpu 0,1,..`` spawning, or a single process.
+
+Under ``torchrun`` the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) is read
+as it is, which covers multi-node runs. Otherwise ``--gpu`` with several ids spawns one
+process per id on this machine, like the reference. NCCL on CUDA, gloo on CPU.
+"""
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+
+def under_torchrun():
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _device(local_rank, gpu_ids, use_cpu):
+    if use_cpu or not torch.cuda.is_available():
+        return torch.device("cpu")
+    index = gpu_ids[local_rank] if local_rank < len(gpu_ids) else local_rank
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def parse_gpu_ids(gpu):
+    try:
+        return [int(g) for g in str(gpu).split(",") if g.strip() != ""]
+    except ValueError:
+        raise ValueError(f"--gpu expects comma-separated integers such as 0,1,2,3, got {gpu!r}")
+
+
+def setup(gpu="0", use_cpu=False, timeout_min=30):
+    """Initialise this process's place in the job and return it."""
+    if under_torchrun():
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        gpu_ids = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    else:
+        rank = int(os.environ.get("CAUSE_SPAWN_RANK", 0))
+        world = int(os.environ.get("CAUSE_SPAWN_WORLD", 1))
+        local_rank = rank
+        gpu_ids = parse_gpu_ids(gpu)
+    device = _device(local_rank, gpu_ids, use_cpu)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=timeout_min))
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _spawned(local_rank, main, args, world, port):
+    os.environ.update(CAUSE_SPAWN_RANK=str(local_rank), CAUSE_SPAWN_WORLD=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    main(args)
+
+
+def launch(main, args):
+    """Run ``main(args)`` once per process: directly under torchrun or for one GPU, spawned for several.
+
+    If any spawned process fails, ``mp.spawn`` terminates the others and raises, so the job
+    exits non-zero instead of hanging (torchrun does the same for its workers).
+    """
+    gpu_ids = parse_gpu_ids(args.gpu)
+    if under_torchrun() or len(gpu_ids) <= 1 or args.cpu or not torch.cuda.is_available():
+        return main(args)
+    mp.spawn(_spawned, args=(main, args, len(gpu_ids), args.port), nprocs=len(gpu_ids), join=True)
+
+
+def all_reduce_mean_grads(params, info):
+    """Average the gradients of ``params`` over ranks in one flat all-reduce (what DDP does)."""
+    if not info.distributed:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= info.world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def all_reduce_mean(value, info):
+    """Mean of a python float over ranks (for logging)."""
+    if not info.distributed:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=info.device)
+    dist.all_reduce(t)
+    return float(t.item() / info.world_size)
+
+
+def barrier(info):
+    if info.distributed:
+        dist.barrier()

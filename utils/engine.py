@@ -1,0 +1,148 @@
+"""The plumbing the four stage scripts share: data loaders, the optimiser step, logging.
+
+A script builds a :class:`Stage` and drives its own loop; the method itself lives in
+``modules/`` and only the bookkeeping lives here.
+"""
+
+import contextlib
+import json
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from utils.distributed import all_reduce_mean_grads, barrier
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def _worker_init(worker_id):
+    seed = torch.initial_seed() % (2 ** 32)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(dataset, info, batch_size, num_workers, shuffle, drop_last, seed=0):
+    """DataLoader with a DistributedSampler when the job has several processes.
+
+    Returns ``(loader, sampler)``; call ``sampler.set_epoch(epoch)`` when it is not None.
+    """
+    sampler = None
+    if info.distributed:
+        sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
+                                     shuffle=shuffle, seed=seed, drop_last=drop_last)
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                        sampler=sampler, num_workers=num_workers, drop_last=drop_last,
+                        pin_memory=info.device.type == "cuda", worker_init_fn=_worker_init,
+                        generator=generator, persistent_workers=False)
+    if len(loader) == 0:
+        raise ValueError(f"dataset of {len(dataset)} images gives no batch of {batch_size} per process "
+                         f"(world size {info.world_size}); lower --batch_size")
+    return loader, sampler
+
+
+def atomic_write_text(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class Stage:
+    """Bookkeeping for one stage run: AMP, optimiser steps, JSON-lines log, summary, loss plot.
+
+    Only rank 0 writes files and shows progress bars.
+    """
+
+    def __init__(self, name, info, log_dir, amp):
+        self.name = name
+        self.info = info
+        self.log_dir = log_dir
+        self.amp = bool(amp) and info.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.log_path = os.path.join(log_dir, f"{name}.jsonl")
+        self.records = []
+        self.start = time.time()
+        self.global_step = 0
+        if info.is_main:
+            os.makedirs(log_dir, exist_ok=True)
+            atomic_write_text(self.log_path, "")
+
+    def autocast(self):
+        if self.amp:
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def progress(self, iterable, desc, total=None):
+        return tqdm(iterable, desc=desc, total=total, disable=not self.info.is_main,
+                    dynamic_ncols=True, file=sys.stderr, leave=False)
+
+    def step(self, loss, optimizers, params, grad_clip=None, clip_params=None):
+        """Backward, average gradients over ranks, clip, and step every optimiser.
+
+        ``params`` are all trainable parameters (their gradients are all-reduced);
+        ``clip_params`` (default ``params``) are the ones whose norm is clipped.
+        """
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        for opt in optimizers:
+            self.scaler.unscale_(opt)
+        all_reduce_mean_grads(params, self.info)
+        if grad_clip is not None and grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(clip_params if clip_params is not None else params, grad_clip)
+        for opt in optimizers:
+            self.scaler.step(opt)
+        self.scaler.update()
+        self.global_step += 1
+
+    def log(self, **values):
+        """Append one record (rank 0) to ``<stage>.jsonl``."""
+        record = {"step": self.global_step, **{k: (float(v) if isinstance(v, (int, float, np.floating)) or
+                                                   torch.is_tensor(v) else v) for k, v in values.items()}}
+        self.records.append(record)
+        if self.info.is_main:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def finish(self, summary, plot_keys):
+        """Write ``<stage>_summary.json`` and ``<stage>_loss.png`` (rank 0), then wait for all ranks."""
+        if self.info.is_main:
+            from utils.visualize import plot_losses
+
+            summary = {"stage": self.name, "steps": self.global_step,
+                       "seconds": round(time.time() - self.start, 1), **summary}
+            atomic_write_text(os.path.join(self.log_dir, f"{self.name}_summary.json"),
+                              json.dumps(summary, indent=2))
+            if self.records:
+                plot_losses(self.records, os.path.join(self.log_dir, f"{self.name}_loss.png"), keys=plot_keys)
+        barrier(self.info)
+        return summary
+
+
+def first_last(records, key):
+    """(first, last) value of ``key`` over the logged records, for summaries."""
+    values = [r[key] for r in records if key in r]
+    return (values[0], values[-1]) if values else (None, None)
+
+
+def fixed_batch_loss(loss_fn, seed=1234):
+    """Evaluate ``loss_fn()`` under a fixed RNG state and without gradients.
+
+    Stages call it on their first batch before and after training, so the summary shows
+    whether the objective went down on identical inputs, dropout masks and grid picks.
+    """
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(seed)
+        return float(loss_fn())

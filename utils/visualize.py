@@ -1,0 +1,226 @@
+"""Pictures of an evaluation: colour maps, per-image panels, loss curves, confusion matrix.
+
+Figures are built with matplotlib's object API (``matplotlib.figure.Figure``, rendered by
+Agg), never through ``pyplot``, so nothing here touches a global backend or opens a window.
+Every file is written atomically: to a temporary file in the target directory, then
+``os.replace``, so an interrupted run never leaves a truncated picture or table.
+
+Colour maps follow the reference: Cityscapes uses the official Cityscapes colours of its 27
+evaluated label ids (7..33, in id order); every other dataset uses the PASCAL VOC palette
+(DeepLab's bit-interleaving generator), whose class 0 is black like the ignore colour.
+"""
+
+import json
+import math
+import os
+import tempfile
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+# Official Cityscapes colours of label ids 7 (road) .. 33 (bicycle): the 27 classes used.
+CITYSCAPES_COLORS = (
+    (128, 64, 128), (244, 35, 232), (250, 170, 160), (230, 150, 140), (70, 70, 70),
+    (102, 102, 156), (190, 153, 153), (180, 165, 180), (150, 100, 100), (150, 120, 90),
+    (153, 153, 153), (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35),
+    (152, 251, 152), (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142),
+    (0, 0, 70), (0, 60, 100), (0, 0, 90), (0, 0, 110), (0, 80, 100),
+    (0, 0, 230), (119, 11, 32),
+)
+DEFAULT_PANEL_TITLES = ("image", "ground truth", "cluster", "CRF", "Hungarian")
+
+
+def colormap(n_classes):
+    """The PASCAL VOC palette for ids 0..n-1 -> uint8 [n, 3]; distinct for n <= 2**24.
+
+    Bit ``3j + c`` of the id sets bit ``7 - j`` of channel ``c`` (0 -> black, 1 -> dark red,
+    2 -> dark green, ...).
+    """
+    if not 1 <= n_classes <= 2 ** 24:
+        raise ValueError(f"colormap needs 1 <= n_classes <= 2**24, got {n_classes}")
+    ids = np.arange(n_classes, dtype=np.int64)
+    colors = np.zeros((n_classes, 3), dtype=np.int64)
+    for shift in range(7, -1, -1):
+        for channel in range(3):
+            colors[:, channel] |= ((ids >> channel) & 1) << shift
+        ids = ids >> 3
+    return colors.astype(np.uint8)
+
+
+def dataset_colormap(name, n_classes):
+    """The colour map a dataset's pictures use -> uint8 [n_classes, 3]."""
+    if name == "cityscapes":
+        if n_classes != len(CITYSCAPES_COLORS):
+            raise ValueError(f"the cityscapes colour map has {len(CITYSCAPES_COLORS)} classes, "
+                             f"got n_classes={n_classes}")
+        return np.array(CITYSCAPES_COLORS, dtype=np.uint8)
+    return colormap(n_classes)
+
+
+def colorize(label, cmap, ignore_color=(0, 0, 0)):
+    """label: ids [H, W] (tensor or array; negative = ignore) -> uint8 RGB [H, W, 3]."""
+    label = label.cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
+    cmap = np.asarray(cmap, dtype=np.uint8)
+    if label.ndim != 2 or not np.issubdtype(label.dtype, np.integer):
+        raise ValueError(f"colorize expects an integer map [H, W], got {label.dtype} array of shape {label.shape}")
+    if label.size and label.max() >= len(cmap):
+        raise ValueError(f"id {int(label.max())} is outside the colour map of {len(cmap)} colours")
+    out = cmap[np.clip(label, 0, None)]
+    out[label < 0] = np.asarray(ignore_color, dtype=np.uint8)
+    return out
+
+
+def _atomic_write(path, write):
+    """Calls ``write(file)`` on a temporary file next to ``path``, then renames it to ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            write(file)
+        os.chmod(tmp_path, 0o644)
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.unlink(tmp_path)
+        raise
+
+
+def _save_figure(fig, path, dpi):
+    _atomic_write(path, lambda file: fig.savefig(file, format="png", dpi=dpi))
+
+
+def save_panel(path, image_uint8, gt, cluster, crf, mapped, cmap, titles=DEFAULT_PANEL_TITLES,
+               gap=4, title_height=24, dpi=100):
+    """Writes one PNG row: image | ground truth | raw cluster map | CRF map | Hungarian map.
+
+    image_uint8: RGB [H, W, 3]; gt, cluster, crf, mapped: ids [H, W] (a ``None`` map and
+    its title are left out). Pictures are drawn at their own resolution, ``gap`` pixels
+    apart, under a ``title_height``-pixel band: the PNG is ``(n·W + (n−1)·gap) ×
+    (H + title_height)`` pixels for ``n`` pictures.
+    """
+    image = image_uint8.cpu().numpy() if isinstance(image_uint8, torch.Tensor) else np.asarray(image_uint8)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"save_panel expects an RGB uint8 image [H, W, 3], got {image.dtype} {image.shape}")
+    if len(titles) != 5:
+        raise ValueError(f"save_panel needs 5 titles (image, gt, cluster, crf, mapped), got {len(titles)}")
+    height, width = image.shape[:2]
+    pictures, names = [image], [titles[0]]
+    for label, title in zip((gt, cluster, crf, mapped), titles[1:]):
+        if label is None:
+            continue
+        colored = colorize(label, cmap)
+        if colored.shape != image.shape:
+            raise ValueError(f"map for '{title}' has shape {colored.shape[:2]}, the image {image.shape[:2]}")
+        pictures.append(colored)
+        names.append(title)
+
+    total_width = len(pictures) * width + (len(pictures) - 1) * gap
+    total_height = height + title_height
+    fig = Figure(figsize=(total_width / dpi, total_height / dpi), dpi=dpi, facecolor="white")
+    for i, (picture, name) in enumerate(zip(pictures, names)):
+        x0 = i * (width + gap)
+        fig.figimage(picture, xo=x0, yo=0, origin="upper")
+        fig.text((x0 + width / 2) / total_width, 1 - title_height / 2 / total_height, name,
+                 ha="center", va="center", fontsize=9)
+    _save_figure(fig, path, dpi)
+
+
+def _read_records(source):
+    if not isinstance(source, (str, os.PathLike)):
+        return list(source)
+    records = []
+    with open(source) as file:
+        for line_number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{source}:{line_number}: not a JSON line ({error.msg})") from None
+    return records
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def plot_losses(records, out_png, keys=None, x_key="step"):
+    """Plots loss curves, one subplot per key, against ``x_key`` (the record index if absent).
+
+    records: a JSON-lines path or a list of dicts. keys: the values to plot; by default
+    every numeric key but ``x_key`` and ``epoch``, in order of first appearance.
+    """
+    records = [r for r in _read_records(records) if isinstance(r, dict)]
+    if keys is None:
+        keys = []
+        for record in records:
+            keys += [k for k, v in record.items()
+                     if _is_number(v) and k not in (x_key, "epoch") and k not in keys]
+    if not keys:
+        raise ValueError(f"no numeric values to plot in {len(records)} records")
+    fig = Figure(figsize=(6.0, 2.2 * len(keys)), dpi=100)
+    axes = fig.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, key in zip(axes, keys):
+        points = [(r.get(x_key, i), r[key]) for i, r in enumerate(records) if _is_number(r.get(key))]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, linewidth=1.0)
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel(x_key)
+    fig.tight_layout()
+    _save_figure(fig, out_png, 100)
+
+
+def plot_confusion(histogram, class_names, out_png, normalize=True):
+    """Draws a confusion matrix.
+
+    histogram: [C, C] counts, rows predicted class, columns label (as
+    ``UnsupervisedMetrics.matched_histogram`` returns it). The picture shows ground truth
+    on the rows and predictions on the columns; with ``normalize`` each row is divided by
+    the pixels of that class (rows of absent classes stay 0).
+    """
+    hist = histogram.cpu().numpy() if isinstance(histogram, torch.Tensor) else np.asarray(histogram)
+    if hist.ndim != 2 or hist.shape[0] != hist.shape[1] or hist.shape[0] != len(class_names):
+        raise ValueError(f"expected a [C, C] histogram with C={len(class_names)} class names, "
+                         f"got shape {hist.shape}")
+    matrix = hist.T.astype(np.float64)
+    if normalize:
+        row_sums = matrix.sum(axis=1, keepdims=True)
+        matrix = np.divide(matrix, row_sums, out=np.zeros_like(matrix), where=row_sums > 0)
+    n = len(class_names)
+    side = max(4.0, 0.3 * n + 2.0)
+    fig = Figure(figsize=(side + 1.0, side), dpi=100)
+    ax = fig.subplots()
+    shown = ax.imshow(matrix, cmap="viridis", interpolation="nearest",
+                      vmin=0.0, vmax=1.0 if normalize else None)
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_xticks(range(n), labels=class_names, rotation=90, fontsize=7)
+    ax.set_yticks(range(n), labels=class_names, fontsize=7)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
+    fig.tight_layout()
+    _save_figure(fig, out_png, 100)
+
+
+def format_iou_table(iou, class_names):
+    """Per-class IoU (percent, NaN = class absent) as Markdown, with the mean over classes."""
+    if len(iou) != len(class_names):
+        raise ValueError(f"got {len(iou)} IoU values for {len(class_names)} class names")
+    lines = ["| id | class | IoU (%) |", "|---:|:---|---:|"]
+    for index, (name, value) in enumerate(zip(class_names, iou)):
+        shown = "n/a" if math.isnan(value) else f"{value:.2f}"
+        lines.append(f"| {index} | {name} | {shown} |")
+    present = [v for v in iou if not math.isnan(v)]
+    mean = f"{sum(present) / len(present):.2f}" if present else "n/a"
+    lines.append(f"| | **mean** | **{mean}** |")
+    return "\n".join(lines) + "\n"
+
+
+def save_iou_table(iou, class_names, path_md):
+    """Writes ``format_iou_table`` to ``path_md`` and returns the text."""
+    text = format_iou_table(iou, class_names)
+    _atomic_write(path_md, lambda file: file.write(text.encode("utf-8")))
+    return text
