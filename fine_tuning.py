@@ -1,6 +1,7 @@
 """Stage 3 — cluster-probe fine-tuning: C class centroids learnt by modularity (SPEC §6).
 
-    python fine_tuning.py --dataset cocostuff27 --data_dir DATA --ckpt checkpoint/dino_vitbase8_pretrain.pth --head tr
+    python fine_tuning.py --dataset cocostuff27 --data_dir DATA \
+        --ckpt checkpoint/dino_vitbase8_pretrain.pth --head tr
 """
 
 import torch
@@ -52,20 +53,17 @@ def main(args):
                 tokens = backbone(img)
             return fine_tuning_step(segment, cluster.cluster_probe, tokens, label, args.n_classes, grid=args.grid)
 
+    def modularity(img, label):
+        return losses(img, label)["loss_mod"]
+
     probe = None
     segment.train()
     for epoch in range(args.epoch):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        bar = stage.progress(loader, desc=f"[fine-tuning {args.head}] epoch {epoch + 1}/{args.epoch}")
-        for it, batch in enumerate(bar):
-            if args.max_steps is not None and it >= args.max_steps:
-                break
-            img = batch["img"].to(info.device, non_blocking=True)
-            label = batch["label"].to(info.device, non_blocking=True)
+        for img, label, bar in stage.batches(loader, sampler, epoch, args.epoch, args.max_steps,
+                                             f"[fine-tuning {args.head}]"):
             if probe is None:
                 probe = (img, label)
-                start = fixed_batch_loss(lambda: losses(img, label)["loss_mod"])
+                start = fixed_batch_loss(modularity, img, label)
             out = losses(img, label)
             stage.step(out["loss"], [optimizer_segment, optimizer_cluster],
                        segment_params + [cluster.cluster_probe], grad_clip=args.grad_clip,
@@ -83,7 +81,7 @@ def main(args):
             atomic_torch_save(cluster.state_dict(), cluster_path(args))
         barrier(info)
 
-    end = fixed_batch_loss(lambda: losses(*probe)["loss_mod"])
+    end = fixed_batch_loss(modularity, *probe)
     summary = {"segment": segment_path(args), "cluster": cluster_path(args),
                "loss_mod_first": first_last(stage.records, "loss_mod")[0],
                "loss_mod_last": first_last(stage.records, "loss_mod")[1],

@@ -15,8 +15,7 @@ import torch
 from PIL import Image
 
 from loader.datasets import build_dataset
-from loader.netloader import (build_cluster, build_segment, cluster_path, load_codebook, load_into,
-                              segment_path)
+from loader.netloader import load_trained
 from modules.objectives import flip_tta_features, upsample
 from utils import cli
 from utils.config import build_parser, str2bool
@@ -48,12 +47,7 @@ def main(args):
     device = info.device
     if not os.path.isdir(args.inputs):
         raise FileNotFoundError(f"--inputs {args.inputs} is not a folder of images")
-    codebook = load_codebook(args, backbone.embed_dim)
-    segment = load_into(build_segment(args, backbone.embed_dim), segment_path(args), "segment").to(device)
-    if args.head == "tr":
-        segment.set_codebook(codebook.to(device))
-    cluster = load_into(build_cluster(args, backbone.embed_dim), cluster_path(args), "cluster").to(device)
-    segment.eval()
+    segment, cluster = load_trained(args, backbone.embed_dim, device)
     images = build_dataset("folder", args.data_dir, "val", args.test_resolution, mean=backbone.mean,
                            std=backbone.std, n_classes=args.n_classes, image_dir=args.inputs)
     loader, _ = make_loader(images, info, args.batch_size, args.num_workers, shuffle=False, drop_last=False)

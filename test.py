@@ -12,11 +12,11 @@ import os
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from loader.datasets import dataset_info
-from loader.netloader import (build_cluster, build_segment, cluster_path, load_codebook, load_into, run_dir,
-                              segment_path)
-from modules.kmeans import fit_kmeans, kmeans_scores
+from loader.netloader import load_trained, run_dir
+from modules.kmeans import fit_kmeans, kmeans_assign
 from modules.objectives import flip_tta_features, upsample
 from modules.segment import tokens_to_image
 from utils import cli
@@ -35,11 +35,12 @@ def parser():
     p = build_parser(__doc__.strip().splitlines()[0], stage="test")
     g = p.add_argument_group("evaluation")
     g.add_argument("--crf", type=str2bool, default=True, help="yes/no: also evaluate with dense-CRF post-processing")
-    g.add_argument("--crf_workers", type=int, default=None, help="CRF process-pool size (default: CPU count; 0 = serial)")
+    g.add_argument("--crf_workers", type=int, default=None,
+                   help="CRF process-pool size (default: CPU count; 0 = serial)")
     g.add_argument("--baseline", choices=["kmeans", "none"], default="kmeans",
                    help="k-means (faiss, C clusters) on the frozen backbone tokens and on the head features")
-    g.add_argument("--kmeans_tokens_per_image", type=int, default=64,
-                   help="tokens per image sampled to fit the k-means baselines")
+    g.add_argument("--kmeans_max_tokens", type=int, default=500_000,
+                   help="k-means is fitted on all val tokens, or on this many sampled evenly over the images")
     g.add_argument("--save_images", type=int, default=8, help="panels written for the first N images")
     return p
 
@@ -56,14 +57,18 @@ def as_tokens(x):
 
 
 def fit_baselines(args, loader, backbone, segment, device):
-    """Fit spherical k-means with C clusters on sampled backbone tokens and head features."""
+    """Fit k-means with C clusters on the val set's backbone tokens and head features.
+
+    Returns ``{"kmeans": [C, D], "kmeans_head": [C, r]}`` centroids.
+    """
     gen = torch.Generator().manual_seed(args.seed)
+    per_image = max(1, args.kmeans_max_tokens // len(loader.dataset))
     samples = {"kmeans": [], "kmeans_head": []}
-    for batch in loader:
+    for batch in tqdm_bar(loader, "[test] k-means features"):
         u, tokens = flip_tta_features(backbone, segment.head_ema, batch["img"].to(device))
         for key, feats in (("kmeans", tokens), ("kmeans_head", as_tokens(u))):
             feats = feats.float().cpu()
-            n = min(args.kmeans_tokens_per_image, feats.shape[1])
+            n = min(per_image, feats.shape[1])
             idx = torch.stack([torch.randperm(feats.shape[1], generator=gen)[:n] for _ in range(feats.shape[0])])
             samples[key].append(torch.gather(feats, 1, idx[..., None].expand(-1, -1, feats.shape[2])).flatten(0, 1))
     return {key: fit_kmeans(torch.cat(v), args.n_classes, seed=args.seed).to(device) for key, v in samples.items()}
@@ -77,7 +82,7 @@ def evaluate(args, loader, backbone, segment, cluster, device, centroids, crf_po
         metrics[key] = UnsupervisedMetrics(args.n_classes)
     used = torch.zeros(args.n_classes, dtype=torch.long)
     kept = []
-    bar = tqdm_bar(loader)
+    bar = tqdm_bar(loader, "[test]")
     for batch in bar:
         img, label = batch["img"].to(device), batch["label"].to(device)
         size = label.shape[-2:]
@@ -93,7 +98,8 @@ def evaluate(args, loader, backbone, segment, cluster, device, centroids, crf_po
         metrics["linear"].update(lin_pred, label)
         for key, cents in centroids.items():
             src = tokens_to_image(tokens.float()) if key == "kmeans" else u
-            metrics[key].update(upsample(kmeans_scores(src, cents), size).argmax(1), label)
+            clusters = kmeans_assign(src, cents)[:, None].float()
+            metrics[key].update(F.interpolate(clusters, size=size, mode="nearest")[:, 0].long(), label)
         crf_pred = None
         if crf_pool is not None:
             images = unnormalize_to_uint8(img.float().cpu(), backbone.mean, backbone.std)
@@ -108,10 +114,8 @@ def evaluate(args, loader, backbone, segment, cluster, device, centroids, crf_po
     return metrics, used, kept
 
 
-def tqdm_bar(loader):
-    from tqdm import tqdm
-
-    return tqdm(loader, desc="[test]", dynamic_ncols=True, leave=False)
+def tqdm_bar(loader, desc):
+    return tqdm(loader, desc=desc, dynamic_ncols=True, leave=False)
 
 
 def summarise(args, metrics, used, names):
@@ -161,12 +165,7 @@ def main(args):
     device = info.device
     if not info.is_main:
         return
-    codebook = load_codebook(args, backbone.embed_dim)
-    segment = load_into(build_segment(args, backbone.embed_dim), segment_path(args), "segment").to(device)
-    if args.head == "tr":
-        segment.set_codebook(codebook.to(device))
-    cluster = load_into(build_cluster(args, backbone.embed_dim), cluster_path(args), "cluster").to(device)
-    segment.eval()
+    segment, cluster = load_trained(args, backbone.embed_dim, device)
     out_dir = run_dir(args)
     cli.write_config(args, out_dir, "test")
 

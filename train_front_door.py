@@ -1,6 +1,7 @@
 """Stage 2 — front-door adjustment: concept-wise contrastive training of the segment head (SPEC §5).
 
-    python train_front_door.py --dataset cocostuff27 --data_dir DATA --ckpt checkpoint/dino_vitbase8_pretrain.pth --head tr
+    python train_front_door.py --dataset cocostuff27 --data_dir DATA \
+        --ckpt checkpoint/dino_vitbase8_pretrain.pth --head tr
 """
 
 import torch
@@ -48,21 +49,18 @@ def main(args):
             return front_door_step(segment, tokens, label, codebook, bank_, args.head, args.n_classes,
                                    grid=args.grid)
 
+    def contrastive(img, label, bank_):
+        return losses(img, label, bank_)["loss_front"]
+
     empty_bank = ConceptBank(args.num_codebook, args.projection_dim, BANK_CAPACITY, BANK_KEEP_RATIO).to(info.device)
     probe = None
     segment.train()
     for epoch in range(args.epoch):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        bar = stage.progress(loader, desc=f"[front door {args.head}] epoch {epoch + 1}/{args.epoch}")
-        for it, batch in enumerate(bar):
-            if args.max_steps is not None and it >= args.max_steps:
-                break
-            img = batch["img"].to(info.device, non_blocking=True)
-            label = batch["label"].to(info.device, non_blocking=True)
+        for img, label, bar in stage.batches(loader, sampler, epoch, args.epoch, args.max_steps,
+                                             f"[front door {args.head}]"):
             if probe is None:
                 probe = (img, label)
-                start = fixed_batch_loss(lambda: losses(img, label, empty_bank)["loss_front"])
+                start = fixed_batch_loss(contrastive, img, label, empty_bank)
             out = losses(img, label, bank)
             stage.step(out["loss"], [optimizer], params, grad_clip=args.grad_clip)
             ema_update(segment.head, segment.head_ema, EMA_MOMENTUM)
@@ -78,7 +76,7 @@ def main(args):
             atomic_torch_save(segment.state_dict(), segment_path(args))
         barrier(info)
 
-    end = fixed_batch_loss(lambda: losses(*probe, empty_bank)["loss_front"])
+    end = fixed_batch_loss(contrastive, *probe, empty_bank)
     first, last = first_last(stage.records, "loss_front")
     summary = {"segment": segment_path(args), "loss_front_first": first, "loss_front_last": last,
                "fixed_batch_loss_front_start": all_reduce_mean(start, info),

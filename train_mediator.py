@@ -51,16 +51,10 @@ def main(args):
     probe = None
 
     for epoch in range(args.epoch):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        bar = stage.progress(loader, desc=f"[mediator] epoch {epoch + 1}/{args.epoch}")
-        for it, batch in enumerate(bar):
-            if args.max_steps is not None and it >= args.max_steps:
-                break
-            img = batch["img"].to(info.device, non_blocking=True)
+        for img, _, bar in stage.batches(loader, sampler, epoch, args.epoch, args.max_steps, "[mediator]"):
             if probe is None:
                 probe = img
-                start = fixed_batch_loss(lambda: loss_of(img))
+                start = fixed_batch_loss(loss_of, img)
             loss = loss_of(img)
             stage.step(loss, [optimizer], [codebook])
             stage.log(epoch=epoch, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
@@ -68,7 +62,7 @@ def main(args):
         scheduler.step()
 
     first, last = first_last(stage.records, "loss")
-    end = fixed_batch_loss(lambda: loss_of(probe))
+    end = fixed_batch_loss(loss_of, probe)
     if info.is_main:
         atomic_np_save(codebook.detach().float().cpu().numpy().astype(np.float32), out_path)
         print(f"[mediator] codebook {tuple(codebook.shape)} saved to {out_path} (loss {first} -> {last})")

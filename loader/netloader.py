@@ -69,28 +69,31 @@ def _tmp_name(path):
     return f"{path}.tmp{os.getpid()}"
 
 
-def atomic_torch_save(obj, path):
-    """torch.save to a temporary file next to ``path``, then rename: no half-written artifact."""
+def _atomic_write(path, write):
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it over ``path``.
+
+    An interruption (error, Ctrl-C) leaves no file at ``path`` and no temporary file behind.
+    """
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = _tmp_name(path)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_torch_save(obj, path):
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_np_save(array, path):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
+    def write(tmp):
         with open(tmp, "wb") as f:
             np.save(f, array)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    _atomic_write(path, write)
 
 
 def build_backbone(args, device):
@@ -140,8 +143,18 @@ def load_into(module, path, kind):
         first = str(err).strip().splitlines()
         detail = " ".join(line.strip() for line in first[:3])
         raise ArtifactMismatchError(f"{path} does not fit the {type(module).__name__} built from these flags "
-                                    f"(head/backbone/--reduced_dim/--n_classes mismatch?): {detail[:400]}")
+                                    f"(head/backbone/--reduced_dim/--n_classes mismatch?): {detail[:400]}") from None
     return module
+
+
+def load_trained(args, dim, device):
+    """The stage-2/3 segment (eval mode, codebook attached for TR) and stage-3 cluster of a run."""
+    codebook = load_codebook(args, dim)
+    segment = load_into(build_segment(args, dim), segment_path(args), "segment").to(device).eval()
+    if args.head == "tr":
+        segment.set_codebook(codebook.to(device))
+    cluster = load_into(build_cluster(args, dim), cluster_path(args), "cluster").to(device)
+    return segment, cluster
 
 
 def trainable(module):

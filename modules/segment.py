@@ -257,7 +257,8 @@ class Cluster(nn.Module):
     def __init__(self, dim: int, reduced_dim: int, num_codebook: int, n_classes: int):
         super().__init__()
         self.codebook = nn.Parameter(torch.empty(num_codebook, dim).uniform_(-1.0 / num_codebook, 1.0 / num_codebook))
-        self.cluster_probe = nn.Parameter(torch.empty(n_classes, reduced_dim).uniform_(-1.0 / n_classes, 1.0 / n_classes))
+        probe = torch.empty(n_classes, reduced_dim).uniform_(-1.0 / n_classes, 1.0 / n_classes)
+        self.cluster_probe = nn.Parameter(probe)
 
     def scores(self, feats: torch.Tensor) -> torch.Tensor:
         """Cosine similarity of every pixel feature with every centroid.

@@ -38,13 +38,22 @@ def head_type(value):
     try:
         return HEAD_ALIASES[value.lower()]
     except KeyError:
-        raise argparse.ArgumentTypeError(f"--head must be one of mlp, tr (aliases cnn, detr), got {value!r}")
+        raise argparse.ArgumentTypeError(f"--head must be one of mlp, tr (aliases cnn, detr), got {value!r}") from None
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless its help already says what the default is."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser(description, stage):
     """The shared parser, grouped as data / backbone / head / optimisation / distributed / output."""
     parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=_HelpFormatter)
     parser.set_defaults(stage=stage)
 
     data = parser.add_argument_group("data")

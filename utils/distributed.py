@@ -46,7 +46,7 @@ def parse_gpu_ids(gpu):
     try:
         return [int(g) for g in str(gpu).split(",") if g.strip() != ""]
     except ValueError:
-        raise ValueError(f"--gpu expects comma-separated integers such as 0,1,2,3, got {gpu!r}")
+        raise ValueError(f"--gpu expects comma-separated integers such as 0,1,2,3, got {gpu!r}") from None
 
 
 def setup(gpu="0", use_cpu=False, timeout_min=30):

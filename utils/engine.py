@@ -87,6 +87,17 @@ class Stage:
         return tqdm(iterable, desc=desc, total=total, disable=not self.info.is_main,
                     dynamic_ncols=True, file=sys.stderr, leave=False)
 
+    def batches(self, loader, sampler, epoch, n_epochs, max_steps, desc):
+        """One epoch of ``(img, label, bar)`` on this process's device, at most ``max_steps``."""
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        bar = self.progress(loader, desc=f"{desc} epoch {epoch + 1}/{n_epochs}")
+        device = self.info.device
+        for it, batch in enumerate(bar):
+            if max_steps is not None and it >= max_steps:
+                break
+            yield (batch["img"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True), bar)
+
     def step(self, loss, optimizers, params, grad_clip=None, clip_params=None):
         """Backward, average gradients over ranks, clip, and step every optimiser.
 
@@ -136,8 +147,8 @@ def first_last(records, key):
     return (values[0], values[-1]) if values else (None, None)
 
 
-def fixed_batch_loss(loss_fn, seed=1234):
-    """Evaluate ``loss_fn()`` under a fixed RNG state and without gradients.
+def fixed_batch_loss(loss_fn, *inputs, seed=1234):
+    """Evaluate ``loss_fn(*inputs)`` under a fixed RNG state and without gradients.
 
     Stages call it on their first batch before and after training, so the summary shows
     whether the objective went down on identical inputs, dropout masks and grid picks.
@@ -145,4 +156,4 @@ def fixed_batch_loss(loss_fn, seed=1234):
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(seed)
-        return float(loss_fn())
+        return float(loss_fn(*inputs))

@@ -1,0 +1,87 @@
+"""Where does the gap between the stage-3 cluster probe and k-means on the same head features come from?
+
+Loads a finished run (same flags as test.py), computes the flip-TTA head features of the
+val set, and scores three sets of C centroids in the r-dim head space with the stage-3
+objective itself (the modularity Q of SPEC §3, higher is better) and with Hungarian mIoU:
+
+* ``probe``   the cluster probe learnt by fine_tuning.py,
+* ``kmeans``  spherical k-means (faiss) on the same head features,
+* ``oracle``  the mean head feature of each ground-truth class (uses labels; an upper reference).
+
+If a better-segmenting centroid set has a *lower* Q than the probe, stage 3 is not failing to
+optimise: its objective prefers the probe's partition on these features.
+
+    python benchmarks/toy_gap.py --num_codebook 256 --projection_dim 256 [--head tr --train_resolution 224]
+"""
+
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from loader.netloader import (build_cluster, build_segment, cluster_path, load_codebook, load_into,  # noqa: E402
+                              segment_path)
+from modules.kmeans import fit_kmeans  # noqa: E402
+from modules.objectives import flip_tta_features, upsample  # noqa: E402
+from modules.ops import modularity_loss  # noqa: E402
+from utils import cli  # noqa: E402
+from utils.config import build_parser  # noqa: E402
+from utils.engine import make_loader  # noqa: E402
+from utils.metrics import UnsupervisedMetrics  # noqa: E402
+
+
+def head_features(args, info, backbone):
+    codebook = load_codebook(args, backbone.embed_dim)
+    segment = load_into(build_segment(args, backbone.embed_dim), segment_path(args), "segment").eval()
+    if args.head == "tr":
+        segment.set_codebook(codebook)
+    cluster = load_into(build_cluster(args, backbone.embed_dim), cluster_path(args), "cluster")
+    loader, _ = make_loader(cli.dataset(args, info, "val", args.test_resolution, backbone), info,
+                            args.batch_size, 0, shuffle=False, drop_last=False)
+    feats, labels = [], []
+    with torch.no_grad():
+        for batch in loader:
+            feats.append(flip_tta_features(backbone, segment.head_ema, batch["img"])[0])
+            labels.append(batch["label"])
+    return torch.cat(feats), torch.cat(labels), cluster.cluster_probe.detach()
+
+
+def class_means(feats, labels, n_classes):
+    """Mean unit head feature per ground-truth class (label downsampled to the patch grid)."""
+    grid = F.interpolate(labels[:, None].float(), size=feats.shape[-2:], mode="nearest")[:, 0].long()
+    x = F.normalize(feats, dim=1).permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+    y = grid.reshape(-1)
+    return torch.stack([x[y == c].mean(0) if (y == c).any() else torch.zeros(x.shape[1])
+                        for c in range(n_classes)])
+
+
+def score(centroids, feats, labels, n_classes):
+    tokens = feats.flatten(2).transpose(1, 2)
+    q = -float(modularity_loss(centroids, tokens))
+    metrics = UnsupervisedMetrics(n_classes)
+    sims = torch.einsum("brhw,cr->bchw", F.normalize(feats, dim=1), F.normalize(centroids, dim=1))
+    pred = upsample(sims, labels.shape[-2:]).argmax(1)
+    metrics.update(pred, labels)
+    share = torch.bincount(pred.flatten(), minlength=n_classes).float()
+    values = metrics.compute()
+    return {"Q": round(q, 5), "mIoU": round(values["mIoU"], 2), "pAcc": round(values["pAcc"], 2),
+            "pixel_share": [round(float(s), 1) for s in 100 * share / share.sum()]}
+
+
+def main(args):
+    args.cpu = True
+    info, backbone = cli.prepare(args)
+    feats, labels, probe = head_features(args, info, backbone)
+    sample = feats.flatten(2).transpose(1, 2).reshape(-1, feats.shape[1])
+    centroids = {"probe": probe, "kmeans": fit_kmeans(sample, args.n_classes, seed=args.seed),
+                 "oracle": class_means(feats, labels, args.n_classes)}
+    result = {name: score(c, feats, labels, args.n_classes) for name, c in centroids.items()}
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    cli.run(main, build_parser(__doc__.strip().splitlines()[0], stage="test"), single_process=True)

@@ -1,0 +1,56 @@
+"""The shared command line: published defaults per stage, head, dataset and patch size."""
+
+import argparse
+
+import pytest
+
+from utils.config import build_parser, resolve, round_to_patch
+
+
+def resolved(stage, argv, patch=16, n_classes=27):
+    return resolve(build_parser("t", stage).parse_args(argv), patch, n_classes)
+
+
+def test_round_to_patch():
+    assert round_to_patch(320, 14) == 322 and round_to_patch(224, 14) == 224 and round_to_patch(320, 8) == 320
+
+
+@pytest.mark.parametrize("stage,head,epochs,train_res,test_res", [
+    ("mediator", "mlp", 1, 320, 320), ("front_door", "mlp", 2, 224, 320), ("front_door", "tr", 2, 320, 320),
+    ("fine_tuning", "mlp", 1, 224, 320), ("fine_tuning", "tr", 5, 320, 320), ("test", "tr", 1, 320, 320)])
+def test_published_defaults(stage, head, epochs, train_res, test_res):
+    args = resolved(stage, ["--dataset", "cocostuff27", "--head", head])
+    assert (args.epoch, args.train_resolution, args.test_resolution) == (epochs, train_res, test_res)
+    assert args.num_codebook == 2048 and args.reduced_dim == 90 and args.projection_dim == 2048
+    assert args.batch_size == 16 and args.lr == 1e-3 and args.grid is True
+    assert args.num_queries == (train_res // 16) ** 2
+
+
+def test_patch14_backbones_use_322():
+    args = resolved("front_door", ["--head", "tr"], patch=14)
+    assert args.train_resolution == 322 and args.test_resolution == 322 and args.num_queries == 23 * 23
+    assert resolved("mediator", [], patch=14).train_resolution == 322
+
+
+@pytest.mark.parametrize("dataset,head,clip,wd", [
+    ("cocostuff27", "mlp", 0.1, 1e-4), ("cocostuff27", "tr", 2.0, 1e-4), ("cityscapes", "mlp", 1.0, 0.0),
+    ("cityscapes", "tr", 1.0, 0.0), ("coco171", "mlp", 0.1, 1e-4), ("coco81", "tr", 2.0, 1e-4),
+    ("pascalvoc", "mlp", 1.0, 1e-4), ("toy", "tr", 1.0, 1e-4)])
+def test_grad_clip_and_weight_decay_per_dataset(dataset, head, clip, wd):
+    args = resolved("front_door", ["--dataset", dataset, "--head", head])
+    assert args.grad_clip == clip and args.weight_decay == wd
+
+
+def test_explicit_flags_win_and_aliases():
+    args = resolved("front_door", ["--head", "detr", "--grad_clip", "5", "--epoch", "7", "--grid", "no"])
+    assert args.head == "tr" and args.grad_clip == 5.0 and args.epoch == 7 and args.grid is False
+    assert build_parser("t", "test").parse_args(["--head", "cnn"]).head == "mlp"
+    with pytest.raises(SystemExit):
+        build_parser("t", "test").parse_args(["--head", "unet"])
+
+
+def test_every_flag_has_help():
+    parser = build_parser("t", "front_door")
+    for action in parser._actions:
+        if not isinstance(action, argparse._HelpAction):
+            assert action.help, action.dest

@@ -1,0 +1,210 @@
+"""End-to-end checks of the four stage scripts on tiny backbones and generated data."""
+
+import json
+import os
+import subprocess
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fine_tuning
+import test as test_stage
+import train_front_door
+import train_mediator
+from loader.netloader import atomic_np_save, atomic_torch_save, codebook_path, segment_path
+from loader.toy import ensure_toy
+from tests._backbone_fixtures import make_fake_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def toy_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toydata")
+    toy = Path(ensure_toy(str(root), n_train=16, n_val=8, size=64))
+    return {"train": (toy / "train" / "images", toy / "train" / "labels"),
+            "val": (toy / "val" / "images", toy / "val" / "labels")}
+
+
+@pytest.fixture(scope="module")
+def dino_ckpt(tmp_path_factory):
+    return str(make_fake_checkpoint(tmp_path_factory.mktemp("ckpt") / "dino_tiny8.pth", "dino",
+                                    embed_dim=48, depth=2, patch_size=8, img_size=64))
+
+
+def flags(out, ckpt, split_dirs, head="mlp", extra=()):
+    images, labels = split_dirs
+    return ["--dataset", "folder", "--image_dir", str(images), "--label_dir", str(labels), "--n_classes", "6",
+            "--ckpt", ckpt, "--out", str(out), "--head", head, "--num_codebook", "16", "--projection_dim", "16",
+            "--reduced_dim", "8", "--batch_size", "4", "--num_workers", "0", "--train_resolution", "64",
+            "--test_resolution", "64", "--gpu", "0", "--cpu", *extra]
+
+
+def summary(out, stage, head=None):
+    matches = list(Path(out).rglob(f"{stage}_summary.json"))
+    if head is not None:
+        matches = [m for m in matches if m.parent.name == head]
+    assert len(matches) == 1, matches
+    return json.loads(matches[0].read_text())
+
+
+@pytest.mark.parametrize("head", ["mlp", "tr"])
+def test_all_stages_learn_and_write_artifacts(tmp_path, toy_dirs, dino_ckpt, head):
+    out = tmp_path / "CAUSE"
+    train = flags(out, dino_ckpt, toy_dirs["train"], head)
+    train_mediator.main(train_mediator.parser().parse_args(train + ["--epoch", "3"]))
+    train_front_door.main(train_front_door.parser().parse_args(train + ["--epoch", "3"]))
+    fine_tuning.main(fine_tuning.parser().parse_args(train + ["--epoch", "3"]))
+    val = flags(out, dino_ckpt, toy_dirs["val"], head, ["--save_images", "2", "--crf_workers", "0"])
+    test_stage.main(test_stage.parser().parse_args(val))
+
+    art = out / "folder" / "dino_tiny8" / "16"
+    codebook = np.load(out / "folder" / "modularity" / "dino_tiny8" / "16" / "modular.npy")
+    assert codebook.shape == (16, 48) and codebook.dtype == np.float32
+    seg = torch.load(art / f"segment_{head}.pth", weights_only=True)
+    first = "head.f1.weight" if head == "mlp" else "head.tr.f1.weight"
+    assert first in seg and "projection_head_ema.f.weight" in seg and "linear.f.weight" in seg
+    assert set(torch.load(art / f"cluster_{head}.pth", weights_only=True)) == {"codebook", "cluster_probe"}
+
+    # Every stage lowers its own objective on the same batch, dropout masks and grid picks.
+    s1, s2, s3 = summary(out, "mediator"), summary(out, "front_door", head), summary(out, "fine_tuning", head)
+    assert s1["fixed_batch_loss_end"] < s1["fixed_batch_loss_start"]
+    assert s2["fixed_batch_loss_front_end"] < s2["fixed_batch_loss_front_start"]
+    assert s3["fixed_batch_loss_mod_end"] < s3["fixed_batch_loss_mod_start"]
+
+    run = art / head
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["dataset"] == "folder" and metrics["head"] == head and metrics["n_classes"] == 6
+    for key in ("cluster", "cluster_crf", "linear", "linear_crf", "kmeans", "kmeans_head"):
+        assert 0.0 <= metrics[key]["mIoU"] <= 100.0 and 0.0 < metrics[key]["pAcc"] <= 100.0
+    for name in ("iou.md", "confusion.png", "panels/0000.png", "panels/0001.png", "front_door.jsonl",
+                 "front_door_loss.png", "config_test.json"):
+        assert (run / name).is_file(), name
+    config = json.loads((run / "config_front_door.json").read_text())
+    assert config["grad_clip"] == 1.0 and config["weight_decay"] == 1e-4 and config["num_queries"] == 64
+    records = [json.loads(line) for line in (run / "front_door.jsonl").read_text().splitlines()]
+    assert len(records) == 3 * 4 and {"loss_front", "loss_linear", "probe_acc", "lr"} <= set(records[0])
+
+
+def released_segment_state(dim, r, e, c):
+    """A stage-2/3 state dict written by hand in the released CAUSE-MLP layout."""
+    g = torch.Generator().manual_seed(0)
+    state = OrderedDict()
+    for prefix in ("head", "head_ema"):
+        state[f"{prefix}.f1.weight"] = torch.randn(r, dim, 1, 1, generator=g)
+        state[f"{prefix}.f1.bias"] = torch.randn(r, generator=g)
+        state[f"{prefix}.f2.0.weight"] = torch.randn(dim, dim, 1, 1, generator=g)
+        state[f"{prefix}.f2.0.bias"] = torch.randn(dim, generator=g)
+        state[f"{prefix}.f2.2.weight"] = torch.randn(r, dim, 1, 1, generator=g)
+        state[f"{prefix}.f2.2.bias"] = torch.randn(r, generator=g)
+    for prefix in ("projection_head", "projection_head_ema"):
+        state[f"{prefix}.f.weight"] = torch.randn(e, r, 1, 1, generator=g)
+        state[f"{prefix}.f.bias"] = torch.randn(e, generator=g)
+    state["linear.f.weight"] = torch.randn(c, r, 1, 1, generator=g)
+    state["linear.f.bias"] = torch.randn(c, generator=g)
+    return state
+
+
+def test_test_stage_loads_released_layout(tmp_path, toy_dirs, dino_ckpt):
+    out = tmp_path / "CAUSE"
+    args = test_stage.parser().parse_args(flags(out, dino_ckpt, toy_dirs["val"], "mlp",
+                                                ["--crf", "no", "--baseline", "none", "--save_images", "0"]))
+    args.n_classes = 6
+    atomic_np_save(np.random.default_rng(0).standard_normal((16, 48)).astype(np.float32), codebook_path(args))
+    atomic_torch_save(released_segment_state(48, 8, 16, 6), segment_path(args))
+    probe = torch.tensor([[1.0, 0, 0, 0, 0, 0, 0, 0], [0, 1.0, 0, 0, 0, 0, 0, 0]]).repeat(3, 1)
+    atomic_torch_save(OrderedDict(codebook=torch.zeros(16, 48), cluster_probe=probe),
+                      str(segment_path(args)).replace("segment_", "cluster_"))
+    test_stage.main(args)
+    metrics = json.loads((out / "folder" / "dino_tiny8" / "16" / "mlp" / "metrics.json").read_text())
+    assert set(metrics) >= {"cluster", "linear"} and "cluster_crf" not in metrics
+    # Only the first two centroids are distinct (rows repeat), so at most two clusters get pixels.
+    assert metrics["clusters_used"] <= 2
+
+
+def run_script(*argv, env=None):
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def test_missing_artifact_and_dataset_are_one_line_errors(tmp_path, toy_dirs, dino_ckpt):
+    res = run_script("fine_tuning.py", *flags(tmp_path / "CAUSE", dino_ckpt, toy_dirs["train"]))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "run train_mediator.py first" in res.stderr.strip().splitlines()[-1]
+
+    res = run_script("train_mediator.py", "--dataset", "cocostuff27", "--data_dir", str(tmp_path / "nowhere"),
+                     "--ckpt", dino_ckpt, "--out", str(tmp_path / "CAUSE"), "--cpu")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert str(tmp_path / "nowhere") in res.stderr.strip().splitlines()[-1]
+
+
+def test_interrupted_save_leaves_no_partial_artifact(tmp_path, monkeypatch):
+    target = tmp_path / "a" / "segment_mlp.pth"
+
+    def broken_save(obj, f):
+        Path(f).write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_torch_save({"x": torch.zeros(1)}, str(target))
+    assert list(target.parent.iterdir()) == []
+
+
+def test_two_process_stage1_matches_single_process(tmp_path, toy_dirs, dino_ckpt):
+    images, labels = toy_dirs["train"]
+    single, double = tmp_path / "single.json", tmp_path / "double.json"
+    worker = str(ROOT / "tests" / "ddp_stage1_worker.py")
+    env = {"PYTHONPATH": str(ROOT)}
+    res = run_script(worker, dino_ckpt, str(images), str(labels), "8", str(single), env=env)
+    assert res.returncode == 0, res.stderr
+    res = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker, dino_ckpt,
+                     str(images), str(labels), "4", str(double), env=env)
+    assert res.returncode == 0, res.stderr
+    a, b = json.loads(single.read_text()), json.loads(double.read_text())
+    assert (a["world"], b["world"]) == (1, 2)
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    torch.testing.assert_close(torch.tensor(b["grad"]), torch.tensor(a["grad"]), rtol=1e-4, atol=1e-7)
+
+
+def test_backbone_normalisation_reaches_the_dataset(tmp_path, toy_dirs):
+    from PIL import Image
+
+    from models.backbone import CLIP_MEAN, CLIP_STD, load_backbone
+    from utils.cli import dataset
+    from utils.distributed import setup
+
+    unicom = load_backbone(str(make_fake_checkpoint(tmp_path / "FP16-ViT-B-16.pt", "unicom", embed_dim=48,
+                                                    depth=2, patch_size=16, img_size=64)))
+    assert (unicom.family, unicom.mean, unicom.std) == ("unicom", tuple(CLIP_MEAN), tuple(CLIP_STD))
+    images, labels = toy_dirs["val"]
+    args = test_stage.parser().parse_args(["--dataset", "folder", "--image_dir", str(images), "--label_dir",
+                                           str(labels), "--n_classes", "6"])
+    item = dataset(args, setup("0", use_cpu=True), "val", 64, unicom)[0]
+    raw = torch.from_numpy(np.asarray(Image.open(sorted(images.iterdir())[0]).convert("RGB"))).float() / 255
+    expected = (raw.permute(2, 0, 1) - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    torch.testing.assert_close(item["img"], expected, atol=1e-5, rtol=0)
+
+
+def test_run_sh_with_a_unicom_checkpoint(tmp_path, toy_dirs):
+    """Issue acceptance: every stage and the test stage run with a Unicom-format checkpoint."""
+    ckpt = make_fake_checkpoint(tmp_path / "FP16-ViT-B-16.pt", "unicom", embed_dim=48, depth=2,
+                                patch_size=16, img_size=64)
+    images, labels = toy_dirs["train"]
+    extra = (f"--image_dir {images} --label_dir {labels} --n_classes 6 --num_codebook 16 --projection_dim 16 "
+             f"--reduced_dim 8 --batch_size 4 --num_workers 0 --train_resolution 64 --test_resolution 64 "
+             f"--max_steps 2 --epoch 1 --cpu")
+    env = {"dataset": "folder", "ckpt": str(ckpt), "out": str(tmp_path / "CAUSE"), "extra": extra,
+           "test_flags": "--crf_workers 0 --save_images 1",
+           "data_dir": str(tmp_path)}
+    res = subprocess.run(["bash", "run.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, **env})
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    run = tmp_path / "CAUSE" / "folder" / "FP16-ViT-B-16" / "16" / "mlp"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["cluster"]["mIoU"] >= 0 and "cluster_crf" in metrics and "kmeans" in metrics
+    assert "CAUSE + CRF" in res.stdout
