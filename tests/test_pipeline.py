@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def toy_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("toydata")
-    toy = Path(ensure_toy(str(root), n_train=16, n_val=8, size=64))
+    toy = Path(ensure_toy(str(root), n_train=16, n_val=8, size=96))
     return {"train": (toy / "train" / "images", toy / "train" / "labels"),
             "val": (toy / "val" / "images", toy / "val" / "labels")}
 
@@ -36,12 +36,12 @@ def dino_ckpt(tmp_path_factory):
                                     embed_dim=48, depth=2, patch_size=8, img_size=64))
 
 
-def flags(out, ckpt, split_dirs, head="mlp", extra=()):
+def flags(out, ckpt, split_dirs, head="mlp", extra=(), resolution=64):
     images, labels = split_dirs
     return ["--dataset", "folder", "--image_dir", str(images), "--label_dir", str(labels), "--n_classes", "6",
             "--ckpt", ckpt, "--out", str(out), "--head", head, "--num_codebook", "16", "--projection_dim", "16",
-            "--reduced_dim", "8", "--batch_size", "4", "--num_workers", "0", "--train_resolution", "64",
-            "--test_resolution", "64", "--gpu", "0", "--cpu", *extra]
+            "--reduced_dim", "8", "--batch_size", "4", "--num_workers", "0", "--train_resolution", str(resolution),
+            "--test_resolution", str(resolution), "--gpu", "0", "--cpu", *extra]
 
 
 def summary(out, stage, head=None):
@@ -55,11 +55,13 @@ def summary(out, stage, head=None):
 @pytest.mark.parametrize("head", ["mlp", "tr"])
 def test_all_stages_learn_and_write_artifacts(tmp_path, toy_dirs, dino_ckpt, head):
     out = tmp_path / "CAUSE"
-    train = flags(out, dino_ckpt, toy_dirs["train"], head)
-    train_mediator.main(train_mediator.parser().parse_args(train + ["--epoch", "3"]))
-    train_front_door.main(train_front_door.parser().parse_args(train + ["--epoch", "3"]))
-    fine_tuning.main(fine_tuning.parser().parse_args(train + ["--epoch", "3"]))
-    val = flags(out, dino_ckpt, toy_dirs["val"], head, ["--save_images", "2", "--crf_workers", "0"])
+    # 96 px at patch 8: a 12x12 grid, 9 tokens per image after grid sampling; a larger learning
+    # rate so that a dozen steps move the tiny model measurably.
+    train = flags(out, dino_ckpt, toy_dirs["train"], head, ["--epoch", "3", "--lr", "5e-3"], resolution=96)
+    train_mediator.main(train_mediator.parser().parse_args(train))
+    train_front_door.main(train_front_door.parser().parse_args(train))
+    fine_tuning.main(fine_tuning.parser().parse_args(train))
+    val = flags(out, dino_ckpt, toy_dirs["val"], head, ["--save_images", "2", "--crf_workers", "0"], resolution=96)
     test_stage.main(test_stage.parser().parse_args(val))
 
     art = out / "folder" / "dino_tiny8" / "16"
@@ -85,7 +87,7 @@ def test_all_stages_learn_and_write_artifacts(tmp_path, toy_dirs, dino_ckpt, hea
                  "front_door_loss.png", "config_test.json"):
         assert (run / name).is_file(), name
     config = json.loads((run / "config_front_door.json").read_text())
-    assert config["grad_clip"] == 1.0 and config["weight_decay"] == 1e-4 and config["num_queries"] == 64
+    assert config["grad_clip"] == 1.0 and config["weight_decay"] == 1e-4 and config["num_queries"] == 144
     records = [json.loads(line) for line in (run / "front_door.jsonl").read_text().splitlines()]
     assert len(records) == 3 * 4 and {"loss_front", "loss_linear", "probe_acc", "lr"} <= set(records[0])
 
@@ -184,7 +186,7 @@ def test_backbone_normalisation_reaches_the_dataset(tmp_path, toy_dirs):
     images, labels = toy_dirs["val"]
     args = test_stage.parser().parse_args(["--dataset", "folder", "--image_dir", str(images), "--label_dir",
                                            str(labels), "--n_classes", "6"])
-    item = dataset(args, setup("0", use_cpu=True), "val", 64, unicom)[0]
+    item = dataset(args, setup("0", use_cpu=True), "val", 96, unicom)[0]
     raw = torch.from_numpy(np.asarray(Image.open(sorted(images.iterdir())[0]).convert("RGB"))).float() / 255
     expected = (raw.permute(2, 0, 1) - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
     torch.testing.assert_close(item["img"], expected, atol=1e-5, rtol=0)
