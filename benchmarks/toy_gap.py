@@ -8,6 +8,9 @@ objective itself (the modularity Q of SPEC §3, higher is better) and with Hunga
 * ``kmeans``  spherical k-means (faiss) on the same head features,
 * ``oracle``  the mean head feature of each ground-truth class (uses labels; an upper reference).
 
+Each is also described by the mean cosine of the features to the centroids and the mean soft
+co-membership Δ over all token pairs (Δ near 1 everywhere makes Q near 0).
+
 If a better-segmenting centroid set has a *lower* Q than the probe, stage 3 is not failing to
 optimise: its objective prefers the probe's partition on these features.
 
@@ -27,7 +30,7 @@ from loader.netloader import (build_cluster, build_segment, cluster_path, load_c
                               segment_path)
 from modules.kmeans import fit_kmeans  # noqa: E402
 from modules.objectives import flip_tta_features, upsample  # noqa: E402
-from modules.ops import modularity_loss  # noqa: E402
+from modules.ops import modularity_loss, soft_comembership  # noqa: E402
 from utils import cli  # noqa: E402
 from utils.config import build_parser  # noqa: E402
 from utils.engine import make_loader  # noqa: E402
@@ -62,13 +65,16 @@ def class_means(feats, labels, n_classes):
 def score(centroids, feats, labels, n_classes):
     tokens = feats.flatten(2).transpose(1, 2)
     q = -float(modularity_loss(centroids, tokens))
+    cosine = torch.einsum("bnr,cr->bnc", F.normalize(tokens, dim=-1), F.normalize(centroids, dim=1))
+    delta = soft_comembership(centroids, tokens)
     metrics = UnsupervisedMetrics(n_classes)
     sims = torch.einsum("brhw,cr->bchw", F.normalize(feats, dim=1), F.normalize(centroids, dim=1))
     pred = upsample(sims, labels.shape[-2:]).argmax(1)
     metrics.update(pred, labels)
     share = torch.bincount(pred.flatten(), minlength=n_classes).float()
     values = metrics.compute()
-    return {"Q": round(q, 5), "mIoU": round(values["mIoU"], 2), "pAcc": round(values["pAcc"], 2),
+    return {"Q": round(q, 5), "mean_cos": round(float(cosine.mean()), 3),
+            "mean_delta": round(float(delta.mean()), 3), "mIoU": round(values["mIoU"], 2), "pAcc": round(values["pAcc"], 2),
             "pixel_share": [round(float(s), 1) for s in 100 * share / share.sum()]}
 
 
