@@ -45,6 +45,9 @@ def load_assignment(path, key):
 def main(args):
     info, backbone = cli.prepare(args)
     device = info.device
+    if not info.is_main:
+        return
+    info = cli.single_process(info)
     if not os.path.isdir(args.inputs):
         raise FileNotFoundError(f"--inputs {args.inputs} is not a folder of images")
     segment, cluster = load_trained(args, backbone.embed_dim, device)

@@ -165,6 +165,7 @@ def main(args):
     device = info.device
     if not info.is_main:
         return
+    info = cli.single_process(info)
     segment, cluster = load_trained(args, backbone.embed_dim, device)
     out_dir = run_dir(args)
     cli.write_config(args, out_dir, "test")

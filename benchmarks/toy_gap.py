@@ -74,7 +74,8 @@ def score(centroids, feats, labels, n_classes):
     share = torch.bincount(pred.flatten(), minlength=n_classes).float()
     values = metrics.compute()
     return {"Q": round(q, 5), "mean_cos": round(float(cosine.mean()), 3),
-            "mean_delta": round(float(delta.mean()), 3), "mIoU": round(values["mIoU"], 2), "pAcc": round(values["pAcc"], 2),
+            "mean_delta": round(float(delta.mean()), 3),
+            "mIoU": round(values["mIoU"], 2), "pAcc": round(values["pAcc"], 2),
             "pixel_share": [round(float(s), 1) for s in 100 * share / share.sum()]}
 
 

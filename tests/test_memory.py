@@ -16,7 +16,8 @@ feats = torch.randn(16, 100, 384, generator=g)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 modularity_loss(concepts, feats).backward()
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"peak_kib": after, "growth_kib": after - before, "grad_finite": bool(concepts.grad.isfinite().all())}))
+finite = bool(concepts.grad.isfinite().all())
+print(json.dumps({"peak_kib": after, "growth_kib": after - before, "grad_finite": finite}))
 """
 
 

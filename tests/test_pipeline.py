@@ -210,3 +210,34 @@ def test_run_sh_with_a_unicom_checkpoint(tmp_path, toy_dirs):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["cluster"]["mIoU"] >= 0 and "cluster_crf" in metrics and "kmeans" in metrics
     assert "CAUSE + CRF" in res.stdout
+
+
+def test_corrupt_image_in_a_worker_is_a_one_line_error(tmp_path, dino_ckpt):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        (images / f"{i}.png").write_bytes(b"not a png")
+    res = run_script("train_mediator.py", "--dataset", "folder", "--image_dir", str(images), "--n_classes", "3",
+                     "--ckpt", dino_ckpt, "--out", str(tmp_path / "CAUSE"), "--num_workers", "1",
+                     "--batch_size", "2", "--train_resolution", "64", "--cpu")
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert lines[-1].startswith("error: ") and any(f"{i}.png" in lines[-1] for i in range(4))
+
+
+def test_ctrl_c_stops_a_stage_without_artifacts(tmp_path, toy_dirs, dino_ckpt):
+    import signal
+    import time
+
+    out = tmp_path / "CAUSE"
+    argv = flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--epoch", "1000"])
+    proc = subprocess.Popen([sys.executable, "train_mediator.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    log = out / "folder" / "modularity" / "dino_tiny8" / "16" / "mediator.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and log.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in stderr.strip().splitlines()[-1]
+    assert sorted(p.name for p in log.parent.iterdir()) == ["config_mediator.json", "mediator.jsonl"]

@@ -1,6 +1,8 @@
 """Entry-point helpers shared by the stage scripts: error reporting and run set-up."""
 
+import dataclasses
 import os
+import re
 import sys
 import warnings
 
@@ -19,6 +21,20 @@ def expected_errors():
     return tuple(errors)
 
 
+def one_line(err):
+    """The message of ``err`` on one line.
+
+    Errors raised in DataLoader workers arrive re-raised with the worker's traceback appended
+    to their message; keep only the original message (the last line).
+    """
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    if len(lines) == 1:
+        return lines[0]
+    return re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1])
+
+
 def run(main, parser, argv=None, single_process=False):
     """Parse flags, launch one process per device, turn bad input into one line and exit code 2.
 
@@ -32,7 +48,7 @@ def run(main, parser, argv=None, single_process=False):
     except expected_errors() as err:
         if os.environ.get("CAUSE_DEBUG"):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: no partial artifact was written", file=sys.stderr)
@@ -40,8 +56,7 @@ def run(main, parser, argv=None, single_process=False):
     except Exception as err:
         # mp.spawn re-raises a child's failure with the child's traceback as text.
         if type(err).__name__ == "ProcessRaisedException":
-            lines = [line for line in str(err).strip().splitlines() if line.strip()]
-            print(f"error: {lines[-1] if lines else err}", file=sys.stderr)
+            print(f"error: {one_line(err)}", file=sys.stderr)
             sys.exit(1)
         raise
     finally:
@@ -60,10 +75,12 @@ def prepare(args):
     seed_everything(args.seed + info.rank)
     if args.amp is None:
         args.amp = info.device.type == "cuda"
-    with warnings.catch_warnings():
-        if not info.is_main:
-            warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         backbone = build_backbone(args, info.device)
+    if info.is_main:
+        for warning in caught:
+            print(f"warning: {warning.message}", file=sys.stderr)
     n_classes = args.n_classes if args.dataset == "folder" else dataset_info(args.dataset).n_classes
     if n_classes is None:
         raise ValueError("--dataset folder needs --n_classes")
@@ -73,6 +90,11 @@ def prepare(args):
     if info.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return info, backbone
+
+
+def single_process(info):
+    """This process's place as if it ran alone (evaluation runs on rank 0 only, without collectives)."""
+    return dataclasses.replace(info, rank=0, world_size=1)
 
 
 def dataset(args, info, split, resolution, backbone):
