@@ -47,24 +47,25 @@ def main(args):
                   for opt in (optimizer_segment, optimizer_cluster)]
     stage = Stage("fine_tuning", info, log_dir, args.amp)
 
-    def losses(img, label):
+    tokens_of = cli.token_source(args, info, backbone, "train", args.train_resolution)
+
+    def losses(img, label, ind):
         with stage.autocast():
-            with torch.no_grad():
-                tokens = backbone(img)
-            return fine_tuning_step(segment, cluster.cluster_probe, tokens, label, args.n_classes, grid=args.grid)
+            return fine_tuning_step(segment, cluster.cluster_probe, tokens_of(img, ind), label, args.n_classes,
+                                    grid=args.grid)
 
-    def modularity(img, label):
-        return losses(img, label)["loss_mod"]
+    def modularity(img, label, ind):
+        return losses(img, label, ind)["loss_mod"]
 
-    probe = None
+    first_batch = None
     segment.train()
     for epoch in range(args.epoch):
-        for img, label, bar in stage.batches(loader, sampler, epoch, args.epoch, args.max_steps,
+        for img, label, ind, bar in stage.batches(loader, sampler, epoch, args.epoch, args.max_steps,
                                              f"[fine-tuning {args.head}]"):
-            if probe is None:
-                probe = (img, label)
-                start = fixed_batch_loss(modularity, img, label)
-            out = losses(img, label)
+            if first_batch is None:
+                first_batch = (img, label, ind)
+                start = fixed_batch_loss(modularity, img, label, ind)
+            out = losses(img, label, ind)
             stage.step(out["loss"], [optimizer_segment, optimizer_cluster],
                        segment_params + [cluster.cluster_probe], grad_clip=args.grad_clip,
                        clip_params=segment_params)
@@ -81,7 +82,7 @@ def main(args):
             atomic_torch_save(cluster.state_dict(), cluster_path(args))
         barrier(info)
 
-    end = fixed_batch_loss(modularity, *probe)
+    end = fixed_batch_loss(modularity, *first_batch)
     summary = {"segment": segment_path(args), "cluster": cluster_path(args),
                "loss_mod_first": first_last(stage.records, "loss_mod")[0],
                "loss_mod_last": first_last(stage.records, "loss_mod")[1],

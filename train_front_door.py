@@ -42,26 +42,26 @@ def main(args):
     optimizer = torch.optim.Adam(params, lr=args.lr * info.world_size, weight_decay=args.weight_decay)
     stage = Stage("front_door", info, log_dir, args.amp)
 
-    def losses(img, label, bank_):
+    tokens_of = cli.token_source(args, info, backbone, "train", args.train_resolution)
+
+    def losses(img, label, ind, bank_):
         with stage.autocast():
-            with torch.no_grad():
-                tokens = backbone(img)
-            return front_door_step(segment, tokens, label, codebook, bank_, args.head, args.n_classes,
+            return front_door_step(segment, tokens_of(img, ind), label, codebook, bank_, args.head, args.n_classes,
                                    grid=args.grid)
 
-    def contrastive(img, label, bank_):
-        return losses(img, label, bank_)["loss_front"]
+    def contrastive(img, label, ind, bank_):
+        return losses(img, label, ind, bank_)["loss_front"]
 
     empty_bank = ConceptBank(args.num_codebook, args.projection_dim, BANK_CAPACITY, BANK_KEEP_RATIO).to(info.device)
-    probe = None
+    first_batch = None
     segment.train()
     for epoch in range(args.epoch):
-        for img, label, bar in stage.batches(loader, sampler, epoch, args.epoch, args.max_steps,
+        for img, label, ind, bar in stage.batches(loader, sampler, epoch, args.epoch, args.max_steps,
                                              f"[front door {args.head}]"):
-            if probe is None:
-                probe = (img, label)
-                start = fixed_batch_loss(contrastive, img, label, empty_bank)
-            out = losses(img, label, bank)
+            if first_batch is None:
+                first_batch = (img, label, ind)
+                start = fixed_batch_loss(contrastive, img, label, ind, empty_bank)
+            out = losses(img, label, ind, bank)
             stage.step(out["loss"], [optimizer], params, grad_clip=args.grad_clip)
             ema_update(segment.head, segment.head_ema, EMA_MOMENTUM)
             ema_update(segment.projection_head, segment.projection_head_ema, EMA_MOMENTUM)
@@ -76,7 +76,7 @@ def main(args):
             atomic_torch_save(segment.state_dict(), segment_path(args))
         barrier(info)
 
-    end = fixed_batch_loss(contrastive, *probe, empty_bank)
+    end = fixed_batch_loss(contrastive, *first_batch, empty_bank)
     first, last = first_last(stage.records, "loss_front")
     summary = {"segment": segment_path(args), "loss_front_first": first, "loss_front_last": last,
                "fixed_batch_loss_front_start": all_reduce_mean(start, info),

@@ -42,27 +42,27 @@ def main(args):
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.2)
     stage = Stage("mediator", info, log_dir, args.amp)
 
-    def loss_of(img):
-        with stage.autocast():
-            with torch.no_grad():
-                tokens = backbone(img)
-            return mediator_loss(codebook, tokens, grid=args.grid)
+    tokens_of = cli.token_source(args, info, backbone, "train", args.train_resolution)
 
-    probe = None
+    def loss_of(img, ind):
+        with stage.autocast():
+            return mediator_loss(codebook, tokens_of(img, ind), grid=args.grid)
+
+    first_batch = None
 
     for epoch in range(args.epoch):
-        for img, _, bar in stage.batches(loader, sampler, epoch, args.epoch, args.max_steps, "[mediator]"):
-            if probe is None:
-                probe = img
-                start = fixed_batch_loss(loss_of, img)
-            loss = loss_of(img)
+        for img, _, ind, bar in stage.batches(loader, sampler, epoch, args.epoch, args.max_steps, "[mediator]"):
+            if first_batch is None:
+                first_batch = (img, ind)
+                start = fixed_batch_loss(loss_of, img, ind)
+            loss = loss_of(img, ind)
             stage.step(loss, [optimizer], [codebook])
             stage.log(epoch=epoch, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
             bar.set_postfix(loss=f"{loss.item():.4f}")
         scheduler.step()
 
     first, last = first_last(stage.records, "loss")
-    end = fixed_batch_loss(loss_of, probe)
+    end = fixed_batch_loss(loss_of, *first_batch)
     if info.is_main:
         atomic_np_save(codebook.detach().float().cpu().numpy().astype(np.float32), out_path)
         print(f"[mediator] codebook {tuple(codebook.shape)} saved to {out_path} (loss {first} -> {last})")

@@ -10,38 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import fine_tuning
+import predict
 import test as test_stage
 import train_front_door
 import train_mediator
 from loader.netloader import atomic_np_save, atomic_torch_save, codebook_path, segment_path
-from loader.toy import ensure_toy
 from tests._backbone_fixtures import make_fake_checkpoint
+from tests._stage_flags import flags
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def toy_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toydata")
-    toy = Path(ensure_toy(str(root), n_train=16, n_val=8, size=96))
-    return {"train": (toy / "train" / "images", toy / "train" / "labels"),
-            "val": (toy / "val" / "images", toy / "val" / "labels")}
-
-
-@pytest.fixture(scope="module")
-def dino_ckpt(tmp_path_factory):
-    return str(make_fake_checkpoint(tmp_path_factory.mktemp("ckpt") / "dino_tiny8.pth", "dino",
-                                    embed_dim=48, depth=2, patch_size=8, img_size=64))
-
-
-def flags(out, ckpt, split_dirs, head="mlp", extra=(), resolution=64):
-    images, labels = split_dirs
-    return ["--dataset", "folder", "--image_dir", str(images), "--label_dir", str(labels), "--n_classes", "6",
-            "--ckpt", ckpt, "--out", str(out), "--head", head, "--num_codebook", "16", "--projection_dim", "16",
-            "--reduced_dim", "8", "--batch_size", "4", "--num_workers", "0", "--train_resolution", str(resolution),
-            "--test_resolution", str(resolution), "--gpu", "0", "--cpu", *extra]
 
 
 def summary(out, stage, head=None):
@@ -90,6 +70,17 @@ def test_all_stages_learn_and_write_artifacts(tmp_path, toy_dirs, dino_ckpt, hea
     assert config["grad_clip"] == 1.0 and config["weight_decay"] == 1e-4 and config["num_queries"] == 144
     records = [json.loads(line) for line in (run / "front_door.jsonl").read_text().splitlines()]
     assert len(records) == 3 * 4 and {"loss_front", "loss_linear", "probe_acc", "lr"} <= set(records[0])
+
+    # predict.py on a folder of plain images, clusters renamed with test.py's matching.
+    preds = tmp_path / "pred"
+    images = toy_dirs["val"][0]
+    predict.main(predict.parser().parse_args(
+        flags(out, dino_ckpt, toy_dirs["val"], head, ["--inputs", str(images), "--output", str(preds),
+                                                       "--metrics", str(run / "metrics.json")], resolution=96)))
+    stems = sorted(p.stem for p in images.iterdir())
+    assert sorted(p.stem for p in preds.glob("*_color.png")) == [f"{s}_color" for s in stems]
+    ids = np.array(Image.open(preds / f"{stems[0]}.png"))
+    assert ids.shape == (96, 96) and set(np.unique(ids)) <= set(metrics["cluster_crf"]["assignment"])
 
 
 def released_segment_state(dim, r, e, c):
@@ -174,8 +165,6 @@ def test_two_process_stage1_matches_single_process(tmp_path, toy_dirs, dino_ckpt
 
 
 def test_backbone_normalisation_reaches_the_dataset(tmp_path, toy_dirs):
-    from PIL import Image
-
     from models.backbone import CLIP_MEAN, CLIP_STD, load_backbone
     from utils.cli import dataset
     from utils.distributed import setup
@@ -187,7 +176,7 @@ def test_backbone_normalisation_reaches_the_dataset(tmp_path, toy_dirs):
     args = test_stage.parser().parse_args(["--dataset", "folder", "--image_dir", str(images), "--label_dir",
                                            str(labels), "--n_classes", "6"])
     item = dataset(args, setup("0", use_cpu=True), "val", 96, unicom)[0]
-    raw = torch.from_numpy(np.asarray(Image.open(sorted(images.iterdir())[0]).convert("RGB"))).float() / 255
+    raw = torch.from_numpy(np.array(Image.open(sorted(images.iterdir())[0]).convert("RGB"))).float() / 255
     expected = (raw.permute(2, 0, 1) - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
     torch.testing.assert_close(item["img"], expected, atol=1e-5, rtol=0)
 

@@ -110,6 +110,16 @@ def dataset(args, info, split, resolution, backbone):
                          n_classes=args.n_classes, image_dir=args.image_dir, label_dir=args.label_dir)
 
 
+def token_source(args, info, backbone, split, resolution):
+    """The frozen tokens of training batches: ``tokens(img, ind)``, cached with ``--feature_cache``."""
+    from loader.feature_cache import FeatureCache, TokenSource, cache_key
+
+    if not args.feature_cache:
+        return TokenSource(backbone)
+    dtype = torch.float16 if args.amp and info.device.type == "cuda" else torch.float32
+    return TokenSource(backbone, FeatureCache(args.feature_cache, cache_key(args, backbone, split, resolution, dtype)))
+
+
 def write_config(args, directory, name):
     os.makedirs(directory, exist_ok=True)
     save_config(args, os.path.join(directory, f"config_{name}.json"))

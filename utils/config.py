@@ -68,6 +68,9 @@ def build_parser(description, stage):
     data.add_argument("--batch_size", type=int, default=16, help="images per process")
     data.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
                       help="data-loading worker processes per training process")
+    data.add_argument("--feature_cache", default=None,
+                      help="folder where the frozen backbone's training tokens are cached, so that later epochs "
+                           "and stages skip the backbone (off by default; about N x D values per image)")
     data.add_argument("--train_resolution", type=int, default=None,
                       help="training crop size (default: SPEC's for the stage and head, rounded up to a "
                            "multiple of the patch size, e.g. 322 for patch 14)")

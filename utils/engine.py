@@ -88,7 +88,7 @@ class Stage:
                     dynamic_ncols=True, file=sys.stderr, leave=False)
 
     def batches(self, loader, sampler, epoch, n_epochs, max_steps, desc):
-        """One epoch of ``(img, label, bar)`` on this process's device, at most ``max_steps``."""
+        """One epoch of ``(img, label, ind, bar)`` on this process's device, at most ``max_steps``."""
         if sampler is not None:
             sampler.set_epoch(epoch)
         bar = self.progress(loader, desc=f"{desc} epoch {epoch + 1}/{n_epochs}")
@@ -96,7 +96,8 @@ class Stage:
         for it, batch in enumerate(bar):
             if max_steps is not None and it >= max_steps:
                 break
-            yield (batch["img"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True), bar)
+            yield (batch["img"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True),
+                   batch["ind"], bar)
 
     def step(self, loss, optimizers, params, grad_clip=None, clip_params=None):
         """Backward, average gradients over ranks, clip, and step every optimiser.
