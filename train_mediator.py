@@ -65,7 +65,8 @@ def main(args):
     end = fixed_batch_loss(loss_of, *first_batch)
     if info.is_main:
         atomic_np_save(codebook.detach().float().cpu().numpy().astype(np.float32), out_path)
-        print(f"[mediator] codebook {tuple(codebook.shape)} saved to {out_path} (loss {first} -> {last})")
+        print(f"[mediator] codebook {tuple(codebook.shape)} saved to {out_path}; fixed-batch modularity loss "
+              f"{start:.4f} -> {end:.4f}")
     stage.finish({"codebook": out_path, "loss_first": first, "loss_last": last,
                   "fixed_batch_loss_start": all_reduce_mean(start, info),
                   "fixed_batch_loss_end": all_reduce_mean(end, info)}, plot_keys=["loss"])

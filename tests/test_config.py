@@ -47,6 +47,8 @@ def test_explicit_flags_win_and_aliases():
     assert build_parser("t", "test").parse_args(["--head", "cnn"]).head == "mlp"
     with pytest.raises(SystemExit):
         build_parser("t", "test").parse_args(["--head", "unet"])
+    with pytest.raises(SystemExit):
+        build_parser("t", "mediator").parse_args(["--max_steps", "0"])
 
 
 def test_every_flag_has_help():

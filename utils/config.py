@@ -33,6 +33,14 @@ def str2bool(value):
     raise argparse.ArgumentTypeError(f"expected yes/no, got {value!r}")
 
 
+def positive_int(value):
+    """argparse type for counts that must be at least 1."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return number
+
+
 def head_type(value):
     """argparse type for ``--head``: ``mlp``/``tr`` and the reference's ``cnn``/``detr``."""
     try:
@@ -65,7 +73,7 @@ def build_parser(description, stage):
     data.add_argument("--label_dir", default=None, help="--dataset folder: optional folder of label PNGs")
     data.add_argument("--n_classes", type=int, default=None,
                       help="number of classes (taken from the dataset registry; needed for --dataset folder)")
-    data.add_argument("--batch_size", type=int, default=16, help="images per process")
+    data.add_argument("--batch_size", type=positive_int, default=16, help="images per process")
     data.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
                       help="data-loading worker processes per training process")
     data.add_argument("--feature_cache", default=None,
@@ -94,19 +102,19 @@ def build_parser(description, stage):
     head = parser.add_argument_group("head")
     head.add_argument("--head", type=head_type, default="mlp",
                       help="segmentation head: mlp or tr (aliases cnn, detr)")
-    head.add_argument("--num_codebook", type=int, default=2048, help="concepts in the mediator codebook (K)")
-    head.add_argument("--reduced_dim", type=int, default=90, help="segment feature width (r)")
-    head.add_argument("--projection_dim", type=int, default=2048, help="projection head width (E)")
+    head.add_argument("--num_codebook", type=positive_int, default=2048, help="concepts in the mediator codebook (K)")
+    head.add_argument("--reduced_dim", type=positive_int, default=90, help="segment feature width (r)")
+    head.add_argument("--projection_dim", type=positive_int, default=2048, help="projection head width (E)")
     head.add_argument("--grid", type=str2bool, default=True, help="yes/no: stochastic 4x4 grid sampling")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epoch", type=int, default=None, help="epochs (default: SPEC's for the stage and head)")
+    optim.add_argument("--epoch", type=positive_int, default=None, help="epochs (default: SPEC's for the stage and head)")
     optim.add_argument("--lr", type=float, default=1e-3, help="learning rate per process (scaled by world size)")
     optim.add_argument("--weight_decay", type=float, default=None,
                        help="segment weight decay (default 1e-4, 0 on Cityscapes)")
     optim.add_argument("--grad_clip", type=float, default=None,
                        help="gradient-norm clip of the segment parameters (default per dataset and head, SPEC §5)")
-    optim.add_argument("--max_steps", type=int, default=None, help="stop each epoch after this many steps")
+    optim.add_argument("--max_steps", type=positive_int, default=None, help="stop each epoch after this many steps")
     optim.add_argument("--seed", type=int, default=0, help="random seed (offset by rank)")
     optim.add_argument("--amp", type=str2bool, default=None,
                        help="yes/no: mixed precision (default: yes on CUDA, no on CPU)")
