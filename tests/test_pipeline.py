@@ -230,3 +230,21 @@ def test_ctrl_c_stops_a_stage_without_artifacts(tmp_path, toy_dirs, dino_ckpt):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in stderr.strip().splitlines()[-1]
     assert sorted(p.name for p in log.parent.iterdir()) == ["config_mediator.json", "mediator.jsonl"]
+
+
+def test_gpu_list_spawns_one_process_per_id(tmp_path, toy_dirs, dino_ckpt):
+    """--gpu 0,1 spawns two processes like the reference (gloo on CPU); lr and logs follow the world size."""
+    out = tmp_path / "CAUSE"
+    argv = flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--max_steps", "2"])
+    argv[argv.index("--gpu") + 1] = "0,1"
+    res = run_script("train_mediator.py", *argv, "--port", "29533")
+    assert res.returncode == 0, res.stderr[-2000:]
+    run = out / "folder" / "modularity" / "dino_tiny8" / "16"
+    config = json.loads((run / "config_mediator.json").read_text())
+    assert config["world_size"] == 2
+    records = [json.loads(line) for line in (run / "mediator.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and records[0]["lr"] == pytest.approx(2e-3)
+
+    # A failing process stops the job with a non-zero exit and one line, not a hang.
+    res = run_script("fine_tuning.py", *argv, "--port", "29534")
+    assert res.returncode != 0 and "run train_front_door.py first" in res.stderr.strip().splitlines()[-1]

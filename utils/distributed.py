@@ -80,13 +80,15 @@ def _spawned(local_rank, main, args, world, port):
 
 
 def launch(main, args):
-    """Run ``main(args)`` once per process: directly under torchrun or for one GPU, spawned for several.
+    """Run ``main(args)`` once per process: directly under torchrun or for one id, spawned for several.
+
+    Without CUDA (or with ``--cpu``) the spawned processes run on the CPU with gloo, one per id.
 
     If any spawned process fails, ``mp.spawn`` terminates the others and raises, so the job
     exits non-zero instead of hanging (torchrun does the same for its workers).
     """
     gpu_ids = parse_gpu_ids(args.gpu)
-    if under_torchrun() or len(gpu_ids) <= 1 or args.cpu or not torch.cuda.is_available():
+    if under_torchrun() or len(gpu_ids) <= 1:
         return main(args)
     mp.spawn(_spawned, args=(main, args, len(gpu_ids), args.port), nprocs=len(gpu_ids), join=True)
 
