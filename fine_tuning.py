@@ -11,8 +11,8 @@ from loader.netloader import (atomic_torch_save, build_cluster, build_segment, c
 from modules.objectives import fine_tuning_step
 from utils import cli
 from utils.config import build_parser
-from utils.distributed import all_reduce_mean, barrier
-from utils.engine import Stage, first_last, fixed_batch_loss, make_loader
+from utils.distributed import barrier
+from utils.engine import Stage, fixed_batch_loss
 
 
 def parser():
@@ -36,9 +36,7 @@ def main(args):
     if info.is_main:
         cli.write_config(args, log_dir, "fine_tuning")
 
-    train_set = cli.dataset(args, info, "train", args.train_resolution, backbone)
-    loader, sampler = make_loader(train_set, info, args.batch_size, args.num_workers, shuffle=True,
-                                  drop_last=True, seed=args.seed)
+    loader, sampler = cli.train_loader(args, info, backbone)
     segment_params = [p for p in segment.parameters() if p.requires_grad]
     lr = args.lr * info.world_size
     optimizer_segment = torch.optim.Adam(segment_params, lr=lr, weight_decay=args.weight_decay)
@@ -84,11 +82,7 @@ def main(args):
 
     end = fixed_batch_loss(modularity, *first_batch)
     summary = {"segment": segment_path(args), "cluster": cluster_path(args),
-               "loss_mod_first": first_last(stage.records, "loss_mod")[0],
-               "loss_mod_last": first_last(stage.records, "loss_mod")[1],
-               "fixed_batch_loss_mod_start": all_reduce_mean(start, info),
-               "fixed_batch_loss_mod_end": all_reduce_mean(end, info),
-               "probe_acc_last": first_last(stage.records, "probe_acc")[1]}
+               **stage.loss_summary("loss_mod", start, end), "probe_acc_last": stage.records[-1]["probe_acc"]}
     if info.is_main:
         print(f"[fine-tuning {args.head}] saved {cluster_path(args)}; fixed-batch modularity loss "
               f"{summary['fixed_batch_loss_mod_start']:.4f} -> {summary['fixed_batch_loss_mod_end']:.4f}")

@@ -9,11 +9,10 @@ import torch
 from loader.netloader import atomic_torch_save, build_segment, load_codebook, run_dir, segment_path, trainable
 from modules.bank import ConceptBank
 from modules.objectives import front_door_step, update_bank
-from modules.segment import ema_update
 from utils import cli
 from utils.config import build_parser
-from utils.distributed import all_reduce_mean, barrier
-from utils.engine import Stage, first_last, fixed_batch_loss, make_loader
+from utils.distributed import barrier
+from utils.engine import Stage, fixed_batch_loss
 
 BANK_CAPACITY = 100
 BANK_KEEP_RATIO = 0.5
@@ -31,9 +30,7 @@ def main(args):
     if info.is_main:
         cli.write_config(args, log_dir, "front_door")
 
-    train_set = cli.dataset(args, info, "train", args.train_resolution, backbone)
-    loader, sampler = make_loader(train_set, info, args.batch_size, args.num_workers, shuffle=True,
-                                  drop_last=True, seed=args.seed)
+    loader, sampler = cli.train_loader(args, info, backbone)
     segment = build_segment(args, backbone.embed_dim).to(info.device)
     if args.head == "tr":
         segment.set_codebook(codebook)
@@ -63,8 +60,7 @@ def main(args):
                 start = fixed_batch_loss(contrastive, img, label, ind, empty_bank)
             out = losses(img, label, ind, bank)
             stage.step(out["loss"], [optimizer], params, grad_clip=args.grad_clip)
-            ema_update(segment.head, segment.head_ema, EMA_MOMENTUM)
-            ema_update(segment.projection_head, segment.projection_head_ema, EMA_MOMENTUM)
+            segment.update_teacher(EMA_MOMENTUM)
             update_bank(bank, codebook, out["sampled_tokens"], out["teacher_proj"])
             acc = 100.0 * float(out["n_correct"]) / max(1, float(out["n_counted"]))
             stage.log(epoch=epoch, loss=out["loss"].item(), loss_front=out["loss_front"].item(),
@@ -77,11 +73,8 @@ def main(args):
         barrier(info)
 
     end = fixed_batch_loss(contrastive, *first_batch, empty_bank)
-    first, last = first_last(stage.records, "loss_front")
-    summary = {"segment": segment_path(args), "loss_front_first": first, "loss_front_last": last,
-               "fixed_batch_loss_front_start": all_reduce_mean(start, info),
-               "fixed_batch_loss_front_end": all_reduce_mean(end, info),
-               "probe_acc_last": first_last(stage.records, "probe_acc")[1]}
+    summary = {"segment": segment_path(args), **stage.loss_summary("loss_front", start, end),
+               "probe_acc_last": stage.records[-1]["probe_acc"]}
     if info.is_main:
         print(f"[front door {args.head}] saved {segment_path(args)}; fixed-batch contrastive loss "
               f"{summary['fixed_batch_loss_front_start']:.4f} -> {summary['fixed_batch_loss_front_end']:.4f}")

@@ -12,8 +12,8 @@ from loader.netloader import atomic_np_save, build_cluster, codebook_path, media
 from modules.objectives import mediator_loss
 from utils import cli
 from utils.config import build_parser
-from utils.distributed import all_reduce_mean, barrier
-from utils.engine import Stage, first_last, fixed_batch_loss, make_loader
+from utils.distributed import barrier
+from utils.engine import Stage, fixed_batch_loss
 
 
 def parser():
@@ -33,9 +33,7 @@ def main(args):
     if info.is_main:
         cli.write_config(args, log_dir, "mediator")
 
-    train_set = cli.dataset(args, info, "train", args.train_resolution, backbone)
-    loader, sampler = make_loader(train_set, info, args.batch_size, args.num_workers, shuffle=True,
-                                  drop_last=True, seed=args.seed)
+    loader, sampler = cli.train_loader(args, info, backbone)
     cluster = build_cluster(args, backbone.embed_dim).to(info.device)
     codebook = cluster.codebook  # uniform in [-1/K, 1/K]
     optimizer = torch.optim.Adam([codebook], lr=args.lr * info.world_size)
@@ -61,15 +59,12 @@ def main(args):
             bar.set_postfix(loss=f"{loss.item():.4f}")
         scheduler.step()
 
-    first, last = first_last(stage.records, "loss")
     end = fixed_batch_loss(loss_of, *first_batch)
     if info.is_main:
         atomic_np_save(codebook.detach().float().cpu().numpy().astype(np.float32), out_path)
         print(f"[mediator] codebook {tuple(codebook.shape)} saved to {out_path}; fixed-batch modularity loss "
               f"{start:.4f} -> {end:.4f}")
-    stage.finish({"codebook": out_path, "loss_first": first, "loss_last": last,
-                  "fixed_batch_loss_start": all_reduce_mean(start, info),
-                  "fixed_batch_loss_end": all_reduce_mean(end, info)}, plot_keys=["loss"])
+    stage.finish({"codebook": out_path, **stage.loss_summary("loss", start, end)}, plot_keys=["loss"])
     barrier(info)
 
 

@@ -110,6 +110,15 @@ def dataset(args, info, split, resolution, backbone):
                          n_classes=args.n_classes, image_dir=args.image_dir, label_dir=args.label_dir)
 
 
+def train_loader(args, info, backbone):
+    """The training split at ``--train_resolution``: ``(loader, sampler)``, shuffled, full batches."""
+    from utils.engine import make_loader
+
+    train_set = dataset(args, info, "train", args.train_resolution, backbone)
+    return make_loader(train_set, info, args.batch_size, args.num_workers, shuffle=True, drop_last=True,
+                       seed=args.seed)
+
+
 def token_source(args, info, backbone, split, resolution):
     """The frozen tokens of training batches: ``tokens(img, ind)``, cached with ``--feature_cache``."""
     from loader.feature_cache import FeatureCache, TokenSource, cache_key

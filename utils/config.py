@@ -80,7 +80,7 @@ def build_parser(description, stage):
                       help="folder where the frozen backbone's training tokens are cached, so that later epochs "
                            "and stages skip the backbone (off by default; about N x D values per image)")
     data.add_argument("--train_resolution", type=int, default=None,
-                      help="training crop size (default: SPEC's for the stage and head, rounded up to a "
+                      help="training crop size (default: the published one for the stage and head, rounded up to a "
                            "multiple of the patch size, e.g. 322 for patch 14)")
     data.add_argument("--test_resolution", type=int, default=None,
                       help="evaluation size (default 320, rounded up to the patch size; the TR head must be "
@@ -108,7 +108,8 @@ def build_parser(description, stage):
     head.add_argument("--grid", type=str2bool, default=True, help="yes/no: stochastic 4x4 grid sampling")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epoch", type=positive_int, default=None, help="epochs (default: SPEC's for the stage and head)")
+    optim.add_argument("--epoch", type=positive_int, default=None,
+                       help="epochs (default: the published ones for the stage and head)")
     optim.add_argument("--lr", type=float, default=1e-3, help="learning rate per process (scaled by world size)")
     optim.add_argument("--weight_decay", type=float, default=None,
                        help="segment weight decay (default 1e-4, 0 on Cityscapes)")

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from utils.distributed import all_reduce_mean_grads, barrier
+from utils.distributed import all_reduce_mean, all_reduce_mean_grads, barrier
 
 
 def seed_everything(seed):
@@ -126,6 +126,13 @@ class Stage:
         if self.info.is_main:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def loss_summary(self, key, start, end):
+        """First/last logged ``key`` and the fixed-batch value before/after training (mean over ranks)."""
+        first, last = first_last(self.records, key)
+        return {f"{key}_first": first, f"{key}_last": last,
+                f"fixed_batch_{key}_start": all_reduce_mean(start, self.info),
+                f"fixed_batch_{key}_end": all_reduce_mean(end, self.info)}
 
     def finish(self, summary, plot_keys):
         """Write ``<stage>_summary.json`` and ``<stage>_loss.png`` (rank 0), then wait for all ranks."""
