@@ -166,6 +166,9 @@ def main(args):
     if not info.is_main:
         return
     info = cli.single_process(info)
+    if args.dataset == "folder" and not args.label_dir:
+        raise ValueError("test.py scores predictions against labels: give --label_dir, or segment unlabelled "
+                         "images with predict.py")
     segment, cluster = load_trained(args, backbone.embed_dim, device)
     out_dir = run_dir(args)
     cli.write_config(args, out_dir, "test")
@@ -180,6 +183,9 @@ def main(args):
                 metrics, used, kept = evaluate(args, loader, backbone, segment, cluster, device, centroids, pool)
         else:
             metrics, used, kept = evaluate(args, loader, backbone, segment, cluster, device, centroids, None)
+    if metrics["cluster"].histogram.sum() == 0:
+        raise ValueError("the val set has no labelled pixels (0 <= label < n_classes), so there is nothing to "
+                         "score; segment unlabelled images with predict.py")
     result = summarise(args, metrics, used, names)
     write_outputs(args, result, metrics, kept, names, out_dir)
     print(results_table(result))

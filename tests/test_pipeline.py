@@ -129,6 +129,10 @@ def test_missing_artifact_and_dataset_are_one_line_errors(tmp_path, toy_dirs, di
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "run train_mediator.py first" in res.stderr.strip().splitlines()[-1]
 
+    res = run_script("test.py", "--dataset", "folder", "--image_dir", str(toy_dirs["val"][0]), "--n_classes", "6",
+                     "--ckpt", dino_ckpt, "--out", str(tmp_path / "CAUSE"), "--cpu")
+    assert res.returncode == 2 and "predict.py" in res.stderr.strip().splitlines()[-1]
+
     res = run_script("train_mediator.py", "--dataset", "cocostuff27", "--data_dir", str(tmp_path / "nowhere"),
                      "--ckpt", dino_ckpt, "--out", str(tmp_path / "CAUSE"), "--cpu")
     assert res.returncode == 2 and "Traceback" not in res.stderr
@@ -247,4 +251,4 @@ def test_gpu_list_spawns_one_process_per_id(tmp_path, toy_dirs, dino_ckpt):
 
     # A failing process stops the job with a non-zero exit and one line, not a hang.
     res = run_script("fine_tuning.py", *argv, "--port", "29534")
-    assert res.returncode != 0 and "run train_front_door.py first" in res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 2 and "run train_front_door.py first" in res.stderr.strip().splitlines()[-1]

@@ -35,6 +35,17 @@ def one_line(err):
     return re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1])
 
 
+def _raised_bad_input(err):
+    """Whether a spawned child's failure (its traceback as text) was one of :func:`expected_errors`."""
+    from loader.datasets import DatasetError, DatasetNotFoundError
+    from models.backbone import UnknownCheckpointError
+
+    names = {cls.__name__ for cls in (*expected_errors(), DatasetError, DatasetNotFoundError, UnknownCheckpointError)}
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    match = re.match(r"^([\w.]+): ", lines[-1]) if lines else None
+    return bool(match) and match.group(1).rsplit(".", 1)[-1] in names
+
+
 def run(main, parser, argv=None, single_process=False):
     """Parse flags, launch one process per device, turn bad input into one line and exit code 2.
 
@@ -57,7 +68,7 @@ def run(main, parser, argv=None, single_process=False):
         # mp.spawn re-raises a child's failure with the child's traceback as text.
         if type(err).__name__ == "ProcessRaisedException":
             print(f"error: {one_line(err)}", file=sys.stderr)
-            sys.exit(1)
+            sys.exit(2 if _raised_bad_input(err) else 1)
         raise
     finally:
         cleanup()
