@@ -242,7 +242,8 @@ def read_checkpoint(path) -> object:
     # one the user chose to load as a backbone, so it is unpickled in full.
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ImportError, AttributeError) as exc:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ImportError, AttributeError, ValueError,
+            UnicodeDecodeError) as exc:
         raise UnknownCheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
 
 

@@ -275,9 +275,11 @@ def test_unknown_checkpoint_lists_keys(tmp_path):
 
 def test_unreadable_and_missing_files(tmp_path):
     text = tmp_path / "notes.pth"
-    text.write_text("not a checkpoint")
-    with pytest.raises(UnknownCheckpointError, match="not a readable PyTorch checkpoint"):
-        load_backbone(text)
+    # Each first byte sends the pickle reader down another path (and another exception type).
+    for content in ("not a checkpoint", "garbage\n", "\x80\x05junk"):
+        text.write_text(content)
+        with pytest.raises(UnknownCheckpointError, match="not a readable PyTorch checkpoint"):
+            load_backbone(text)
     missing = tmp_path / "nowhere" / "dino.pth"
     with pytest.raises(FileNotFoundError, match=str(missing)):
         load_backbone(missing)
