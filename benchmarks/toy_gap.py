@@ -14,6 +14,11 @@ co-membership Δ over all token pairs (Δ near 1 everywhere makes Q near 0).
 If a better-segmenting centroid set has a *lower* Q than the probe, stage 3 is not failing to
 optimise: its objective prefers the probe's partition on these features.
 
+``--centred_probe`` adds an experiment that is not part of the method: a fresh cluster probe
+trained with stage 3's objective and schedule (Adam 1e-3, StepLR 2 / 0.5, same epochs, grid
+sampling, teacher head in train mode) on head features from which the mean training feature
+is subtracted, scored on the val features centred the same way (``centred``).
+
     python benchmarks/toy_gap.py --num_codebook 256 --projection_dim 256 [--head tr --train_resolution 224]
 """
 
@@ -30,19 +35,23 @@ from loader.netloader import (build_cluster, build_segment, cluster_path, load_c
                               segment_path)
 from modules.kmeans import fit_kmeans  # noqa: E402
 from modules.objectives import flip_tta_features, upsample  # noqa: E402
-from modules.ops import modularity_loss, soft_comembership  # noqa: E402
+from modules.ops import grid_sample_tokens, modularity_loss, soft_comembership  # noqa: E402
 from utils import cli  # noqa: E402
 from utils.config import build_parser  # noqa: E402
 from utils.engine import make_loader  # noqa: E402
 from utils.metrics import UnsupervisedMetrics  # noqa: E402
 
 
-def head_features(args, info, backbone):
+def trained_segment(args, backbone):
     codebook = load_codebook(args, backbone.embed_dim)
     segment = load_into(build_segment(args, backbone.embed_dim), segment_path(args), "segment").eval()
     if args.head == "tr":
         segment.set_codebook(codebook)
     cluster = load_into(build_cluster(args, backbone.embed_dim), cluster_path(args), "cluster")
+    return segment, cluster.cluster_probe.detach()
+
+
+def head_features(args, info, backbone, segment):
     loader, _ = make_loader(cli.dataset(args, info, "val", args.test_resolution, backbone), info,
                             args.batch_size, 0, shuffle=False, drop_last=False)
     feats, labels = [], []
@@ -50,7 +59,32 @@ def head_features(args, info, backbone):
         for batch in loader:
             feats.append(flip_tta_features(backbone, segment.head_ema, batch["img"])[0])
             labels.append(batch["label"])
-    return torch.cat(feats), torch.cat(labels), cluster.cluster_probe.detach()
+    return torch.cat(feats), torch.cat(labels)
+
+
+def centred_probe(args, info, backbone, segment):
+    """Stage 3 again, on mean-centred head features: -> (probe [C, r], training mean [r])."""
+    loader, _ = cli.train_loader(args, info, backbone)
+    with torch.no_grad():
+        mean = torch.cat([segment.head_ema(backbone(b["img"])).flatten(0, 1) for b in loader]).mean(0)
+    torch.manual_seed(args.seed)
+    probe = torch.empty(args.n_classes, args.reduced_dim).uniform_(-1 / args.n_classes, 1 / args.n_classes)
+    probe.requires_grad_(True)
+    optimizer = torch.optim.Adam([probe], lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    segment.head_ema.train()
+    for _ in range(args.epoch):
+        for batch in loader:
+            with torch.no_grad():
+                feats = segment.head_ema(backbone(batch["img"])) - mean
+            sampled = grid_sample_tokens(feats)[0] if args.grid else feats
+            loss = modularity_loss(probe, sampled)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+    segment.head_ema.eval()
+    return probe.detach(), mean
 
 
 def class_means(feats, labels, n_classes):
@@ -82,13 +116,24 @@ def score(centroids, feats, labels, n_classes):
 def main(args):
     args.cpu = True
     info, backbone = cli.prepare(args)
-    feats, labels, probe = head_features(args, info, backbone)
+    segment, probe = trained_segment(args, backbone)
+    feats, labels = head_features(args, info, backbone, segment)
     sample = feats.flatten(2).transpose(1, 2).reshape(-1, feats.shape[1])
     centroids = {"probe": probe, "kmeans": fit_kmeans(sample, args.n_classes, seed=args.seed),
                  "oracle": class_means(feats, labels, args.n_classes)}
     result = {name: score(c, feats, labels, args.n_classes) for name, c in centroids.items()}
+    if args.centred_probe:
+        probe, mean = centred_probe(args, info, backbone, segment)
+        result["centred"] = score(probe, feats - mean[None, :, None, None], labels, args.n_classes)
     print(json.dumps(result, indent=1))
 
 
+def parser():
+    p = build_parser(__doc__.strip().splitlines()[0], stage="fine_tuning")
+    p.add_argument("--centred_probe", action="store_true",
+                   help="also train and score a cluster probe on mean-centred head features (an experiment)")
+    return p
+
+
 if __name__ == "__main__":
-    cli.run(main, build_parser(__doc__.strip().splitlines()[0], stage="test"), single_process=True)
+    cli.run(main, parser(), single_process=True)
