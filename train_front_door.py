@@ -49,7 +49,6 @@ def main(args):
     def contrastive(img, label, ind, bank_):
         return losses(img, label, ind, bank_)["loss_front"]
 
-    empty_bank = ConceptBank(args.num_codebook, args.projection_dim, BANK_CAPACITY, BANK_KEEP_RATIO).to(info.device)
     first_batch = None
     segment.train()
     for epoch in range(args.epoch):
@@ -57,7 +56,7 @@ def main(args):
                                              f"[front door {args.head}]"):
             if first_batch is None:
                 first_batch = (img, label, ind)
-                start = fixed_batch_loss(contrastive, img, label, ind, empty_bank)
+                start = fixed_batch_loss(contrastive, img, label, ind, None)
             out = losses(img, label, ind, bank)
             stage.step(out["loss"], [optimizer], params, grad_clip=args.grad_clip)
             segment.update_teacher(EMA_MOMENTUM)
@@ -72,7 +71,7 @@ def main(args):
             atomic_torch_save(segment.state_dict(), segment_path(args))
         barrier(info)
 
-    end = fixed_batch_loss(contrastive, *first_batch, empty_bank)
+    end = fixed_batch_loss(contrastive, *first_batch, None)
     summary = {"segment": segment_path(args), **stage.loss_summary("loss_front", start, end),
                "probe_acc_last": stage.records[-1]["probe_acc"]}
     if info.is_main:

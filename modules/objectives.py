@@ -31,7 +31,8 @@ def mediator_loss(codebook, tokens, grid=True, generator=None):
 def front_door_step(segment, tokens, label, codebook, bank, head, n_classes, grid=True, generator=None):
     """Stage 2 losses for one batch (SPEC §5 "One training step", steps 2-4).
 
-    tokens: [B, N, D] frozen backbone tokens; label: [B, H, W]; codebook: [K, D].
+    tokens: [B, N, D] frozen backbone tokens; label: [B, H, W]; codebook: [K, D]; bank: a
+    ConceptBank, or None for the loss without the bank term.
     Returns a dict with ``loss``, ``loss_front``, ``loss_linear``, ``n_correct``, ``n_counted``
     and what the bank update needs afterwards: ``sampled_tokens`` [B, P, D] and
     ``teacher_proj`` [B, P, E].
@@ -54,7 +55,10 @@ def front_door_step(segment, tokens, label, codebook, bank, head, n_classes, gri
         proj, _ = sample(proj, order)
         proj_ema, _ = sample(proj_ema, order)
 
-    bank_feats, bank_idx = bank.contents()
+    if bank is None:
+        bank_feats, bank_idx = proj.new_zeros(0, proj.shape[-1]), torch.zeros(0, dtype=torch.long, device=proj.device)
+    else:
+        bank_feats, bank_idx = bank.contents()
     loss_front = front_door_loss(sampled, proj, proj_ema.detach(), codebook, bank_feats, bank_idx)
     loss_linear, n_correct, n_counted = probe_loss(segment, teacher_feats, label, n_classes)
     return {"loss": loss_front + loss_linear, "loss_front": loss_front, "loss_linear": loss_linear,
