@@ -10,6 +10,7 @@ Evaluation runs in one process (the first id of ``--gpu``).
 import json
 import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -100,17 +101,18 @@ def evaluate(args, loader, backbone, segment, cluster, device, centroids, crf_po
             src = tokens_to_image(tokens.float()) if key == "kmeans" else u
             clusters = kmeans_assign(src, cents)[:, None].float()
             metrics[key].update(F.interpolate(clusters, size=size, mode="nearest")[:, 0].long(), label)
+        images = unnormalize_to_uint8(img.float().cpu(), backbone.mean, backbone.std)
         crf_pred = None
         if crf_pool is not None:
-            images = unnormalize_to_uint8(img.float().cpu(), backbone.mean, backbone.std)
-            crf_pred = crf_pool(images, torch.log_softmax(scores * CRF_ALPHA, dim=1).cpu()).argmax(1).to(device)
-            metrics["cluster_crf"].update(crf_pred, label)
+            # One pool call for both maps: the cluster scores and the probe's one-hot prediction.
             lin_onehot = F.one_hot(lin_pred, args.n_classes).permute(0, 3, 1, 2).float()
-            metrics["linear_crf"].update(crf_pool(images, lin_onehot.cpu()).argmax(1).to(device), label)
-        for i in range(img.shape[0]):
-            if len(kept) < args.save_images:
-                kept.append((unnormalize_to_uint8(img[i:i + 1].float().cpu(), backbone.mean, backbone.std)[0],
-                             label[i].cpu(), pred[i].cpu(), None if crf_pred is None else crf_pred[i].cpu()))
+            logits = torch.cat([torch.log_softmax(scores * CRF_ALPHA, dim=1), lin_onehot]).cpu()
+            both = crf_pool(np.concatenate([images, images]), logits).argmax(1).to(device)
+            crf_pred, lin_crf_pred = both[:img.shape[0]], both[img.shape[0]:]
+            metrics["cluster_crf"].update(crf_pred, label)
+            metrics["linear_crf"].update(lin_crf_pred, label)
+        for i in range(min(img.shape[0], args.save_images - len(kept))):
+            kept.append((images[i], label[i].cpu(), pred[i].cpu(), None if crf_pred is None else crf_pred[i].cpu()))
     return metrics, used, kept
 
 

@@ -17,8 +17,7 @@ def expected_errors():
     """Exceptions that mean bad input (a path, a file, a flag), reported as one line."""
     from loader.netloader import ArtifactMismatchError, MissingArtifactError
 
-    errors = [FileNotFoundError, MissingArtifactError, ArtifactMismatchError, ValueError]
-    return tuple(errors)
+    return (FileNotFoundError, MissingArtifactError, ArtifactMismatchError, ValueError)
 
 
 def one_line(err):
