@@ -10,7 +10,7 @@ from loader.netloader import (atomic_torch_save, build_cluster, build_segment, c
                               load_into, run_dir, segment_path)
 from modules.objectives import fine_tuning_step
 from utils import cli
-from utils.config import build_parser
+from utils.config import STAGE3_NOTES, build_parser, stage3_protocol
 from utils.distributed import barrier
 from utils.engine import Stage, fixed_batch_loss
 
@@ -26,7 +26,7 @@ def main(args):
     if args.head == "tr":
         segment.set_codebook(codebook.to(info.device))
     # As in the reference, stage 3 optimises every segment parameter; only those that receive a
-    # gradient move (with SPEC's detached probe and detached modularity features: the probe).
+    # gradient move: the probe, and with --reference_stage3 yes the teacher head through the probe.
     segment.requires_grad_(True)
     cluster = build_cluster(args, backbone.embed_dim)
     cluster.codebook.data.copy_(codebook)
@@ -50,7 +50,7 @@ def main(args):
     def losses(img, label, ind):
         with stage.autocast():
             return fine_tuning_step(segment, cluster.cluster_probe, tokens_of(img, ind), label, args.n_classes,
-                                    grid=args.grid)
+                                    grid=args.grid, reference=args.reference_stage3, temp=args.modularity_temp)
 
     def modularity(img, label, ind):
         return losses(img, label, ind)["loss_mod"]
@@ -81,11 +81,13 @@ def main(args):
         barrier(info)
 
     end = fixed_batch_loss(modularity, *first_batch)
-    summary = {"segment": segment_path(args), "cluster": cluster_path(args),
+    protocol = stage3_protocol(args.reference_stage3)
+    summary = {"segment": segment_path(args), "cluster": cluster_path(args), "stage3": protocol,
                **stage.loss_summary("loss_mod", start, end), "probe_acc_last": stage.records[-1]["probe_acc"]}
     if info.is_main:
         print(f"[fine-tuning {args.head}] saved {cluster_path(args)}; fixed-batch modularity loss "
               f"{summary['fixed_batch_loss_mod_start']:.4f} -> {summary['fixed_batch_loss_mod_end']:.4f}")
+        print(f"[fine-tuning {args.head}] {STAGE3_NOTES[protocol]}")
     stage.finish(summary, plot_keys=["loss_mod", "loss_linear", "probe_acc"])
 
 

@@ -20,6 +20,7 @@ from modules.objectives import flip_tta_features, upsample
 from utils import cli
 from utils.config import build_parser, str2bool
 from utils.crf import CRFPool, unnormalize_to_uint8
+from utils.errors import InputNotFoundError, InvalidInputError
 from utils.engine import make_loader
 from utils.visualize import colorize, dataset_colormap
 
@@ -38,7 +39,7 @@ def load_assignment(path, key):
     with open(path) as f:
         result = json.load(f)
     if key not in result or "assignment" not in result[key]:
-        raise ValueError(f"{path} has no '{key}' assignment; run test.py first")
+        raise InvalidInputError(f"{path} has no '{key}' assignment; run test.py first")
     return torch.tensor(result[key]["assignment"])
 
 
@@ -49,7 +50,7 @@ def main(args):
         return
     info = cli.single_process(info)
     if not os.path.isdir(args.inputs):
-        raise FileNotFoundError(f"--inputs {args.inputs} is not a folder of images")
+        raise InputNotFoundError(f"--inputs {args.inputs} is not a folder of images")
     segment, cluster = load_trained(args, backbone.embed_dim, device)
     images = build_dataset("folder", args.data_dir, "val", args.test_resolution, mean=backbone.mean,
                            std=backbone.std, n_classes=args.n_classes, image_dir=args.inputs)

@@ -11,6 +11,8 @@ arch="${arch:-vit_tiny_patch16_224}"  # timm ViT used when ckpt is empty
 gpu="${gpu:-0}"                    # e.g. 0,1,2,3: one process per GPU (ignored on a CPU-only machine)
 data_dir="${data_dir:-data}"       # dataset root (the toy data is generated here on first use)
 out="${out:-CAUSE}"                # artifact root
+reference_stage3="${reference_stage3:-yes}"  # yes: stage 3 as the published CAUSE (the linear probe's labels
+                                   # train the head); no: strictly label-free (see README, "Stage 3: two protocols")
 extra="${extra:-}"                 # extra flags for every stage, e.g. "--num_heads 12 --batch_size 8"
 test_flags="${test_flags:-}"       # extra flags for test.py only, e.g. "--save_images 20 --crf_workers 8"
 launcher="${launcher:-}"           # e.g. "torchrun --nnodes=2 --nproc_per_node=8 --rdzv_endpoint=host:29500"
@@ -41,5 +43,5 @@ case "$dataset" in
 esac
 step "stage 1: mediator (concept codebook)" $run_py train_mediator.py $common $extra
 step "stage 2: front-door adjustment ($head head)" $run_py train_front_door.py $common $extra
-step "stage 3: cluster-probe fine-tuning ($head head)" $run_py fine_tuning.py $common $toy_stage3 $extra
+step "stage 3: cluster-probe fine-tuning ($head head)" $run_py fine_tuning.py $common $toy_stage3 --reference_stage3 "$reference_stage3" $extra
 step "test" "$PY" test.py $common $extra $test_flags

@@ -21,8 +21,9 @@ from modules.kmeans import fit_kmeans, kmeans_assign
 from modules.objectives import flip_tta_features, upsample
 from modules.segment import tokens_to_image
 from utils import cli
-from utils.config import build_parser, str2bool
+from utils.config import STAGE3_NOTES, build_parser, saved_stage3_protocol, str2bool
 from utils.crf import CRFPool, unnormalize_to_uint8
+from utils.errors import InvalidInputError
 from utils.engine import atomic_write_text, make_loader
 from utils.metrics import UnsupervisedMetrics
 from utils.visualize import dataset_colormap, plot_confusion, save_iou_table, save_panel
@@ -122,7 +123,8 @@ def tqdm_bar(loader, desc):
 
 def summarise(args, metrics, used, names):
     result = {"dataset": args.dataset, "head": args.head, "n_classes": args.n_classes,
-              "backbone": args.ckpt or f"random {args.arch}", "test_resolution": args.test_resolution}
+              "backbone": args.ckpt or f"random {args.arch}", "test_resolution": args.test_resolution,
+              "stage3": saved_stage3_protocol(run_dir(args))}
     for key, m in metrics.items():
         if m.histogram.sum() == 0:
             continue
@@ -159,6 +161,7 @@ def results_table(result):
         if key in result:
             lines.append(f"{title:30s} {result[key]['mIoU']:7.2f} {result[key]['pAcc']:7.2f}")
     lines.append(f"clusters receiving pixels: {result['clusters_used']}/{result['n_classes']}")
+    lines.append(STAGE3_NOTES[result["stage3"]])
     return "\n".join(lines)
 
 
@@ -169,7 +172,7 @@ def main(args):
         return
     info = cli.single_process(info)
     if args.dataset == "folder" and not args.label_dir:
-        raise ValueError("test.py scores predictions against labels: give --label_dir, or segment unlabelled "
+        raise InvalidInputError("test.py scores predictions against labels: give --label_dir, or segment unlabelled "
                          "images with predict.py")
     segment, cluster = load_trained(args, backbone.embed_dim, device)
     out_dir = run_dir(args)
@@ -186,7 +189,7 @@ def main(args):
         else:
             metrics, used, kept = evaluate(args, loader, backbone, segment, cluster, device, centroids, None)
     if metrics["cluster"].histogram.sum() == 0:
-        raise ValueError("the val set has no labelled pixels (0 <= label < n_classes), so there is nothing to "
+        raise InvalidInputError("the val set has no labelled pixels (0 <= label < n_classes), so there is nothing to "
                          "score; segment unlabelled images with predict.py")
     result = summarise(args, metrics, used, names)
     write_outputs(args, result, metrics, kept, names, out_dir)

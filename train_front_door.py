@@ -14,10 +14,6 @@ from utils.config import build_parser
 from utils.distributed import barrier
 from utils.engine import Stage, fixed_batch_loss
 
-BANK_CAPACITY = 100
-BANK_KEEP_RATIO = 0.5
-EMA_MOMENTUM = 0.99
-
 
 def parser():
     return build_parser(__doc__.strip().splitlines()[0], stage="front_door")
@@ -34,7 +30,7 @@ def main(args):
     segment = build_segment(args, backbone.embed_dim).to(info.device)
     if args.head == "tr":
         segment.set_codebook(codebook)
-    bank = ConceptBank(args.num_codebook, args.projection_dim, BANK_CAPACITY, BANK_KEEP_RATIO).to(info.device)
+    bank = ConceptBank(args.num_codebook, args.projection_dim, args.bank_capacity, args.bank_keep_ratio).to(info.device)
     params = trainable(segment)
     optimizer = torch.optim.Adam(params, lr=args.lr * info.world_size, weight_decay=args.weight_decay)
     stage = Stage("front_door", info, log_dir, args.amp)
@@ -44,7 +40,8 @@ def main(args):
     def losses(img, label, ind, bank_):
         with stage.autocast():
             return front_door_step(segment, tokens_of(img, ind), label, codebook, bank_, args.head, args.n_classes,
-                                   grid=args.grid)
+                                   grid=args.grid, temp=args.contrastive_temp, pos=args.pos_thresh,
+                                   neg=args.neg_thresh)
 
     def contrastive(img, label, ind, bank_):
         return losses(img, label, ind, bank_)["loss_front"]
@@ -59,7 +56,7 @@ def main(args):
                 start = fixed_batch_loss(contrastive, img, label, ind, None)
             out = losses(img, label, ind, bank)
             stage.step(out["loss"], [optimizer], params, grad_clip=args.grad_clip)
-            segment.update_teacher(EMA_MOMENTUM)
+            segment.update_teacher(args.ema_momentum)
             update_bank(bank, codebook, out["sampled_tokens"], out["teacher_proj"])
             acc = 100.0 * float(out["n_correct"]) / max(1, float(out["n_counted"]))
             stage.log(epoch=epoch, loss=out["loss"].item(), loss_front=out["loss_front"].item(),

@@ -44,7 +44,7 @@ def main(args):
 
     def loss_of(img, ind):
         with stage.autocast():
-            return mediator_loss(codebook, tokens_of(img, ind), grid=args.grid)
+            return mediator_loss(codebook, tokens_of(img, ind), grid=args.grid, temp=args.modularity_temp)
 
     first_batch = None
 

@@ -21,15 +21,16 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from utils.errors import InputNotFoundError, InvalidInputError
 from loader.toy import TOY_CLASS_NAMES, ensure_toy
 from loader.transforms import IMAGENET_MEAN, IMAGENET_STD, SegmentationTransform
 
 
-class DatasetError(ValueError):
+class DatasetError(InvalidInputError):
     """Data on disk that cannot be used as it is (corrupt file, label value out of range...)."""
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(InputNotFoundError):
     """A dataset folder, list or file is missing; the message says what is expected."""
 
 

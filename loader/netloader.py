@@ -17,13 +17,14 @@ import torch
 
 from models.backbone import checkpoint_stem, load_backbone
 from modules.segment import Cluster, SegmentMLP, SegmentTR
+from utils.errors import InputNotFoundError, InvalidInputError
 
 
-class MissingArtifactError(FileNotFoundError):
+class MissingArtifactError(InputNotFoundError):
     """An earlier stage's output is not there; the message says which script to run."""
 
 
-class ArtifactMismatchError(ValueError):
+class ArtifactMismatchError(InvalidInputError):
     """An artifact does not fit the network it is loaded into (head, width, classes)."""
 
 

@@ -27,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+from utils.errors import InputNotFoundError, InvalidInputError
+
 __all__ = [
     "FAMILIES",
     "IMAGENET_MEAN",
@@ -55,7 +57,7 @@ DEFAULT_ARCH = "vit_tiny_patch16_224"
 RANDOM_SEED = 0
 
 
-class UnknownCheckpointError(ValueError):
+class UnknownCheckpointError(InvalidInputError):
     """The checkpoint file cannot be read or matches no supported backbone family."""
 
 
@@ -232,7 +234,7 @@ def read_checkpoint(path) -> object:
     """Load a checkpoint file on the CPU."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise InputNotFoundError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -502,14 +504,14 @@ def _random_backbone(arch: str, num_heads: Optional[int], seed: int) -> FrozenVi
                 **overrides,
             )
         except RuntimeError as exc:
-            raise ValueError(f"unknown timm architecture {arch!r} ({exc})") from exc
+            raise InvalidInputError(f"unknown timm architecture {arch!r} ({exc})") from exc
     if (
         not isinstance(vit, VisionTransformer)
         or not vit.has_class_token
         or vit.num_reg_tokens
         or vit.no_embed_class
     ):
-        raise ValueError(
+        raise InvalidInputError(
             f"{arch!r} is not a plain timm VisionTransformer with a CLS token "
             "(e.g. vit_tiny_patch16_224, vit_small_patch16_224)"
         )
@@ -542,7 +544,7 @@ def load_backbone(
     if ckpt is None:
         return _random_backbone(arch or DEFAULT_ARCH, num_heads, seed)
     if family is not None and family not in FAMILIES:
-        raise ValueError(
+        raise InvalidInputError(
             f"unknown backbone family {family!r}; expected one of {', '.join(FAMILIES)}"
         )
     path = os.fspath(ckpt)
@@ -563,7 +565,7 @@ def load_backbone(
     shape = infer_shape(state_dict, path)
     heads = default_num_heads(family, shape.embed_dim) if num_heads is None else num_heads
     if heads < 1 or shape.embed_dim % heads:
-        raise ValueError(f"{path}: width {shape.embed_dim} is not divisible by {heads} heads")
+        raise InvalidInputError(f"{path}: width {shape.embed_dim} is not divisible by {heads} heads")
     vit = build_vit(shape, family, heads)
     weights = to_timm_state_dict(state_dict)
     expected = set(vit.state_dict())

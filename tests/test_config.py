@@ -41,6 +41,24 @@ def test_grad_clip_and_weight_decay_per_dataset(dataset, head, clip, wd):
     assert args.grad_clip == clip and args.weight_decay == wd
 
 
+@pytest.mark.parametrize("dataset,head,clip", [
+    ("cocostuff27", "mlp", 0.1), ("cocostuff27", "tr", 2.0), ("cityscapes", "mlp", 1.0), ("cityscapes", "tr", 1.0),
+    ("coco171", "mlp", 0.0), ("coco81", "tr", 0.0), ("pascalvoc", "mlp", 0.0), ("toy", "tr", 0.0)])
+def test_stage3_clips_as_the_reference(dataset, head, clip):
+    args = resolved("fine_tuning", ["--dataset", dataset, "--head", head])
+    assert args.grad_clip == clip and args.reference_stage3 is True
+
+
+def test_method_constants_are_flags_of_their_stage():
+    front = resolved("front_door", [])
+    assert (front.contrastive_temp, front.pos_thresh, front.neg_thresh) == (0.07, 0.3, 0.1)
+    assert (front.bank_capacity, front.bank_keep_ratio, front.ema_momentum) == (100, 0.5, 0.99)
+    assert resolved("mediator", []).modularity_temp == resolved("fine_tuning", []).modularity_temp == 0.1
+    assert build_parser("t", "test").parse_args([]).crf_alpha == 3.0
+    assert not hasattr(resolved("mediator", []), "contrastive_temp")
+    assert resolved("fine_tuning", ["--reference_stage3", "no"]).reference_stage3 is False
+
+
 def test_explicit_flags_win_and_aliases():
     args = resolved("front_door", ["--head", "detr", "--grad_clip", "5", "--epoch", "7", "--grid", "no"])
     assert args.head == "tr" and args.grad_clip == 5.0 and args.epoch == 7 and args.grid is False

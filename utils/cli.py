@@ -2,73 +2,37 @@
 
 import dataclasses
 import os
-import re
 import sys
 import warnings
 
 import torch
 
 from utils.config import resolve, save_config
-from utils.distributed import barrier, cleanup, launch, setup
+from utils.distributed import BAD_INPUT_EXIT, barrier, cleanup, launch, setup
 from utils.engine import seed_everything
-
-
-def expected_errors():
-    """Exceptions that mean bad input (a path, a file, a flag), reported as one line."""
-    from loader.netloader import ArtifactMismatchError, MissingArtifactError
-
-    return (FileNotFoundError, MissingArtifactError, ArtifactMismatchError, ValueError)
-
-
-def one_line(err):
-    """The message of ``err`` on one line.
-
-    Errors raised in DataLoader workers arrive re-raised with the worker's traceback appended
-    to their message; keep only the original message (the last line).
-    """
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(err).__name__
-    if len(lines) == 1:
-        return lines[0]
-    return re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1])
-
-
-def _raised_bad_input(err):
-    """Whether a spawned child's failure (its traceback as text) was one of :func:`expected_errors`."""
-    from loader.datasets import DatasetError, DatasetNotFoundError
-    from models.backbone import UnknownCheckpointError
-
-    names = {cls.__name__ for cls in (*expected_errors(), DatasetError, DatasetNotFoundError, UnknownCheckpointError)}
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    match = re.match(r"^([\w.]+): ", lines[-1]) if lines else None
-    return bool(match) and match.group(1).rsplit(".", 1)[-1] in names
+from utils.errors import BadInputError, InvalidInputError, SpawnedBadInput, one_line
 
 
 def run(main, parser, argv=None, single_process=False):
-    """Parse flags, launch one process per device, turn bad input into one line and exit code 2.
+    """Parse flags, launch one process per device, and report bad input as one line (exit code 2).
 
-    ``single_process``: evaluation-type scripts use only the first id of ``--gpu``.
+    Only the project's :class:`~utils.errors.BadInputError` is shortened to one line; any other
+    exception is a bug and keeps its traceback. ``single_process``: evaluation-type scripts use
+    only the first id of ``--gpu``.
     """
     args = parser.parse_args(argv)
     if single_process:
         args.gpu = str(args.gpu).split(",")[0]
     try:
         launch(main, args)
-    except expected_errors() as err:
-        if os.environ.get("CAUSE_DEBUG"):
-            raise
+    except SpawnedBadInput:
+        sys.exit(BAD_INPUT_EXIT)
+    except BadInputError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(BAD_INPUT_EXIT)
     except KeyboardInterrupt:
         print("interrupted: no partial artifact was written", file=sys.stderr)
         sys.exit(130)
-    except Exception as err:
-        # mp.spawn re-raises a child's failure with the child's traceback as text.
-        if type(err).__name__ == "ProcessRaisedException":
-            print(f"error: {one_line(err)}", file=sys.stderr)
-            sys.exit(2 if _raised_bad_input(err) else 1)
-        raise
     finally:
         cleanup()
 
@@ -93,7 +57,7 @@ def prepare(args):
             print(f"warning: {warning.message}", file=sys.stderr)
     n_classes = args.n_classes if args.dataset == "folder" else dataset_info(args.dataset).n_classes
     if n_classes is None:
-        raise ValueError("--dataset folder needs --n_classes")
+        raise InvalidInputError("--dataset folder needs --n_classes")
     resolve(args, backbone.patch_size, n_classes)
     args.family_resolved = backbone.family
     args.world_size = info.world_size

@@ -107,6 +107,8 @@ def build_parser(description, stage):
     head.add_argument("--projection_dim", type=positive_int, default=2048, help="projection head width (E)")
     head.add_argument("--grid", type=str2bool, default=True, help="yes/no: stochastic 4x4 grid sampling")
 
+    add_method_flags(parser, stage)
+
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epoch", type=positive_int, default=None,
                        help="epochs (default: the published ones for the stage and head)")
@@ -114,7 +116,8 @@ def build_parser(description, stage):
     optim.add_argument("--weight_decay", type=float, default=None,
                        help="segment weight decay (default 1e-4, 0 on Cityscapes)")
     optim.add_argument("--grad_clip", type=float, default=None,
-                       help="gradient-norm clip of the segment parameters (default per dataset and head, SPEC §5)")
+                       help="gradient-norm clip of the segment parameters, 0 = none (default per stage, dataset and "
+                            "head, SPEC §5-6)")
     optim.add_argument("--max_steps", type=positive_int, default=None, help="stop each epoch after this many steps")
     optim.add_argument("--seed", type=int, default=0, help="random seed (offset by rank)")
     optim.add_argument("--amp", type=str2bool, default=None,
@@ -131,16 +134,77 @@ def build_parser(description, stage):
     return parser
 
 
+def add_method_flags(parser, stage):
+    """The method's constants of this stage (SPEC §3-7), as flags with the published values."""
+    method = parser.add_argument_group("method (published values by default)")
+    if stage in ("mediator", "fine_tuning"):
+        method.add_argument("--modularity_temp", type=float, default=0.1,
+                            help="temperature of the soft co-membership tanh(S S^T / temp) (SPEC §3)")
+    if stage == "front_door":
+        method.add_argument("--contrastive_temp", type=float, default=0.07,
+                            help="temperature of the concept-wise contrastive loss (SPEC §5)")
+        method.add_argument("--pos_thresh", type=float, default=0.3,
+                            help="codebook cosine above which two tokens are positives")
+        method.add_argument("--neg_thresh", type=float, default=0.1,
+                            help="codebook cosine below which two tokens are negatives")
+        method.add_argument("--bank_capacity", type=positive_int, default=100,
+                            help="teacher projections kept per concept in the concept bank")
+        method.add_argument("--bank_keep_ratio", type=float, default=0.5,
+                            help="share of a concept's tokens stored by one bank update")
+        method.add_argument("--ema_momentum", type=float, default=0.99,
+                            help="teacher <- momentum * teacher + (1 - momentum) * student after each step")
+    if stage == "fine_tuning":
+        method.add_argument("--reference_stage3", type=str2bool, default=True,
+                            help="yes: as the published CAUSE, the supervised linear probe reads the teacher head's "
+                                 "features without detaching them, so the labels train the head in stage 3; "
+                                 "no: label-free, the probe reads detached features and the head does not change")
+    if stage == "test":
+        method.add_argument("--crf_alpha", type=float, default=3.0,
+                            help="the CRF's unary is log_softmax(crf_alpha * cosine scores) (SPEC §7)")
+
+
+STAGE3_NOTES = {
+    "reference": "stage 3 as the published CAUSE (--reference_stage3 yes): the supervised linear probe's labels "
+                 "trained the teacher head",
+    "label_free": "stage 3 label-free (--reference_stage3 no): no label reached the teacher head",
+    "unknown": "stage 3 protocol unknown (no config_fine_tuning.json in the run directory)",
+}
+
+
+def stage3_protocol(reference_stage3):
+    """How stage 3 trained the teacher head, as recorded in summaries and metrics.json."""
+    if reference_stage3 is None:
+        return "unknown"
+    return "reference" if reference_stage3 else "label_free"
+
+
+def saved_stage3_protocol(run_directory):
+    """The protocol recorded by ``fine_tuning.py`` in ``config_fine_tuning.json`` of a run directory."""
+    path = os.path.join(run_directory, "config_fine_tuning.json")
+    if not os.path.isfile(path):
+        return stage3_protocol(None)
+    with open(path) as f:
+        return stage3_protocol(json.load(f).get("reference_stage3", False))
+
+
 def round_to_patch(resolution, patch_size):
     """Smallest multiple of ``patch_size`` that is >= ``resolution`` (320 -> 322 for patch 14)."""
     return int(math.ceil(resolution / patch_size) * patch_size)
 
 
-def default_grad_clip(dataset, head):
-    """SPEC §5: MLP 1 (Cityscapes) / 0.1 (COCO); TR 1 / 2. Deviation: VOC, folder, toy take 1."""
-    if dataset in COCO_FAMILY:
+def default_grad_clip(dataset, head, stage="front_door"):
+    """Gradient-norm clip of the segment parameters; 0 = no clipping.
+
+    Both stages clip at 1 on Cityscapes and at 0.1 (MLP) / 2 (TR) on COCO-Stuff (SPEC §5-6).
+    Stage 3 clips nowhere else, as the reference. Stage 2 of the reference has no value for the
+    other datasets (it fails there); deviation: COCO-81/171 take COCO-Stuff's, the rest 1.
+    """
+    coco = dataset == "cocostuff27" if stage == "fine_tuning" else dataset in COCO_FAMILY
+    if coco:
         return 0.1 if head == "mlp" else 2.0
-    return 1.0
+    if dataset == "cityscapes" or stage != "fine_tuning":
+        return 1.0
+    return 0.0
 
 
 def resolve(args, patch_size, n_classes):
@@ -157,7 +221,7 @@ def resolve(args, patch_size, n_classes):
     if args.weight_decay is None:
         args.weight_decay = 0.0 if args.dataset == "cityscapes" else 1e-4
     if args.grad_clip is None:
-        args.grad_clip = default_grad_clip(args.dataset, head)
+        args.grad_clip = default_grad_clip(args.dataset, head, stage)
     args.n_classes = n_classes
     args.num_queries = (args.train_resolution // patch_size) ** 2
     return args

@@ -6,12 +6,18 @@ process per id on this machine, like the reference. NCCL on CUDA, gloo on CPU.
 """
 
 import datetime
+import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from utils.errors import BadInputError, InvalidInputError, SpawnedBadInput, one_line
+
+BAD_INPUT_EXIT = 2
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,7 @@ def parse_gpu_ids(gpu):
     try:
         return [int(g) for g in str(gpu).split(",") if g.strip() != ""]
     except ValueError:
-        raise ValueError(f"--gpu expects comma-separated integers such as 0,1,2,3, got {gpu!r}") from None
+        raise InvalidInputError(f"--gpu expects comma-separated integers such as 0,1,2,3, got {gpu!r}") from None
 
 
 def setup(gpu="0", use_cpu=False, timeout_min=30):
@@ -76,7 +82,12 @@ def cleanup():
 def _spawned(local_rank, main, args, world, port):
     os.environ.update(CAUSE_SPAWN_RANK=str(local_rank), CAUSE_SPAWN_WORLD=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    main(args)
+    try:
+        main(args)
+    except BadInputError as err:
+        # Only the exit code crosses the spawn boundary cleanly: report here, exit 2 there.
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        sys.exit(BAD_INPUT_EXIT)
 
 
 def launch(main, args):
@@ -90,11 +101,27 @@ def launch(main, args):
     gpu_ids = parse_gpu_ids(args.gpu)
     if under_torchrun() or len(gpu_ids) <= 1:
         return main(args)
-    mp.spawn(_spawned, args=(main, args, len(gpu_ids), args.port), nprocs=len(gpu_ids), join=True)
+    # mp.spawn logs a warning for every sibling it terminates after a failure; the failing
+    # process's own message is the one worth reading, so keep it the last line.
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+    try:
+        mp.spawn(_spawned, args=(main, args, len(gpu_ids), args.port), nprocs=len(gpu_ids), join=True)
+    except mp.ProcessExitedException as err:
+        if err.exit_code == BAD_INPUT_EXIT:
+            raise SpawnedBadInput() from None
+        raise
 
 
 def all_reduce_mean_grads(params, info):
-    """Average the gradients of ``params`` over ranks in one flat all-reduce (what DDP does)."""
+    """Average the gradients of ``params`` over ranks in one flat all-reduce (what DDP does).
+
+    Hand-written rather than DistributedDataParallel: the stages do not train one module's
+    ``forward`` (stage 1 trains a bare codebook parameter; stages 2-3 call the student head,
+    projection head, probe and teacher separately, and the teacher's parameters take no
+    gradient), which DDP's reducer needs to track. After the backward pass this one
+    all-reduce gives the same averaged gradients. Call it on the still-scaled AMP gradients,
+    before ``GradScaler.unscale_`` (see ``Stage.step``).
+    """
     if not info.distributed:
         return
     grads = [p.grad for p in params if p.grad is not None]

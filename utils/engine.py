@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from utils.errors import InvalidInputError
 from utils.distributed import all_reduce_mean, all_reduce_mean_grads, barrier
 
 
@@ -46,7 +47,7 @@ def make_loader(dataset, info, batch_size, num_workers, shuffle, drop_last, seed
                         pin_memory=info.device.type == "cuda", worker_init_fn=_worker_init,
                         generator=generator, persistent_workers=False)
     if len(loader) == 0:
-        raise ValueError(f"dataset of {len(dataset)} images gives no batch of {batch_size} per process "
+        raise InvalidInputError(f"dataset of {len(dataset)} images gives no batch of {batch_size} per process "
                          f"(world size {info.world_size}); lower --batch_size")
     return loader, sampler
 
@@ -69,7 +70,8 @@ class Stage:
         self.info = info
         self.log_dir = log_dir
         self.amp = bool(amp) and info.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.amp)
+        self.skipped_steps = 0
         self.log_path = os.path.join(log_dir, f"{name}.jsonl")
         self.records = []
         self.start = time.time()
@@ -104,19 +106,29 @@ class Stage:
 
         ``params`` are all trainable parameters (their gradients are all-reduced);
         ``clip_params`` (default ``params``) are the ones whose norm is clipped.
+        Returns False when the AMP loss scaler skipped the step (inf/NaN gradients).
+
+        The gradients are averaged while still scaled, before ``unscale_`` looks for inf/NaN:
+        every rank then checks the same averaged gradients, so all ranks skip or step together
+        and keep the same loss scale (an overflow on one rank reaches all of them).
         """
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        all_reduce_mean_grads(params, self.info)
         for opt in optimizers:
             self.scaler.unscale_(opt)
-        all_reduce_mean_grads(params, self.info)
         if grad_clip is not None and grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(clip_params if clip_params is not None else params, grad_clip)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         for opt in optimizers:
             self.scaler.step(opt)
         self.scaler.update()
         self.global_step += 1
+        stepped = scale is None or self.scaler.get_scale() >= scale
+        if not stepped:
+            self.skipped_steps += 1
+        return stepped
 
     def log(self, **values):
         """Append one record (rank 0) to ``<stage>.jsonl``."""
@@ -139,7 +151,7 @@ class Stage:
         if self.info.is_main:
             from utils.visualize import plot_losses
 
-            summary = {"stage": self.name, "steps": self.global_step,
+            summary = {"stage": self.name, "steps": self.global_step, "amp_skipped_steps": self.skipped_steps,
                        "seconds": round(time.time() - self.start, 1), **summary}
             atomic_write_text(os.path.join(self.log_dir, f"{self.name}_summary.json"),
                               json.dumps(summary, indent=2))

@@ -1,0 +1,37 @@
+"""Functions run in spawned gloo processes by tests/test_distributed.py (importable by name)."""
+
+import os
+
+import torch
+
+from utils.distributed import cleanup, setup
+from utils.engine import Stage
+
+OVERFLOW_STEP = 1
+OVERFLOW_RANK = 1
+
+
+def overflow_worker(rank, world, port, out_dir):
+    """Four AMP-scaled optimiser steps of a linear layer; rank 1's loss overflows on step 1.
+
+    Writes ``rank<r>.pt`` with the final parameters, the loss scale and which steps were taken.
+    """
+    os.environ.update(CAUSE_SPAWN_RANK=str(rank), CAUSE_SPAWN_WORLD=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    info = setup("0", use_cpu=True)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    stage = Stage("overflow", info, out_dir, amp=False)
+    # A CPU loss scaler stands in for the CUDA one: the skip logic is the same.
+    stage.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    data = torch.Generator().manual_seed(rank + 1)
+    stepped = []
+    for step in range(4):
+        loss = model(torch.randn(5, 4, generator=data)).pow(2).mean()
+        if step == OVERFLOW_STEP and rank == OVERFLOW_RANK:
+            loss = loss * float("inf")
+        stepped.append(stage.step(loss, [optimizer], list(model.parameters())))
+    torch.save({"params": [p.detach().clone() for p in model.parameters()], "scale": stage.scaler.get_scale(),
+                "stepped": stepped, "skipped": stage.skipped_steps}, os.path.join(out_dir, f"rank{rank}.pt"))
+    cleanup()

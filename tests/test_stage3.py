@@ -1,0 +1,67 @@
+"""Stage 3's two protocols: the reference's (labels train the teacher head) and label-free."""
+
+import json
+
+import pytest
+import torch
+
+import fine_tuning
+import train_front_door
+import train_mediator
+from modules.objectives import fine_tuning_step
+from modules.segment import SegmentMLP, SegmentTR
+from tests._stage_flags import flags
+from utils.config import saved_stage3_protocol
+
+
+def one_step_grads(segment, reference):
+    torch.manual_seed(0)
+    segment.train()
+    segment.requires_grad_(True)
+    tokens = torch.randn(2, 64, 16)
+    label = torch.randint(0, 5, (2, 32, 32))
+    probe = torch.nn.Parameter(torch.rand(5, 8) * 0.4 - 0.2)
+    out = fine_tuning_step(segment, probe, tokens, label, 5, reference=reference)
+    out["loss"].backward()
+    return ({name: p.grad for name, p in segment.named_parameters()}, probe.grad)
+
+
+@pytest.mark.parametrize("make", [lambda: SegmentMLP(16, 8, 12, 5), lambda: SegmentTR(16, 8, 12, 5, 64)],
+                         ids=["mlp", "tr"])
+def test_reference_stage3_trains_the_teacher_head_and_label_free_does_not(make):
+    for reference in (True, False):
+        torch.manual_seed(1)
+        segment = make()
+        if isinstance(segment, SegmentTR):
+            segment.set_codebook(torch.randn(10, 16))
+        grads, probe_grad = one_step_grads(segment, reference)
+        teacher = [g for name, g in grads.items() if name.startswith("head_ema.")]
+        assert probe_grad is not None and probe_grad.abs().sum() > 0
+        assert grads["linear.f.weight"].abs().sum() > 0
+        if reference:
+            assert all(g is not None for g in teacher) and sum(g.abs().sum() for g in teacher) > 0
+        else:
+            assert all(g is None for g in teacher)
+        # Neither protocol reaches the student or the projection heads.
+        assert all(g is None for name, g in grads.items() if name.startswith(("head.", "projection_head")))
+
+
+def test_label_free_stage3_leaves_the_teacher_head_bit_identical(tmp_path, toy_dirs, dino_ckpt):
+    out = tmp_path / "CAUSE"
+    train = flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--epoch", "1", "--max_steps", "2"])
+    train_mediator.main(train_mediator.parser().parse_args(train))
+    train_front_door.main(train_front_door.parser().parse_args(train))
+    path = out / "folder" / "dino_tiny8" / "16" / "segment_mlp.pth"
+    stage2 = torch.load(path, weights_only=True)
+    moved = {}
+    for choice in ("no", "yes"):
+        torch.save(stage2, path)
+        fine_tuning.main(fine_tuning.parser().parse_args(train + ["--reference_stage3", choice]))
+        stage3 = torch.load(path, weights_only=True)
+        moved[choice] = [k for k in stage2 if k.startswith("head_ema.") and not torch.equal(stage2[k], stage3[k])]
+        assert not torch.equal(stage2["linear.f.weight"], stage3["linear.f.weight"])
+        run = path.parent / "mlp"
+        assert json.loads((run / "fine_tuning_summary.json").read_text())["stage3"] == (
+            "label_free" if choice == "no" else "reference")
+        assert saved_stage3_protocol(str(run)) == json.loads((run / "fine_tuning_summary.json").read_text())["stage3"]
+    assert moved["no"] == [] and len(moved["yes"]) > 0
