@@ -33,6 +33,9 @@ td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 img { max-width: 100%; display: block; margin: 6px 0; }
 .note { color: #666; font-size: 13px; }
+.columns { display: flex; gap: 16px; align-items: flex-start; }
+.columns table { font-size: 11px; }
+.columns td, .columns th { padding: 1px 6px; }
 """
 
 
@@ -92,9 +95,11 @@ def _read(path):
 
 
 def _config_section(config):
-    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
-                   for k, v in sorted(config.items()))
-    return f"<table>{rows}</table>"
+    rows = [f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+            for k, v in sorted(config.items())]
+    per_column = math.ceil(len(rows) / 3) or 1
+    tables = "".join(f"<table>{''.join(rows[i:i + per_column])}</table>" for i in range(0, len(rows), per_column))
+    return f"<div class=columns>{tables}</div>"
 
 
 def _metrics_section(result):
