@@ -50,7 +50,7 @@ def parser():
     g.add_argument("--inputs", required=True, help="an image file, a folder of images, or a glob (quote it)")
     g.add_argument("--output", default="predictions", help="folder for the predicted maps (not an input folder)")
     g.add_argument("--crf", type=str2bool, default=True, help="yes/no: dense-CRF post-processing")
-    g.add_argument("--crf_max_megapixels", type=float, default=2.0,
+    g.add_argument("--crf_max_megapixels", type=float, default=1.0,
                    help="the CRF runs on a copy scaled down to this many megapixels when the picture is larger")
     g.add_argument("--overlap", type=float, default=0.5, help="overlap of neighbouring windows, in [0, 1)")
     g.add_argument("--metrics", default=None, help="metrics.json from test.py: map clusters to matched classes")
@@ -158,7 +158,7 @@ def main(args):
             colored = colorize(ids, cmap)
             save_png(ids_path, ids)
             save_png(color_path, colored)
-            save_png(overlay_path, overlay(np.asarray(image), colored))
+            save_png(overlay_path, overlay(np.asarray(image), colored), compress_level=1)  # a photo: zlib gains little
     save_legend(os.path.join(args.output, LEGEND), names, cmap, title=title)
     written = len(files) - len(skipped)
     print(f"{written} of {len(files)} images segmented into {args.output}"

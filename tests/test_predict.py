@@ -3,8 +3,6 @@
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +17,8 @@ from loader.images import list_images, output_stems, to_display_rgb
 from loader.netloader import ArtifactMismatchError
 from modules.inference import crf_size, sliding_window_scores, upsample_argmax, window_starts
 from tests._released_heads import CLASSES, head_flags, write_released_heads
+from utils import cli
 
-ROOT = Path(__file__).resolve().parents[1]
 EXIF_ORIENTATION = 0x0112
 
 
@@ -56,8 +54,14 @@ def run_predict(ckpt, head, paths, inputs, output, *extra):
     return predict.main(args)
 
 
-def run_script(*argv):
-    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def run_cli(script, argv, capsys):
+    """The script's command line in this process -> (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        cli.run(script.cli_main if script is predict else script.main, script.parser(), argv, single_process=True)
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    return exited.value.code, out, err
 
 
 def digest(folder):
@@ -73,8 +77,11 @@ def test_every_pixel_of_every_picture_is_labelled_at_its_displayed_size(tmp_path
         ids = np.array(Image.open(out / f"{name}.png"))
         assert ids.shape == size and ids.dtype == np.uint8, name
         assert ids.max() < CLASSES, name
-        for suffix in (".color.png", ".overlay.png"):
-            assert np.array(Image.open(out / f"{name}{suffix}")).shape == (*size, 3), name + suffix
+        color = np.array(Image.open(out / f"{name}.color.png"))
+        mixed = np.array(Image.open(out / f"{name}.overlay.png"))
+        assert color.shape == mixed.shape == (*size, 3), name
+        photo = np.array(to_display_rgb(Image.open(tmp_path / "in" / name)), dtype=np.int16)
+        assert np.abs((photo + color) / 2 - mixed).max() <= 1, name  # the overlay mixes photo and colours
     assert Image.open(out / "legend.png").size[0] > 50
 
 
@@ -94,13 +101,13 @@ def test_16_bit_palette_and_exif_pictures_are_read_as_displayed(tmp_path):
     assert shown.shape == (50, 30, 3) and np.array_equal(shown, np.rot90(stored, k=-1))
 
 
-def test_output_equal_to_inputs_is_refused_and_leaves_inputs_untouched(tmp_path, dino_ckpt, released):
+def test_output_equal_to_inputs_is_refused_and_leaves_inputs_untouched(tmp_path, dino_ckpt, released, capsys):
     write_odd_pictures(tmp_path / "in")
     before = digest(tmp_path / "in")
-    res = run_script("predict.py", *head_flags(dino_ckpt, "mlp", released["mlp"], tmp_path / "CAUSE"),
-                     "--inputs", str(tmp_path / "in"), "--output", str(tmp_path / "in"), "--overwrite")
-    assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert "is an input folder" in res.stderr.strip().splitlines()[-1]
+    code, _, err = run_cli(predict, head_flags(dino_ckpt, "mlp", released["mlp"], tmp_path / "CAUSE") + [
+        "--inputs", str(tmp_path / "in"), "--output", str(tmp_path / "in"), "--overwrite"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "is an input folder" in err.strip().splitlines()[-1]
     assert digest(tmp_path / "in") == before
 
 
@@ -129,20 +136,20 @@ def test_glob_over_folders_mirrors_the_tree():
     assert output_stems(["/d/a/x.jpg"]) == ["x.jpg"]
 
 
-def test_corrupt_file_is_skipped_by_name_and_the_exit_code_says_so(tmp_path, dino_ckpt, released):
+def test_corrupt_file_is_skipped_by_name_and_the_exit_code_says_so(tmp_path, dino_ckpt, released, capsys):
     folder = tmp_path / "in"
     folder.mkdir()
     for name in ("a.png", "c.png"):
         Image.fromarray(gradient(64, 70)).save(folder / name)
     (folder / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    res = run_script("predict.py", *head_flags(dino_ckpt, "mlp", released["mlp"], tmp_path / "CAUSE"),
-                     "--inputs", str(folder), "--output", str(tmp_path / "out"), "--crf", "no")
-    assert res.returncode == predict.SKIPPED_EXIT, res.stderr[-2000:]
-    warnings = [line for line in res.stderr.splitlines() if line.startswith("warning: skipped")]
+    code, out, err = run_cli(predict, head_flags(dino_ckpt, "mlp", released["mlp"], tmp_path / "CAUSE") + [
+        "--inputs", str(folder), "--output", str(tmp_path / "out"), "--crf", "no"], capsys)
+    assert code == predict.SKIPPED_EXIT, err[-2000:]
+    warnings = [line for line in err.splitlines() if line.startswith("warning: skipped")]
     assert len(warnings) == 1 and str(folder / "b.png") in warnings[0]
     assert (tmp_path / "out" / "a.png.png").is_file() and (tmp_path / "out" / "c.png.png").is_file()
     assert not (tmp_path / "out" / "b.png.png").exists()
-    assert "2 of 3 images" in res.stdout
+    assert "2 of 3 images" in out
 
 
 def test_released_heads_load_by_path_in_test_and_predict(tmp_path, toy_dirs, dino_ckpt, released):
@@ -179,12 +186,12 @@ def test_mismatched_head_is_one_line_naming_both_sides(tmp_path, dino_ckpt, rele
     assert expected in message.split("; expected")[0] and "expected" in message
 
 
-def test_mismatched_head_from_the_command_line_exits_2(tmp_path, dino_ckpt, released):
+def test_mismatched_head_from_the_command_line_exits_2(tmp_path, dino_ckpt, released, capsys):
     Image.fromarray(gradient(64, 64)).save(tmp_path / "p.png")
-    res = run_script("test.py", *head_flags(dino_ckpt, "mlp", released["tr"], tmp_path / "CAUSE"),
-                     "--image_dir", str(tmp_path), "--label_dir", str(tmp_path))
-    lines = res.stderr.strip().splitlines()
-    assert res.returncode == 2 and "Traceback" not in res.stderr
+    code, _, err = run_cli(test_stage, head_flags(dino_ckpt, "mlp", released["tr"], tmp_path / "CAUSE") + [
+        "--image_dir", str(tmp_path), "--label_dir", str(tmp_path)], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and "Traceback" not in err
     assert "holds head=tr, width=48" in lines[-1] and "expected head=mlp" in lines[-1]
 
 

@@ -228,21 +228,25 @@ def save_iou_table(iou, class_names, path_md):
     return text
 
 
-def save_png(path, pixels):
-    """Writes a uint8 array ([H, W] or [H, W, 3]) as a PNG, atomically."""
+def save_png(path, pixels, compress_level=6):
+    """Writes a uint8 array ([H, W] or [H, W, 3]) as a PNG, atomically (zlib level 0-9)."""
     array = np.ascontiguousarray(pixels)
     if array.dtype != np.uint8 or array.ndim not in (2, 3):
         raise ValueError(f"save_png expects uint8 [H, W] or [H, W, 3], got {array.dtype} {array.shape}")
-    _atomic_write(path, lambda file: Image.fromarray(array).save(file, format="PNG"))
+    _atomic_write(path, lambda file: Image.fromarray(array).save(file, format="PNG", compress_level=compress_level))
 
 
 def overlay(image_uint8, colored, alpha=0.5):
-    """image_uint8, colored: RGB uint8 [H, W, 3] -> (1 - alpha) * image + alpha * colored, uint8."""
+    """image_uint8, colored: RGB uint8 [H, W, 3] -> (1 - alpha) * image + alpha * colored, uint8.
+
+    Integer arithmetic in 1/256 steps of ``alpha`` (a 12-MP photo in a fraction of a second).
+    """
     image, colors = np.asarray(image_uint8), np.asarray(colored)
     if image.shape != colors.shape:
         raise ValueError(f"overlay needs equal shapes, got {image.shape} and {colors.shape}")
-    mixed = (1.0 - alpha) * image.astype(np.float32) + alpha * colors.astype(np.float32)
-    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+    weight = int(round(alpha * 256))
+    mixed = (256 - weight) * image.astype(np.uint16) + weight * colors.astype(np.uint16) + 128
+    return (mixed >> 8).astype(np.uint8)
 
 
 def save_legend(path, names, cmap, title=None, dpi=100):
