@@ -8,7 +8,9 @@ Scheme: each picture (EXIF orientation applied) is resized to a short side of th
 for the MLP head) and covered by square windows of that size with ``--overlap``; every window
 is segmented with flip TTA, the cluster scores of overlapping windows are averaged, then
 brought back to the picture's own size. The optional dense CRF runs at the picture's size, or
-on a copy scaled down to ``--crf_max_megapixels`` whose labels are then enlarged (nearest).
+on a copy scaled down to ``--crf_max_megapixels`` (default 1) whose labels are then enlarged
+(nearest): its time and memory grow with pixels x classes (about 30 s and 2 GB per megapixel
+with 27 classes on one CPU core), so a 12-MP photo at full size would need minutes and ~16 GB.
 
 Per input ``x.jpg`` (names keep the extension; a glob over several folders mirrors them):
 ``x.jpg.png`` (class or cluster ids, uint8, 255 = none), ``x.jpg.color.png`` and
@@ -99,7 +101,7 @@ def check_output(args, files, stems):
 
 
 def predict_image(image, args, backbone, segment, cluster, device):
-    """One displayed RGB PIL image -> int64 [H, W] cluster ids at its own size."""
+    """One displayed RGB PIL image -> int64 [H, W] cluster ids at its own size, on the CPU."""
     window = window_size(args)
     stride = max(1, round(window * (1.0 - args.overlap)))
     img = image_to_tensor(image, backbone.mean, backbone.std).to(device)[None]
@@ -109,10 +111,11 @@ def predict_image(image, args, backbone, segment, cluster, device):
         u, _ = flip_tta_features(backbone, segment.head_ema, windows)
         return cluster.scores(upsample(u.float(), windows.shape[-2:]))
 
-    scores = sliding_window_scores(small, window, stride, cluster_scores, args.batch_size).cpu()
+    scores = sliding_window_scores(small, window, stride, cluster_scores, args.batch_size)
     size = (image.height, image.width)
     if not args.crf:
-        return upsample_argmax(scores, size)
+        return upsample_argmax(scores, size).cpu()
+    scores = scores.cpu()
     crf_h, crf_w = crf_size(*size, int(args.crf_max_megapixels * 1e6))
     pixels = np.asarray(image if (crf_h, crf_w) == size else image.resize((crf_w, crf_h), Image.Resampling.BILINEAR))
     labels = dense_crf(pixels, torch.log_softmax(scores * CRF_ALPHA, dim=0)).argmax(0)
