@@ -2,8 +2,10 @@
 
     python test.py --dataset cocostuff27 --data_dir DATA --ckpt checkpoint/dino_vitbase8_pretrain.pth --head tr
 
-Writes ``metrics.json``, ``iou.md``, ``confusion.png`` and the panels of the first
-``--save_images`` images into the run directory ``<out>/<dataset>/<baseline>/<K>/<head>/``.
+Writes ``metrics.json``, ``iou.md``, ``confusion.png``, the panels of the first
+``--save_images`` images and ``report.html`` (all of it on one self-contained page) into the
+run directory ``<out>/<dataset>/<baseline>/<K>/<head>/``. ``--segment``/``--cluster``/
+``--codebook`` evaluate trained heads given by path (e.g. the released ones).
 Evaluation runs in one process (the first id of ``--gpu``).
 """
 
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from loader.datasets import dataset_info
-from loader.netloader import load_trained, run_dir
+from loader.netloader import add_artifact_flags, codebook_path, load_trained_from_flags, run_dir
 from modules.kmeans import fit_kmeans, kmeans_assign
 from modules.objectives import flip_tta_features, upsample
 from modules.segment import tokens_to_image
@@ -26,6 +28,7 @@ from utils.crf import CRFPool, unnormalize_to_uint8
 from utils.errors import InvalidInputError
 from utils.engine import atomic_write_text, make_loader
 from utils.metrics import UnsupervisedMetrics
+from utils.report import write_report
 from utils.visualize import dataset_colormap, plot_confusion, save_iou_table, save_panel
 
 CRF_ALPHA = 3.0
@@ -44,6 +47,7 @@ def parser():
     g.add_argument("--kmeans_max_tokens", type=int, default=500_000,
                    help="k-means is fitted on all val tokens, or on this many sampled evenly over the images")
     g.add_argument("--save_images", type=int, default=8, help="panels written for the first N images")
+    add_artifact_flags(p)
     return p
 
 
@@ -146,10 +150,14 @@ def write_outputs(args, result, metrics, kept, names, out_dir):
     cmap = dataset_colormap(args.dataset, args.n_classes)
     panel_dir = os.path.join(out_dir, "panels")
     os.makedirs(panel_dir, exist_ok=True)
+    panels = []
     for i, (image, gt, pred, crf_pred) in enumerate(kept):
         final = crf_pred if crf_pred is not None else pred
-        save_panel(os.path.join(panel_dir, f"{i:04d}.png"), image, gt, pred,
-                   crf_pred if crf_pred is not None else pred, metrics[best].map(final), cmap)
+        panels.append(os.path.join(panel_dir, f"{i:04d}.png"))
+        save_panel(panels[-1], image, gt, pred, crf_pred if crf_pred is not None else pred,
+                   metrics[best].map(final), cmap)
+    write_report(os.path.join(out_dir, "report.html"), vars(args), result, os.path.join(out_dir, "confusion.png"),
+                 panels, [os.path.dirname(codebook_path(args)), out_dir])
 
 
 def results_table(result):
@@ -174,7 +182,7 @@ def main(args):
     if args.dataset == "folder" and not args.label_dir:
         raise InvalidInputError("test.py scores predictions against labels: give --label_dir, or segment unlabelled "
                          "images with predict.py")
-    segment, cluster = load_trained(args, backbone.embed_dim, device)
+    segment, cluster = load_trained_from_flags(args, backbone.embed_dim, device)
     out_dir = run_dir(args)
     cli.write_config(args, out_dir, "test")
 

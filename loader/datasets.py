@@ -21,9 +21,10 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from utils.errors import InputNotFoundError, InvalidInputError
+from loader.images import open_rgb
 from loader.toy import TOY_CLASS_NAMES, ensure_toy
 from loader.transforms import IMAGENET_MEAN, IMAGENET_STD, SegmentationTransform
+from utils.errors import InputNotFoundError, InvalidInputError
 
 
 class DatasetError(InvalidInputError):
@@ -245,10 +246,12 @@ def cropped_decoder(n_classes: int) -> LabelDecoder:
 
 
 def read_image(path: str) -> Image.Image:
-    """An RGB PIL image; a missing or unreadable file is a one-line error naming it."""
+    """The displayed RGB PIL image (EXIF orientation applied, 16-bit scaled; see loader/images.py).
+
+    A missing or unreadable file is a one-line error naming it.
+    """
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        return open_rgb(path)
     except FileNotFoundError:
         raise DatasetNotFoundError(f"image file not found: {path}") from None
     except (OSError, SyntaxError, ValueError) as err:

@@ -77,10 +77,11 @@ def test_all_stages_learn_and_write_artifacts(tmp_path, toy_dirs, dino_ckpt, hea
     predict.main(predict.parser().parse_args(
         flags(out, dino_ckpt, toy_dirs["val"], head, ["--inputs", str(images), "--output", str(preds),
                                                        "--metrics", str(run / "metrics.json")], resolution=96)))
-    stems = sorted(p.stem for p in images.iterdir())
-    assert sorted(p.stem for p in preds.glob("*_color.png")) == [f"{s}_color" for s in stems]
-    ids = np.array(Image.open(preds / f"{stems[0]}.png"))
+    names = sorted(p.name for p in images.iterdir())
+    assert sorted(p.name for p in preds.glob("*.color.png")) == [f"{n}.color.png" for n in names]
+    ids = np.array(Image.open(preds / f"{names[0]}.png"))
     assert ids.shape == (96, 96) and set(np.unique(ids)) <= set(metrics["cluster_crf"]["assignment"])
+    assert (run / "report.html").is_file() and (preds / "legend.png").is_file()
 
 
 def released_segment_state(dim, r, e, c):

@@ -1,0 +1,86 @@
+"""Whole-image inference: square windows of the training size slid over a picture of any size.
+
+The heads see fixed-size inputs (the TR head's queries are a fixed patch grid), so a picture
+is resized to a short side of ``window`` pixels and covered by ``window x window`` windows,
+``stride`` apart, the last one flush with the far edge; the class scores of overlapping
+windows are averaged per pixel. Scores are then brought back to the picture's own size.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Offsets of windows covering ``[0, length)``: 0, stride, 2*stride, ..., and length - window.
+
+    Requires ``length >= window`` and ``1 <= stride <= window``.
+    """
+    if length < window:
+        raise ValueError(f"a side of {length} pixels is shorter than the window ({window})")
+    if not 1 <= stride <= window:
+        raise ValueError(f"stride must be in [1, {window}], got {stride}")
+    count = math.ceil((length - window) / stride) + 1
+    return sorted({min(i * stride, length - window) for i in range(count)})
+
+
+def resize_short_side(img: torch.Tensor, side: int) -> torch.Tensor:
+    """img: [B, 3, H, W] -> [B, 3, H', W'] with min(H', W') = side, aspect ratio kept (bilinear, antialiased)."""
+    height, width = img.shape[-2:]
+    scale = side / min(height, width)
+    size = (max(side, round(height * scale)), max(side, round(width * scale)))
+    if size == (height, width):
+        return img
+    return F.interpolate(img, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
+
+
+def sliding_window_scores(img: torch.Tensor, window: int, stride: int, score_fn, batch_size: int) -> torch.Tensor:
+    """Per-pixel scores of a picture averaged over the windows that cover each pixel.
+
+    img: [3, H, W] with min(H, W) >= window; score_fn: windows [n, 3, window, window] ->
+    scores [n, C, window, window]; at most ``batch_size`` windows per call.
+    Returns float32 [C, H, W] on img's device.
+    """
+    height, width = img.shape[-2:]
+    corners = [(y, x) for y in window_starts(height, window, stride) for x in window_starts(width, window, stride)]
+    total = None
+    count = torch.zeros(height, width, device=img.device)
+    for first in range(0, len(corners), batch_size):
+        chunk = corners[first:first + batch_size]
+        windows = torch.stack([img[:, y:y + window, x:x + window] for y, x in chunk])
+        scores = score_fn(windows).float()
+        if total is None:
+            total = torch.zeros(scores.shape[1], height, width, device=img.device)
+        for (y, x), score in zip(chunk, scores):
+            total[:, y:y + window, x:x + window] += score
+            count[y:y + window, x:x + window] += 1
+    return total / count
+
+
+def upsample_argmax(scores: torch.Tensor, size: tuple[int, int], chunk: int = 8) -> torch.Tensor:
+    """Argmax of the bilinearly upsampled scores without holding all of them at full size.
+
+    scores: [C, h, w] -> int64 [H, W]; classes are upsampled ``chunk`` at a time (a 12-MP
+    picture costs ``chunk`` x 48 MB instead of C x 48 MB).
+    """
+    best_value = best_index = None
+    for first in range(0, scores.shape[0], chunk):
+        part = F.interpolate(scores[None, first:first + chunk], size=size, mode="bilinear", align_corners=False)[0]
+        value, index = part.max(dim=0)
+        index += first
+        if best_value is None:
+            best_value, best_index = value, index
+        else:
+            better = value > best_value
+            best_value = torch.where(better, value, best_value)
+            best_index = torch.where(better, index, best_index)
+    return best_index
+
+
+def crf_size(height: int, width: int, max_pixels: int) -> tuple[int, int]:
+    """The (height, width) at which the CRF runs: the picture's own, or scaled down to <= max_pixels."""
+    if height * width <= max_pixels:
+        return height, width
+    scale = math.sqrt(max_pixels / (height * width))
+    return max(1, int(height * scale)), max(1, int(width * scale))

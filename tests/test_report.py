@@ -1,0 +1,92 @@
+"""report.html: written by test.py, self-contained, and rendered by a real browser (headless Chromium)."""
+
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import test as test_stage
+from tests._released_heads import head_flags, write_released_heads
+from utils.report import SECTIONS, STAGES, render_report
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+N_EXAMPLES = 2
+
+
+def write_stage_logs(run_dir, mediator_dir):
+    """Stage logs as the training scripts write them: ``<stage>.jsonl`` in their log folders."""
+    for folder, stage in ((mediator_dir, "mediator"), (run_dir, "front_door"), (run_dir, "fine_tuning")):
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = [json.dumps({"step": s, "epoch": 0, "loss": 1.0 / (s + 1)}) for s in range(10)]
+        (folder / f"{stage}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, toy_dirs, dino_ckpt):
+    """One tiny test.py run (released-layout heads by path, CRF, k-means baselines, stage logs)."""
+    root = tmp_path_factory.mktemp("report")
+    paths = write_released_heads(root / "heads", "mlp")
+    out = root / "CAUSE"
+    write_stage_logs(out / "folder" / "dino_tiny8" / "16" / "mlp", out / "folder" / "modularity" / "dino_tiny8" / "16")
+    images, labels = toy_dirs["val"]
+    test_stage.main(test_stage.parser().parse_args(head_flags(dino_ckpt, "mlp", paths, out) + [
+        "--image_dir", str(images), "--label_dir", str(labels), "--crf_workers", "0",
+        "--save_images", str(N_EXAMPLES)]))
+    run = out / "folder" / "dino_tiny8" / "16" / "mlp"
+    return run / "report.html", json.loads((run / "metrics.json").read_text())
+
+
+def browser():
+    for name in BROWSERS:
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.skip("headless Chromium not found (Debian: apt-get install chromium; .ci/run installs it)")
+
+
+def test_report_is_self_contained_with_every_section(report):
+    path, metrics = report
+    page = path.read_text()
+    for section in SECTIONS:
+        assert f'<section id="{section}">' in page, section
+    sources = re.findall(r'src="([^"]*)"', page)
+    # iou chart, confusion matrix, one loss picture per stage, the examples
+    assert len(sources) == 1 + 1 + len(STAGES) + N_EXAMPLES
+    assert all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    for title in ("CAUSE (cluster probe)", "CAUSE + CRF", "linear probe", "k-means on backbone tokens"):
+        assert title in page
+    assert f"{metrics['cluster_crf']['mIoU']:.2f}" in page
+    assert f"clusters receiving pixels: {metrics['clusters_used']}/6" in page
+
+
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    path, _ = report
+    chromium = browser()
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    dom = subprocess.run([*flags, "--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    for section in SECTIONS:
+        assert f'<section id="{section}">' in dom.stdout, section
+    assert dom.stdout.count("<img") == 1 + 1 + len(STAGES) + N_EXAMPLES
+    shot = tmp_path / "report.png"
+    res = subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1200,2400", path.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and shot.is_file(), res.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
+    assert pixels.shape == (2400, 1200)
+    assert pixels.std() > 20  # text, tables and pictures, not a blank page
+    assert (pixels < 128).mean() > 0.01
+
+
+def test_a_missing_stage_log_is_said_not_hidden(tmp_path):
+    result = {"dataset": "toy", "head": "mlp", "backbone": "b", "n_classes": 2, "clusters_used": 1,
+              "class_names": ["a", "b"], "cluster": {"mIoU": 50.0, "pAcc": 60.0, "iou": [100.0, float("nan")]}}
+    page = render_report({"seed": 0}, result, None, [], [str(tmp_path)])
+    for stage in STAGES:
+        assert f"no {stage}.jsonl log found" in page
+    assert "no examples" in page and "no confusion matrix" in page and "<th>seed</th>" in page

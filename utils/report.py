@@ -1,0 +1,150 @@
+"""``report.html``: one self-contained page with everything a test.py run produced.
+
+Sections (each a ``<section id=...>``): ``config`` (the resolved flags), ``metrics`` (CAUSE,
+CRF, linear probe, k-means baselines, clusters used), ``iou`` (per-class IoU bar chart),
+``confusion`` (the confusion matrix), ``losses`` (the loss curves of the three training stages,
+read from their ``<stage>_loss.png`` or ``<stage>.jsonl``) and ``examples`` (image | ground truth
+| clusters | CRF | matched). Pictures are embedded as base64 ``data:`` URIs and the page has no
+script and no external reference, so it opens anywhere, offline, as a single file.
+"""
+
+import base64
+import html
+import io
+import math
+import os
+import tempfile
+
+from matplotlib.figure import Figure
+
+from utils.visualize import _atomic_write, plot_losses
+
+SECTIONS = ("config", "metrics", "iou", "confusion", "losses", "examples")
+STAGES = ("mediator", "front_door", "fine_tuning")
+METRIC_ROWS = (("CAUSE (cluster probe)", "cluster"), ("CAUSE + CRF", "cluster_crf"),
+               ("linear probe (supervised)", "linear"), ("linear probe + CRF", "linear_crf"),
+               ("k-means on backbone tokens", "kmeans"), ("k-means on head features", "kmeans_head"))
+
+STYLE = """
+body { font-family: sans-serif; margin: 24px; color: #222; background: #fff; }
+h1 { font-size: 22px; } h2 { font-size: 18px; border-bottom: 1px solid #ccc; padding-bottom: 4px; }
+table { border-collapse: collapse; font-size: 13px; }
+td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+img { max-width: 100%; display: block; margin: 6px 0; }
+.note { color: #666; font-size: 13px; }
+.columns { display: flex; gap: 16px; align-items: flex-start; }
+.columns table { font-size: 11px; }
+.columns td, .columns th { padding: 1px 6px; }
+"""
+
+
+def data_uri(png_bytes):
+    return "data:image/png;base64," + base64.b64encode(png_bytes).decode("ascii")
+
+
+def figure_png(fig, dpi=100):
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def iou_chart(iou, class_names):
+    """Horizontal bars of per-class IoU (percent); absent classes (NaN) are labelled n/a."""
+    n = len(class_names)
+    fig = Figure(figsize=(7.0, max(2.0, 0.25 * n + 0.8)), dpi=100)
+    ax = fig.subplots()
+    values = [0.0 if math.isnan(v) else v for v in iou]
+    ax.barh(range(n), values, color="#4a7ab5")
+    for i, v in enumerate(iou):
+        ax.text(min(values[i], 100.0) + 1, i, "n/a" if math.isnan(v) else f"{v:.1f}", va="center", fontsize=7)
+    ax.set_yticks(range(n), labels=class_names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 110)
+    ax.set_xlabel("IoU (%)")
+    fig.tight_layout()
+    return figure_png(fig)
+
+
+def stage_loss_png(stage, log_dirs):
+    """The PNG bytes of a stage's loss curves from the first of ``log_dirs`` that has them, or None."""
+    for directory in log_dirs:
+        picture = os.path.join(directory, f"{stage}_loss.png")
+        if os.path.isfile(picture):
+            with open(picture, "rb") as f:
+                return f.read()
+        log = os.path.join(directory, f"{stage}.jsonl")
+        if os.path.isfile(log):
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    plot_losses(log, os.path.join(tmp, "loss.png"))
+                except ValueError:
+                    continue
+                with open(os.path.join(tmp, "loss.png"), "rb") as f:
+                    return f.read()
+    return None
+
+
+def _image(png_bytes, alt):
+    return f'<img alt="{html.escape(alt)}" src="{data_uri(png_bytes)}">'
+
+
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _config_section(config):
+    rows = [f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+            for k, v in sorted(config.items())]
+    per_column = math.ceil(len(rows) / 3) or 1
+    tables = "".join(f"<table>{''.join(rows[i:i + per_column])}</table>" for i in range(0, len(rows), per_column))
+    return f"<div class=columns>{tables}</div>"
+
+
+def _metrics_section(result):
+    rows = ["<tr><th>method</th><th>mIoU (%)</th><th>pAcc (%)</th></tr>"]
+    for title, key in METRIC_ROWS:
+        if key in result:
+            rows.append(f"<tr><td>{html.escape(title)}</td><td class=num>{result[key]['mIoU']:.2f}</td>"
+                        f"<td class=num>{result[key]['pAcc']:.2f}</td></tr>")
+    used = f"clusters receiving pixels: {result['clusters_used']}/{result['n_classes']}"
+    return f"<table>{''.join(rows)}</table><p>{html.escape(used)}</p>"
+
+
+def render_report(config, result, confusion_png, panel_pngs, log_dirs):
+    """The page as a string. confusion_png: bytes or None; panel_pngs: list of bytes; log_dirs: folders
+    searched, in order, for ``<stage>_loss.png`` / ``<stage>.jsonl``."""
+    best = "cluster_crf" if "cluster_crf" in result else "cluster"
+    names = result["class_names"]
+    body = {
+        "config": _config_section(config),
+        "metrics": _metrics_section(result),
+        "iou": f"<p class=note>{best}, Hungarian-matched</p>" + _image(iou_chart(result[best]["iou"], names),
+                                                                       "per-class IoU"),
+        "confusion": (_image(confusion_png, "confusion matrix") if confusion_png
+                      else "<p class=note>no confusion matrix</p>"),
+    }
+    losses = []
+    for stage in STAGES:
+        png = stage_loss_png(stage, log_dirs)
+        losses.append(f"<h3>{stage}</h3>" + (_image(png, f"{stage} loss") if png
+                                             else f"<p class=note>no {stage}.jsonl log found</p>"))
+    body["losses"] = "".join(losses)
+    body["examples"] = ("<p class=note>image | ground truth | clusters | CRF | matched</p>"
+                        + "".join(_image(p, f"example {i}") for i, p in enumerate(panel_pngs))
+                        if panel_pngs else "<p class=note>no examples (--save_images 0)</p>")
+    titles = {"config": "Configuration", "metrics": "Metrics", "iou": "Per-class IoU",
+              "confusion": "Confusion matrix", "losses": "Training losses", "examples": "Examples"}
+    heading = f"CAUSE evaluation: {result['dataset']}, {result['head']} head, {result['backbone']}"
+    sections = "".join(f'<section id="{key}"><h2>{titles[key]}</h2>{body[key]}</section>' for key in SECTIONS)
+    return (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{html.escape(heading)}</title>"
+            f"<style>{STYLE}</style></head><body><h1>{html.escape(heading)}</h1>{sections}</body></html>\n")
+
+
+def write_report(path, config, result, confusion_path, panel_paths, log_dirs):
+    """Writes :func:`render_report` of a run to ``path`` (atomically), reading the pictures from disk."""
+    confusion = _read(confusion_path) if confusion_path and os.path.isfile(confusion_path) else None
+    page = render_report(config, result, confusion, [_read(p) for p in panel_paths], log_dirs)
+    _atomic_write(path, lambda file: file.write(page.encode("utf-8")))
+    return path
