@@ -21,12 +21,12 @@ CELL = 4
 TOL = dict(rtol=1e-5, atol=1e-6)
 
 
-def make_segment(head):
+def make_segment(head, dropout=0.0):
     torch.manual_seed(3)
     if head == "mlp":
-        segment = SegmentMLP(D, R, E, C, dropout=0.0)
+        segment = SegmentMLP(D, R, E, C, dropout=dropout)
     else:
-        segment = SegmentTR(D, R, E, C, SIDE * SIDE, dropout=0.0)
+        segment = SegmentTR(D, R, E, C, SIDE * SIDE, dropout=dropout)
     # Teacher != student, so that mixing them up changes the numbers.
     with torch.no_grad():
         for p in [*segment.head_ema.parameters(), *segment.projection_head_ema.parameters()]:
@@ -86,12 +86,30 @@ def front_door_recipe(segment, tokens, label, codebook, bank_feats, bank_idx, he
         z = segment.projection_head(segment.head(sampled))
     else:
         with torch.no_grad():
-            z_bar_all = segment.projection_head_ema(segment.head_ema(tokens))
+            z_bar_all = segment.projection_head_ema(u)
         z_all = segment.projection_head(segment.head(tokens))
         sampled, z, z_bar = pick(tokens, order), pick(z_all, order), pick(z_bar_all, order)
     loss_front = front_door_loss(sampled, z, z_bar, codebook, bank_feats, bank_idx)
     loss_linear, n_correct, n_counted = probe_recipe(segment, u.detach(), label)
     return loss_front, loss_linear, n_correct, n_counted, sampled, z_bar
+
+
+@pytest.mark.parametrize("head", ["mlp", "tr"])
+def test_front_door_step_with_dropout_matches_the_recipe_under_the_same_seed(head):
+    """Dropout on: the MLP heads see only the sampled tokens, the TR heads the whole grid."""
+    codebook, tokens, label = make_batch()
+    segment = make_segment(head, dropout=0.3)
+    if head == "tr":
+        segment.set_codebook(codebook)
+    torch.manual_seed(21)
+    out = front_door_step(segment, tokens, label, codebook, None, head, C,
+                          generator=torch.Generator().manual_seed(11))
+    torch.manual_seed(21)
+    want = front_door_recipe(segment, tokens, label, codebook, torch.zeros(0, E), torch.zeros(0, dtype=torch.long),
+                             head, seed=11)
+    torch.testing.assert_close(out["loss_front"], want[0], **TOL)
+    torch.testing.assert_close(out["loss_linear"], want[1], **TOL)
+    torch.testing.assert_close(out["teacher_proj"], want[5], **TOL)
 
 
 def grads(segment, prefixes):
@@ -250,6 +268,9 @@ def test_fine_tuning_step_without_grid_and_with_its_temperature():
     with torch.no_grad():
         want = modularity_loss(probe, segment.head_ema(tokens), temp=0.3)
     torch.testing.assert_close(out["loss_mod"], want, **TOL)
+    # The default protocol is the reference's: the probe's cross-entropy reaches the teacher head.
+    out["loss"].backward()
+    assert all(p.grad is not None for p in segment.head_ema.parameters())
 
 
 def cosine_argmax(x, codebook):
