@@ -194,17 +194,19 @@ def test_front_door_step_without_grid_uses_every_token():
                                                                   torch.zeros(0, dtype=torch.long)), **TOL)
 
 
-def test_front_door_step_passes_its_thresholds_and_temperature():
+@pytest.mark.parametrize("setting", [dict(temp=0.5), dict(pos=-1.0), dict(neg=1.5)], ids=["temp", "pos", "neg"])
+def test_front_door_step_passes_its_thresholds_and_temperature(setting):
+    """pos=-1 makes every other token positive, neg=1.5 counts the token itself as a negative."""
     codebook, tokens, label = make_batch()
     segment = make_segment("mlp")
-    out = front_door_step(segment, tokens, label, codebook, None, "mlp", C, grid=False,
-                          temp=0.5, pos=0.2, neg=-0.1)
+    out = front_door_step(segment, tokens, label, codebook, None, "mlp", C, grid=False, **setting)
     with torch.no_grad():
         z_bar = segment.projection_head_ema(segment.head_ema(tokens))
         z = segment.projection_head(segment.head(tokens))
-    want = front_door_loss(tokens, z, z_bar, codebook, torch.zeros(0, E), torch.zeros(0, dtype=torch.long),
-                           temp=0.5, pos=0.2, neg=-0.1)
+    no_bank = (torch.zeros(0, E), torch.zeros(0, dtype=torch.long))
+    want = front_door_loss(tokens, z, z_bar, codebook, *no_bank, **setting)
     torch.testing.assert_close(out["loss_front"], want, **TOL)
+    assert abs(want.item() - front_door_loss(tokens, z, z_bar, codebook, *no_bank).item()) > 1e-3
 
 
 @pytest.mark.parametrize("detach", [True, False])
