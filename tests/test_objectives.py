@@ -12,7 +12,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from modules.bank import ConceptBank, front_door_loss
-from modules.objectives import fine_tuning_step, flip_tta_features, front_door_step, probe_loss, update_bank
+from modules.objectives import (
+    fine_tuning_step,
+    flip_tta_features,
+    front_door_step,
+    mediator_loss,
+    probe_loss,
+    update_bank,
+    upsample,
+)
 from modules.ops import modularity_loss
 from modules.segment import SegmentMLP, SegmentTR
 
@@ -354,3 +362,27 @@ def test_flip_tta_features_matches_the_spec():
     assert (mirrored - as_image(head(backbone(img.flip(3))))).abs().max() > 0.1
     assert u.shape == (2, R, SIDE, SIDE) and not u.requires_grad
     torch.testing.assert_close(u, (plain + mirrored) / 2, **TOL)
+
+
+@pytest.mark.parametrize("grid", [True, False])
+def test_mediator_loss_is_the_modularity_of_the_grid_sampled_tokens(grid):
+    """SPEC §4: modularity loss of the codebook against the (grid-sampled, detached) tokens."""
+    codebook, tokens, _ = make_batch()
+    codebook = nn.Parameter(codebook)
+    tokens.requires_grad_(True)
+    loss = mediator_loss(codebook, tokens, grid=grid, generator=torch.Generator().manual_seed(6), temp=0.2)
+    feats = pick(tokens, draw_picks(6, B, (SIDE // CELL) ** 2)) if grid else tokens
+    want = modularity_loss(codebook, feats.detach(), temp=0.2)
+    torch.testing.assert_close(loss, want, **TOL)
+    assert abs(want.item() - modularity_loss(codebook, feats.detach()).item()) > 1e-4
+    loss.backward()
+    assert codebook.grad.abs().sum() > 0 and tokens.grad is None
+    default = mediator_loss(codebook, tokens, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(default, modularity_loss(codebook, pick(tokens, draw_picks(6, B, 4)).detach()), **TOL)
+
+
+def test_upsample_is_bilinear_without_corner_alignment():
+    x = torch.arange(8.0).reshape(1, 2, 2, 2)
+    # align_corners=False: output pixel i samples (i + 0.5) / 2 - 0.5, clamped to the border.
+    weights = torch.tensor([[1.0, 0.0], [0.75, 0.25], [0.25, 0.75], [0.0, 1.0]])
+    torch.testing.assert_close(upsample(x, (4, 4)), weights @ x @ weights.t(), **TOL)
