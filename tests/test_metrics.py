@@ -199,3 +199,20 @@ def test_all_reduce_sums_over_two_gloo_ranks(tmp_path):
     expected = torch.tensor([[1, 0], [0, 2]])
     for rank in range(2):
         assert torch.equal(torch.load(tmp_path / f"hist{rank}.pt"), expected)
+
+
+def test_single_pixel_and_empty_probe_histogram():
+    metrics = UnsupervisedMetrics(3)
+    metrics.update(torch.tensor([2]), torch.tensor([1]))
+    scores = metrics.compute()
+    assert scores["n_pixels"] == 1 and scores["mIoU"] == 100.0 and scores["pAcc"] == 100.0
+    with pytest.raises(RuntimeError, match="no labelled pixel has been counted yet"):
+        UnsupervisedMetrics(3, hungarian=False).compute()
+
+
+def test_map_keeps_the_first_id_past_the_classes_and_rejects_float_ids():
+    metrics = UnsupervisedMetrics(3)
+    metrics.update(torch.tensor([1, 2, 0]), torch.tensor([0, 1, 2]))
+    assert metrics.map(torch.tensor([3, 2, -1])).tolist() == [3, 1, -1]
+    with pytest.raises(ValueError, match="expects integer cluster ids"):
+        metrics.map(torch.zeros(2))

@@ -32,6 +32,20 @@ def summary(out, stage, head=None):
     return json.loads(matches[0].read_text())
 
 
+def one_class_scores(label_dir, n_classes):
+    """(mIoU, pAcc) in percent of predicting one cluster everywhere, from the label files.
+
+    Hungarian matching sends the one cluster to the majority class: its IoU is the majority
+    fraction, every other class present scores 0.
+    """
+    counts = np.zeros(n_classes)
+    for path in sorted(Path(label_dir).iterdir()):
+        ids = np.array(Image.open(path)).reshape(-1)
+        counts += np.bincount(ids[ids < n_classes], minlength=n_classes)
+    majority = counts.max() / counts.sum()
+    return 100 * majority / np.count_nonzero(counts), 100 * majority
+
+
 @pytest.mark.parametrize("head", ["mlp", "tr"])
 def test_all_stages_learn_and_write_artifacts(tmp_path, toy_dirs, dino_ckpt, head):
     out = tmp_path / "CAUSE"
@@ -63,6 +77,12 @@ def test_all_stages_learn_and_write_artifacts(tmp_path, toy_dirs, dino_ckpt, hea
     assert metrics["dataset"] == "folder" and metrics["head"] == head and metrics["n_classes"] == 6
     for key in ("cluster", "cluster_crf", "linear", "linear_crf", "kmeans", "kmeans_head"):
         assert 0.0 <= metrics[key]["mIoU"] <= 100.0 and 0.0 < metrics[key]["pAcc"] <= 100.0
+    collapse_miou, majority_pacc = one_class_scores(toy_dirs["val"][1], 6)
+    scores = {key: (metrics[key]["mIoU"], metrics[key]["pAcc"]) for key in metrics if isinstance(metrics[key], dict)}
+    for key in ("cluster", "cluster_crf", "kmeans", "kmeans_head"):
+        assert metrics[key]["mIoU"] > collapse_miou, (key, collapse_miou, scores)
+    for key in ("linear", "linear_crf"):
+        assert metrics[key]["pAcc"] > majority_pacc, (key, majority_pacc, scores)
     for name in ("iou.md", "confusion.png", "panels/0000.png", "panels/0001.png", "front_door.jsonl",
                  "front_door_loss.png", "config_test.json"):
         assert (run / name).is_file(), name
@@ -202,7 +222,8 @@ def test_run_sh_with_a_unicom_checkpoint(tmp_path, toy_dirs):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     run = tmp_path / "CAUSE" / "folder" / "FP16-ViT-B-16" / "16" / "mlp"
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["cluster"]["mIoU"] >= 0 and "cluster_crf" in metrics and "kmeans" in metrics
+    assert metrics["cluster"]["mIoU"] > one_class_scores(labels, 6)[0], metrics["cluster"]
+    assert "cluster_crf" in metrics and "kmeans" in metrics
     assert "CAUSE + CRF" in res.stdout
 
 

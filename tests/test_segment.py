@@ -4,6 +4,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
+from modules.objectives import probe_loss
 from modules.segment import (
     Cluster,
     SegmentMLP,
@@ -408,8 +409,7 @@ def test_probe_on_detached_teacher_features_reaches_only_the_probe(kind):
     segment.head_ema.requires_grad_(True)
     tokens = torch.randn(2, NQ, D)
     label = torch.randint(-1, C, (2, 12, 12))
-    feats = segment.head_ema(tokens).detach()
-    loss, _, _ = linear_probe_loss(tokens_to_image(segment.linear(feats)), label, C)
+    loss, _, _ = probe_loss(segment, segment.head_ema(tokens), label, C)
     loss.backward()
     assert all(p.grad is not None for p in segment.linear.parameters())
     for module in (segment.head, segment.head_ema, segment.projection_head, segment.projection_head_ema):
