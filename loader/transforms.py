@@ -19,8 +19,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from models.backbone import IMAGENET_MEAN, IMAGENET_STD
 
 RESIZE_MODES = ("center", "square")
 

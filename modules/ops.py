@@ -10,12 +10,11 @@ import torch.nn.functional as F
 _CHUNK_ELEMENTS = 1 << 24
 
 
-def _grid_side(num_tokens: int) -> int:
+def grid_side(num_tokens: int) -> int:
+    """Side of the square token grid holding `num_tokens` tokens; ValueError if not square."""
     side = math.isqrt(num_tokens)
     if side * side != num_tokens:
-        raise ValueError(
-            f"grid sampling needs a square token grid, got N={num_tokens} tokens (not a perfect square)"
-        )
+        raise ValueError(f"expected tokens on a square grid, got N={num_tokens} tokens (not a perfect square)")
     return side
 
 
@@ -40,7 +39,7 @@ def grid_sample_tokens(
     if k < 1:
         raise ValueError(f"grid cell size k must be >= 1, got {k}")
     batch, num_tokens, _ = x.shape
-    side = _grid_side(num_tokens)
+    side = grid_side(num_tokens)
     cells_per_side = side // k
     if cells_per_side == 0:
         raise ValueError(f"a {side}x{side} token grid has no whole {k}x{k} cell")

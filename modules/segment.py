@@ -14,15 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from modules.ops import vq
-
-
-def grid_side(num_tokens: int) -> int:
-    """Side of the square token grid holding `num_tokens` tokens; ValueError if not square."""
-    side = math.isqrt(num_tokens)
-    if side * side != num_tokens:
-        raise ValueError(f"expected tokens on a square grid, got N={num_tokens} tokens (not a perfect square)")
-    return side
+from modules.ops import grid_side, vq
 
 
 def tokens_to_image(x: torch.Tensor) -> torch.Tensor:
