@@ -42,9 +42,11 @@ def tensors_equal(a, b):
 
 def start(script, argv):
     # The same intra-op thread count as this process, so that CPU results are bit-identical.
+    # SIGINT back to its default: a shell ignores it in background jobs, and Python would inherit that.
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     return subprocess.Popen([sys.executable, script, *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_steps(proc, log, state, steps, timeout=120):
