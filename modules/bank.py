@@ -131,7 +131,9 @@ class ConceptBank(nn.Module):
         concepts = concepts[order]
         counts = torch.bincount(concepts, minlength=self.num_concepts)
         if concepts.numel() and int(counts.max()) > self.capacity:
-            raise ValueError(f"bank state holds {int(counts.max())} vectors for one concept, capacity is {self.capacity}")
+            raise ValueError(
+                f"bank state holds {int(counts.max())} vectors for one concept, capacity is {self.capacity}"
+            )
         slot = torch.arange(concepts.shape[0], device=concepts.device) - (counts.cumsum(0) - counts)[concepts]
         self.storage[concepts, slot] = feats.to(device=self.storage.device, dtype=self.storage.dtype)[order]
         self.counts.copy_(counts)

@@ -177,7 +177,8 @@ class TrainState:
                                     f"rerun with --resume no") from None
 
     def _check_compatible(self, state):
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION or state.get("stage") != self.stage.name:
+        expected = (STATE_VERSION, self.stage.name)
+        if not isinstance(state, dict) or (state.get("version"), state.get("stage")) != expected:
             raise InvalidInputError(f"{self.path} is not a resumable {self.stage.name} state of this version; "
                                     f"rerun with --resume no")
         saved = state["flags"]

@@ -120,7 +120,8 @@ def launch(main, args):
             raise SpawnedBadInput(err.exit_code) from None
         how = f"was killed by {err.signal_name}" if err.signal_name else f"exited with code {err.exit_code}"
         raise WorkerFailedError(f"process {err.error_index} of {len(gpu_ids)} {how}; the other processes were "
-                                f"stopped (a resumable state, if one was saved, continues with --resume auto)") from None
+                                f"stopped (a resumable state, if one was saved, continues with --resume auto)"
+                                ) from None
 
 
 def all_reduce_mean_grads(params, info):

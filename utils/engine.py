@@ -158,8 +158,8 @@ class Stage:
         ``terms``: name -> scalar tensor or float; the values are averaged over ranks first, so every
         rank takes the same decision.
         """
-        values = all_reduce_mean_values([float(v.detach()) if torch.is_tensor(v) else float(v) for v in terms.values()],
-                                        self.info)
+        values = all_reduce_mean_values([float(v.detach()) if torch.is_tensor(v) else float(v)
+                                         for v in terms.values()], self.info)
         if all(math.isfinite(v) for v in values):
             self.nonfinite_run = 0
             return
