@@ -11,7 +11,7 @@ from loader.netloader import (atomic_torch_save, build_cluster, build_segment, c
 from modules.objectives import fine_tuning_step
 from utils import cli
 from utils.config import STAGE3_NOTES, build_parser, stage3_protocol
-from utils.distributed import barrier
+from utils.checkpoint import TrainState
 from utils.engine import Stage, fixed_batch_loss
 
 
@@ -55,32 +55,34 @@ def main(args):
     def modularity(img, label, ind):
         return losses(img, label, ind)["loss_mod"]
 
-    first_batch = None
+    state = TrainState(stage, args, loader, sampler,
+                       shared={"segment": segment, "cluster": cluster, "optimizer_segment": optimizer_segment,
+                               "optimizer_cluster": optimizer_cluster, "scheduler_segment": schedulers[0],
+                               "scheduler_cluster": schedulers[1]},
+                       fixed_loss=lambda img, label, ind: fixed_batch_loss(modularity, img, label, ind))
+    state.resume(args.resume)
     segment.train()
-    for epoch in range(args.epoch):
-        for img, label, ind, bar in stage.batches(loader, sampler, epoch, args.epoch, args.max_steps,
-                                             f"[fine-tuning {args.head}]"):
-            if first_batch is None:
-                first_batch = (img, label, ind)
-                start = fixed_batch_loss(modularity, img, label, ind)
-            out = losses(img, label, ind)
-            stage.step(out["loss"], [optimizer_segment, optimizer_cluster],
-                       segment_params + [cluster.cluster_probe], grad_clip=args.grad_clip,
-                       clip_params=segment_params)
-            acc = 100.0 * float(out["n_correct"]) / max(1, float(out["n_counted"]))
-            stage.log(epoch=epoch, loss=out["loss"].item(), loss_mod=out["loss_mod"].item(),
-                      loss_linear=out["loss_linear"].item(), probe_acc=acc,
-                      lr=optimizer_cluster.param_groups[0]["lr"])
-            bar.set_postfix(mod=f"{out['loss_mod'].item():.4f}", lin=f"{out['loss_linear'].item():.3f}",
-                            acc=f"{acc:.1f}")
-        for scheduler in schedulers:
-            scheduler.step()
+    with state.interruptible():
+        for epoch in state.epochs():
+            for img, label, ind, bar in state.batches(epoch, f"[fine-tuning {args.head}]"):
+                out = losses(img, label, ind)
+                stage.step(out["loss"], [optimizer_segment, optimizer_cluster],
+                           segment_params + [cluster.cluster_probe], grad_clip=args.grad_clip,
+                           clip_params=segment_params, terms={k: out[k] for k in ("loss_mod", "loss_linear")})
+                acc = 100.0 * float(out["n_correct"]) / max(1, float(out["n_counted"]))
+                stage.log(epoch=epoch, loss=out["loss"].item(), loss_mod=out["loss_mod"].item(),
+                          loss_linear=out["loss_linear"].item(), probe_acc=acc,
+                          lr=optimizer_cluster.param_groups[0]["lr"])
+                bar.set_postfix(mod=f"{out['loss_mod'].item():.4f}", lin=f"{out['loss_linear'].item():.3f}",
+                                acc=f"{acc:.1f}")
+            for scheduler in schedulers:
+                scheduler.step()
+
+        start, end = state.fixed_batch_losses()
         if info.is_main:
             atomic_torch_save(segment.state_dict(), segment_path(args))
             atomic_torch_save(cluster.state_dict(), cluster_path(args))
-        barrier(info)
-
-    end = fixed_batch_loss(modularity, *first_batch)
+        state.finish()
     protocol = stage3_protocol(args.reference_stage3)
     summary = {"segment": segment_path(args), "cluster": cluster_path(args), "stage3": protocol,
                **stage.loss_summary("loss_mod", start, end), "probe_acc_last": stage.records[-1]["probe_acc"]}
@@ -89,7 +91,6 @@ def main(args):
               f"{summary['fixed_batch_loss_mod_start']:.4f} -> {summary['fixed_batch_loss_mod_end']:.4f}")
         print(f"[fine-tuning {args.head}] {STAGE3_NOTES[protocol]}")
     stage.finish(summary, plot_keys=["loss_mod", "loss_linear", "probe_acc"])
-
 
 if __name__ == "__main__":
     cli.run(main, parser())

@@ -11,7 +11,7 @@ from modules.bank import ConceptBank
 from modules.objectives import front_door_step, update_bank
 from utils import cli
 from utils.config import build_parser
-from utils.distributed import barrier
+from utils.checkpoint import TrainState
 from utils.engine import Stage, fixed_batch_loss
 
 
@@ -46,36 +46,36 @@ def main(args):
     def contrastive(img, label, ind, bank_):
         return losses(img, label, ind, bank_)["loss_front"]
 
-    first_batch = None
+    state = TrainState(stage, args, loader, sampler, shared={"segment": segment, "optimizer": optimizer},
+                       local={"bank": bank},
+                       fixed_loss=lambda img, label, ind: fixed_batch_loss(contrastive, img, label, ind, None))
+    state.resume(args.resume)
     segment.train()
-    for epoch in range(args.epoch):
-        for img, label, ind, bar in stage.batches(loader, sampler, epoch, args.epoch, args.max_steps,
-                                             f"[front door {args.head}]"):
-            if first_batch is None:
-                first_batch = (img, label, ind)
-                start = fixed_batch_loss(contrastive, img, label, ind, None)
-            out = losses(img, label, ind, bank)
-            stage.step(out["loss"], [optimizer], params, grad_clip=args.grad_clip)
-            segment.update_teacher(args.ema_momentum)
-            update_bank(bank, codebook, out["sampled_tokens"], out["teacher_proj"])
-            acc = 100.0 * float(out["n_correct"]) / max(1, float(out["n_counted"]))
-            stage.log(epoch=epoch, loss=out["loss"].item(), loss_front=out["loss_front"].item(),
-                      loss_linear=out["loss_linear"].item(), probe_acc=acc, bank=len(bank),
-                      lr=optimizer.param_groups[0]["lr"])
-            bar.set_postfix(front=f"{out['loss_front'].item():.3f}", lin=f"{out['loss_linear'].item():.3f}",
-                            acc=f"{acc:.1f}")
+    with state.interruptible():
+        for epoch in state.epochs():
+            for img, label, ind, bar in state.batches(epoch, f"[front door {args.head}]"):
+                out = losses(img, label, ind, bank)
+                stage.step(out["loss"], [optimizer], params, grad_clip=args.grad_clip,
+                           terms={k: out[k] for k in ("loss_front", "loss_linear")})
+                segment.update_teacher(args.ema_momentum)
+                update_bank(bank, codebook, out["sampled_tokens"], out["teacher_proj"])
+                acc = 100.0 * float(out["n_correct"]) / max(1, float(out["n_counted"]))
+                stage.log(epoch=epoch, loss=out["loss"].item(), loss_front=out["loss_front"].item(),
+                          loss_linear=out["loss_linear"].item(), probe_acc=acc, bank=len(bank),
+                          lr=optimizer.param_groups[0]["lr"])
+                bar.set_postfix(front=f"{out['loss_front'].item():.3f}", lin=f"{out['loss_linear'].item():.3f}",
+                                acc=f"{acc:.1f}")
+
+        start, end = state.fixed_batch_losses()
         if info.is_main:
             atomic_torch_save(segment.state_dict(), segment_path(args))
-        barrier(info)
-
-    end = fixed_batch_loss(contrastive, *first_batch, None)
+        state.finish()
     summary = {"segment": segment_path(args), **stage.loss_summary("loss_front", start, end),
                "probe_acc_last": stage.records[-1]["probe_acc"]}
     if info.is_main:
         print(f"[front door {args.head}] saved {segment_path(args)}; fixed-batch contrastive loss "
               f"{summary['fixed_batch_loss_front_start']:.4f} -> {summary['fixed_batch_loss_front_end']:.4f}")
     stage.finish(summary, plot_keys=["loss_front", "loss_linear", "probe_acc"])
-
 
 if __name__ == "__main__":
     cli.run(main, parser())

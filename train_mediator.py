@@ -12,6 +12,7 @@ from loader.netloader import atomic_np_save, build_cluster, codebook_path, media
 from modules.objectives import mediator_loss
 from utils import cli
 from utils.config import build_parser
+from utils.checkpoint import TrainState
 from utils.distributed import barrier
 from utils.engine import Stage, fixed_batch_loss
 
@@ -46,27 +47,27 @@ def main(args):
         with stage.autocast():
             return mediator_loss(codebook, tokens_of(img, ind), grid=args.grid, temp=args.modularity_temp)
 
-    first_batch = None
+    state = TrainState(stage, args, loader, sampler, shared={"cluster": cluster, "optimizer": optimizer,
+                                                             "scheduler": scheduler},
+                       fixed_loss=lambda img, label, ind: fixed_batch_loss(loss_of, img, ind))
+    state.resume(args.resume)
+    with state.interruptible():
+        for epoch in state.epochs():
+            for img, _, ind, bar in state.batches(epoch, "[mediator]"):
+                loss = loss_of(img, ind)
+                stage.step(loss, [optimizer], [codebook])
+                stage.log(epoch=epoch, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            scheduler.step()
 
-    for epoch in range(args.epoch):
-        for img, _, ind, bar in stage.batches(loader, sampler, epoch, args.epoch, args.max_steps, "[mediator]"):
-            if first_batch is None:
-                first_batch = (img, ind)
-                start = fixed_batch_loss(loss_of, img, ind)
-            loss = loss_of(img, ind)
-            stage.step(loss, [optimizer], [codebook])
-            stage.log(epoch=epoch, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        scheduler.step()
-
-    end = fixed_batch_loss(loss_of, *first_batch)
-    if info.is_main:
-        atomic_np_save(codebook.detach().float().cpu().numpy().astype(np.float32), out_path)
-        print(f"[mediator] codebook {tuple(codebook.shape)} saved to {out_path}; fixed-batch modularity loss "
-              f"{start:.4f} -> {end:.4f}")
+        start, end = state.fixed_batch_losses()
+        if info.is_main:
+            atomic_np_save(codebook.detach().float().cpu().numpy().astype(np.float32), out_path)
+            print(f"[mediator] codebook {tuple(codebook.shape)} saved to {out_path}; fixed-batch modularity loss "
+                  f"{start:.4f} -> {end:.4f}")
+        state.finish()
     stage.finish({"codebook": out_path, **stage.loss_summary("loss", start, end)}, plot_keys=["loss"])
     barrier(info)
-
 
 if __name__ == "__main__":
     cli.run(main, parser())

@@ -105,6 +105,40 @@ class ConceptBank(nn.Module):
         slot = (self.heads[concepts] - self.counts[concepts] + age) % self.capacity
         return self.storage[concepts, slot], concepts
 
+    def state(self) -> dict:
+        """What a resumed run needs to continue bit-identically: the stored vectors, oldest first.
+
+        -> {"feats": [S, dim], "concept_idx": LongTensor [S]} on the CPU (only the S filled rows,
+        not the whole [K, capacity, dim] storage). The module's ``state_dict`` stays empty.
+        """
+        feats, concepts = self.contents()
+        return {"feats": feats.cpu(), "concept_idx": concepts.cpu()}
+
+    @torch.no_grad()
+    def load_state(self, state: dict) -> None:
+        """Refill the bank from :meth:`state`; later updates and ``contents()`` are as before the save.
+
+        Each concept's vectors go to slots 0.. in age order, so the write pointer is count % capacity.
+        """
+        concepts = state["concept_idx"].to(self.counts.device)
+        feats = state["feats"]
+        if concepts.dim() != 1 or feats.shape != (concepts.shape[0], self.dim):
+            raise ValueError(f"a bank state needs feats [S, {self.dim}] and concept_idx [S], got "
+                             f"{tuple(feats.shape)} and {tuple(concepts.shape)}")
+        if concepts.numel() and not 0 <= int(concepts.min()) <= int(concepts.max()) < self.num_concepts:
+            raise ValueError(f"bank state concept indices must lie in [0, {self.num_concepts})")
+        order = concepts.argsort(stable=True)
+        concepts = concepts[order]
+        counts = torch.bincount(concepts, minlength=self.num_concepts)
+        if concepts.numel() and int(counts.max()) > self.capacity:
+            raise ValueError(
+                f"bank state holds {int(counts.max())} vectors for one concept, capacity is {self.capacity}"
+            )
+        slot = torch.arange(concepts.shape[0], device=concepts.device) - (counts.cumsum(0) - counts)[concepts]
+        self.storage[concepts, slot] = feats.to(device=self.storage.device, dtype=self.storage.dtype)[order]
+        self.counts.copy_(counts)
+        self.heads.copy_(counts % self.capacity)
+
 
 def _contrastive_term(
     anchor: torch.Tensor,

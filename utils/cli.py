@@ -8,30 +8,33 @@ import warnings
 import torch
 
 from utils.config import resolve, save_config
-from utils.distributed import BAD_INPUT_EXIT, barrier, cleanup, launch, setup
+from utils.distributed import barrier, cleanup, launch, setup
 from utils.engine import seed_everything
-from utils.errors import BadInputError, InvalidInputError, SpawnedBadInput, one_line
+from utils.errors import REPORTED_ERRORS, InvalidInputError, SpawnedBadInput, one_line
 
 
 def run(main, parser, argv=None, single_process=False):
-    """Parse flags, launch one process per device, and report bad input as one line (exit code 2).
+    """Parse flags, launch one process per device, and report a stop the user can act on as one line.
 
-    Only the project's :class:`~utils.errors.BadInputError` is shortened to one line; any other
-    exception is a bug and keeps its traceback. ``single_process``: evaluation-type scripts use
-    only the first id of ``--gpu``.
+    Bad input (:class:`~utils.errors.BadInputError`, exit code 2) and the other reported stops
+    (:class:`~utils.errors.RunStoppedError`: a non-finite loss, exit 3; a dead process, exit 1) are
+    printed as one line; any other exception is a bug and keeps its traceback. Ctrl-C exits 130
+    and names the resumable state when the stage saved one. ``single_process``:
+    evaluation-type scripts use only the first id of ``--gpu``.
     """
     args = parser.parse_args(argv)
     if single_process:
         args.gpu = str(args.gpu).split(",")[0]
     try:
         launch(main, args)
-    except SpawnedBadInput:
-        sys.exit(BAD_INPUT_EXIT)
-    except BadInputError as err:
+    except SpawnedBadInput as err:
+        sys.exit(err.exit_code)
+    except REPORTED_ERRORS as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
-        sys.exit(BAD_INPUT_EXIT)
-    except KeyboardInterrupt:
-        print("interrupted: no partial artifact was written", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt as err:
+        saved = f"; {err.args[0]}" if err.args else ""
+        print(f"interrupted: no partial artifact was written{saved}", file=sys.stderr)
         sys.exit(130)
     finally:
         cleanup()
@@ -45,7 +48,7 @@ def prepare(args):
     from loader.datasets import dataset_info
     from loader.netloader import build_backbone
 
-    info = setup(args.gpu, use_cpu=args.cpu)
+    info = setup(args.gpu, use_cpu=args.cpu, timeout_min=args.dist_timeout)
     seed_everything(args.seed + info.rank)
     if args.amp is None:
         args.amp = info.device.type == "cuda"

@@ -13,6 +13,7 @@ import os
 
 HEAD_ALIASES = {"mlp": "mlp", "cnn": "mlp", "tr": "tr", "detr": "tr"}
 COCO_FAMILY = ("cocostuff27", "coco81", "coco171")
+TRAINING_STAGES = ("mediator", "front_door", "fine_tuning")
 
 # Published per-stage settings (SPEC §4-6).
 STAGE_EPOCHS = {"mediator": {"mlp": 1, "tr": 1}, "front_door": {"mlp": 2, "tr": 2},
@@ -38,6 +39,21 @@ def positive_int(value):
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return number
+
+
+def non_negative_int(value):
+    """argparse type for counts where 0 means "off"."""
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return number
+
+
+def positive_float(value):
+    number = float(value)
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
     return number
 
 
@@ -128,6 +144,18 @@ def build_parser(description, stage):
                       help="GPU ids, e.g. 0,1,2,3: one process is spawned per id (under torchrun this is ignored)")
     dist.add_argument("--port", default="12355", help="rendezvous port when spawning with --gpu")
     dist.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
+    dist.add_argument("--dist_timeout", type=positive_float, default=10.0,
+                      help="minutes a process waits in a collective (e.g. for a dead peer) before it stops "
+                           "with an error")
+
+    if stage in TRAINING_STAGES:
+        resume = parser.add_argument_group("resume (see docs/resume.md)")
+        resume.add_argument("--resume", choices=["no", "yes", "auto"], default="no",
+                            help="continue from the resumable state in the run directory: no = start over, "
+                                 "yes = resume (error if there is none), auto = resume when one is found")
+        resume.add_argument("--save_every", type=non_negative_int, default=1000,
+                            help="save the resumable state every N optimiser steps, 0 = only at epoch ends "
+                                 "(it is always saved at every epoch end)")
 
     out = parser.add_argument_group("output")
     out.add_argument("--out", default="CAUSE", help="artifact root: codebooks, heads, logs and test outputs")

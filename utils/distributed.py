@@ -15,9 +15,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from utils.errors import BadInputError, InvalidInputError, SpawnedBadInput, one_line
+from utils.errors import (REPORTED_ERRORS, BadInputError, InvalidInputError, NonFiniteLossError, SpawnedBadInput,
+                          WorkerFailedError, one_line)
 
 BAD_INPUT_EXIT = 2
+DEFAULT_TIMEOUT_MIN = 10.0
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,12 @@ def parse_gpu_ids(gpu):
         raise InvalidInputError(f"--gpu expects comma-separated integers such as 0,1,2,3, got {gpu!r}") from None
 
 
-def setup(gpu="0", use_cpu=False, timeout_min=30):
-    """Initialise this process's place in the job and return it."""
+def setup(gpu="0", use_cpu=False, timeout_min=DEFAULT_TIMEOUT_MIN):
+    """Initialise this process's place in the job and return it.
+
+    ``timeout_min`` bounds every collective: a process whose peer died stops with an error
+    after at most that long instead of waiting for ever (``--dist_timeout``).
+    """
     if under_torchrun():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -84,10 +90,10 @@ def _spawned(local_rank, main, args, world, port):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
         main(args)
-    except BadInputError as err:
-        # Only the exit code crosses the spawn boundary cleanly: report here, exit 2 there.
+    except REPORTED_ERRORS as err:
+        # Only the exit code crosses the spawn boundary cleanly: report here, exit with its code there.
         print(f"error: {one_line(err)}", file=sys.stderr)
-        sys.exit(BAD_INPUT_EXIT)
+        sys.exit(err.exit_code)
 
 
 def launch(main, args):
@@ -96,7 +102,10 @@ def launch(main, args):
     Without CUDA (or with ``--cpu``) the spawned processes run on the CPU with gloo, one per id.
 
     If any spawned process fails, ``mp.spawn`` terminates the others and raises, so the job
-    exits non-zero instead of hanging (torchrun does the same for its workers).
+    exits non-zero instead of hanging (torchrun does the same for its workers). A process that
+    reported its own one-line error passes its exit code on; one that was killed or exited
+    without a report becomes a :class:`WorkerFailedError`; an exception that is a bug keeps
+    its traceback.
     """
     gpu_ids = parse_gpu_ids(args.gpu)
     if under_torchrun() or len(gpu_ids) <= 1:
@@ -107,9 +116,12 @@ def launch(main, args):
     try:
         mp.spawn(_spawned, args=(main, args, len(gpu_ids), args.port), nprocs=len(gpu_ids), join=True)
     except mp.ProcessExitedException as err:
-        if err.exit_code == BAD_INPUT_EXIT:
-            raise SpawnedBadInput() from None
-        raise
+        if err.signal_name is None and err.exit_code in (BadInputError.exit_code, NonFiniteLossError.exit_code):
+            raise SpawnedBadInput(err.exit_code) from None
+        how = f"was killed by {err.signal_name}" if err.signal_name else f"exited with code {err.exit_code}"
+        raise WorkerFailedError(f"process {err.error_index} of {len(gpu_ids)} {how}; the other processes were "
+                                f"stopped (a resumable state, if one was saved, continues with --resume auto)"
+                                ) from None
 
 
 def all_reduce_mean_grads(params, info):
@@ -134,6 +146,15 @@ def all_reduce_mean_grads(params, info):
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def all_reduce_mean_values(values, info):
+    """Mean over ranks of a list of python floats, in one all-reduce; NaN and inf propagate."""
+    if not info.distributed:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=info.device)
+    dist.all_reduce(t)
+    return (t / info.world_size).tolist()
 
 
 def all_reduce_mean(value, info):

@@ -5,7 +5,9 @@ A script builds a :class:`Stage` and drives its own loop; the method itself live
 """
 
 import contextlib
+import itertools
 import json
+import math
 import os
 import random
 import sys
@@ -16,8 +18,11 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from utils.errors import InvalidInputError
-from utils.distributed import all_reduce_mean, all_reduce_mean_grads, barrier
+from utils.errors import InvalidInputError, NonFiniteLossError
+from utils.distributed import all_reduce_mean, all_reduce_mean_grads, all_reduce_mean_values, barrier
+
+# Under AMP a non-finite loss is one skipped step; this many in a row is divergence, not overflow.
+AMP_NONFINITE_PATIENCE = 10
 
 
 def seed_everything(seed):
@@ -32,19 +37,41 @@ def _worker_init(worker_id):
     random.seed(seed)
 
 
-def make_loader(dataset, info, batch_size, num_workers, shuffle, drop_last, seed=0):
-    """DataLoader with a DistributedSampler when the job has several processes.
+class EpochSampler(DistributedSampler):
+    """This process's share of a dataset, in an order fixed by ``(seed, epoch)``, startable part-way.
 
-    Returns ``(loader, sampler)``; call ``sampler.set_epoch(epoch)`` when it is not None.
+    Used for a single process too (one replica), so the data order of an epoch never depends
+    on earlier epochs and a resumed run can skip the batches it already trained on without
+    loading them: ``set_epoch(epoch, start)`` begins the epoch at sample ``start``.
     """
-    sampler = None
-    if info.distributed:
-        sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
-                                     shuffle=shuffle, seed=seed, drop_last=drop_last)
+
+    def __init__(self, dataset, num_replicas, rank, shuffle, seed, drop_last):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.start = 0
+
+    def set_epoch(self, epoch, start=0):
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self):
+        return max(0, self.num_samples - self.start)
+
+
+def make_loader(dataset, info, batch_size, num_workers, shuffle, drop_last, seed=0):
+    """DataLoader over an :class:`EpochSampler` (one replica per process).
+
+    Returns ``(loader, sampler)``; :meth:`Stage.batches` sets the sampler's epoch.
+    """
+    sampler = EpochSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=shuffle, seed=seed,
+                           drop_last=drop_last)
+    # The loader's generator only seeds the workers; Stage.batches reseeds it from (seed, epoch).
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
-                        sampler=sampler, num_workers=num_workers, drop_last=drop_last,
-                        pin_memory=info.device.type == "cuda", worker_init_fn=_worker_init,
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        drop_last=drop_last, pin_memory=info.device.type == "cuda", worker_init_fn=_worker_init,
                         generator=generator, persistent_workers=False)
     if len(loader) == 0:
         raise InvalidInputError(f"dataset of {len(dataset)} images gives no batch of {batch_size} per process "
@@ -62,7 +89,8 @@ def atomic_write_text(path, text):
 class Stage:
     """Bookkeeping for one stage run: AMP, optimiser steps, JSON-lines log, summary, loss plot.
 
-    Only rank 0 writes files and shows progress bars.
+    Only rank 0 writes files and shows progress bars. ``saved_state`` names the last resumable
+    state written (set by :class:`utils.checkpoint.TrainState`), for the non-finite-loss message.
     """
 
     def __init__(self, name, info, log_dir, amp):
@@ -72,46 +100,91 @@ class Stage:
         self.amp = bool(amp) and info.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.amp)
         self.skipped_steps = 0
+        self.nonfinite_run = 0
         self.log_path = os.path.join(log_dir, f"{name}.jsonl")
         self.records = []
         self.start = time.time()
         self.global_step = 0
+        self.saved_state = None
         if info.is_main:
             os.makedirs(log_dir, exist_ok=True)
             atomic_write_text(self.log_path, "")
+
+    def state_dict(self):
+        return {"global_step": self.global_step, "skipped_steps": self.skipped_steps,
+                "nonfinite_run": self.nonfinite_run, "scaler": self.scaler.state_dict(),
+                "records": list(self.records)}
+
+    def load_state_dict(self, state):
+        """Continue from a saved state; the log is rewritten to the records of that state."""
+        self.global_step = state["global_step"]
+        self.skipped_steps = state["skipped_steps"]
+        self.nonfinite_run = state["nonfinite_run"]
+        self.scaler.load_state_dict(state["scaler"])
+        self.records = list(state["records"])
+        if self.info.is_main:
+            atomic_write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def autocast(self):
         if self.amp:
             return torch.autocast("cuda", dtype=torch.float16)
         return contextlib.nullcontext()
 
-    def progress(self, iterable, desc, total=None):
-        return tqdm(iterable, desc=desc, total=total, disable=not self.info.is_main,
+    def progress(self, iterable, desc, total=None, initial=0):
+        return tqdm(iterable, desc=desc, total=total, initial=initial, disable=not self.info.is_main,
                     dynamic_ncols=True, file=sys.stderr, leave=False)
 
-    def batches(self, loader, sampler, epoch, n_epochs, max_steps, desc):
-        """One epoch of ``(img, label, ind, bar)`` on this process's device, at most ``max_steps``."""
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        bar = self.progress(loader, desc=f"{desc} epoch {epoch + 1}/{n_epochs}")
+    def batches(self, loader, sampler, epoch, n_epochs, max_steps, desc, skip=0):
+        """One epoch of ``(img, label, ind, bar)`` on this process's device, at most ``max_steps``.
+
+        The order is fixed by ``(seed, epoch)``; ``skip`` batches at the start of the epoch are
+        passed over without being loaded (a resumed run).
+        """
+        sampler.set_epoch(epoch, skip * loader.batch_size)
+        if loader.generator is not None:
+            loader.generator.manual_seed(sampler.seed * 1_000_003 + epoch)
+        bar = self.progress(loader, desc=f"{desc} epoch {epoch + 1}/{n_epochs}", initial=skip,
+                            total=skip + len(loader))
         device = self.info.device
-        for it, batch in enumerate(bar):
+        for it, batch in enumerate(bar, start=skip):
             if max_steps is not None and it >= max_steps:
                 break
             yield (batch["img"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True),
                    batch["ind"], bar)
 
-    def step(self, loss, optimizers, params, grad_clip=None, clip_params=None):
-        """Backward, average gradients over ranks, clip, and step every optimiser.
+    def check_loss(self, terms):
+        """Stop on a non-finite loss (before backward); under AMP it is a skipped step unless it persists.
+
+        ``terms``: name -> scalar tensor or float; the values are averaged over ranks first, so every
+        rank takes the same decision.
+        """
+        values = all_reduce_mean_values([float(v.detach()) if torch.is_tensor(v) else float(v)
+                                         for v in terms.values()], self.info)
+        if all(math.isfinite(v) for v in values):
+            self.nonfinite_run = 0
+            return
+        self.nonfinite_run += 1
+        if self.scaler.is_enabled() and self.nonfinite_run < AMP_NONFINITE_PATIENCE:
+            return
+        shown = " ".join(f"{name}={value:.4g}" for name, value in zip(terms, values))
+        where = f" (mean over {self.info.world_size} processes)" if self.info.distributed else ""
+        raise NonFiniteLossError(f"[{self.name}] non-finite loss at step {self.global_step + 1}: {shown}{where}; "
+                                 f"stopped; last good state: {self.saved_state or 'none'}")
+
+    def step(self, loss, optimizers, params, grad_clip=None, clip_params=None, terms=None):
+        """Check the loss, backward, average gradients over ranks, clip, and step every optimiser.
 
         ``params`` are all trainable parameters (their gradients are all-reduced);
-        ``clip_params`` (default ``params``) are the ones whose norm is clipped.
+        ``clip_params`` (default ``params``) are the ones whose norm is clipped; ``terms`` (default
+        ``{"loss": loss}``) are the loss terms named when the loss is not finite
+        (:class:`~utils.errors.NonFiniteLossError`, raised before backward).
         Returns False when the AMP loss scaler skipped the step (inf/NaN gradients).
 
         The gradients are averaged while still scaled, before ``unscale_`` looks for inf/NaN:
         every rank then checks the same averaged gradients, so all ranks skip or step together
         and keep the same loss scale (an overflow on one rank reaches all of them).
         """
+        self.check_loss(terms if terms is not None else {"loss": loss})
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()

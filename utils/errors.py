@@ -2,7 +2,9 @@
 
 Anything the user can fix (a missing path, an unreadable file, a wrong flag, an artifact of
 another run) is raised as a subclass of :class:`BadInputError`; the stage scripts print it as
-one line and exit with code 2. Every other exception is a bug and keeps its traceback.
+one line and exit with code 2. A run that stops for another reason the user should read
+(:class:`RunStoppedError`: a non-finite loss, a dead process) is reported the same way
+with its own exit code. Every other exception is a bug and keeps its traceback.
 The subclasses also derive from the matching built-in, so ``except FileNotFoundError`` and
 ``except ValueError`` still catch them.
 """
@@ -10,6 +12,8 @@ The subclasses also derive from the matching built-in, so ``except FileNotFoundE
 
 class BadInputError(Exception):
     """Input the user can fix; reported as one line, exit code 2."""
+
+    exit_code = 2
 
 
 class InputNotFoundError(BadInputError, FileNotFoundError):
@@ -22,6 +26,31 @@ class InvalidInputError(BadInputError, ValueError):
 
 class SpawnedBadInput(BadInputError):
     """A spawned process stopped on bad input and has already printed its one-line error."""
+
+    def __init__(self, exit_code=2):
+        super().__init__()
+        self.exit_code = exit_code
+
+
+class RunStoppedError(Exception):
+    """A run stopped for a reason that is neither bad input nor a bug; one line, its own exit code."""
+
+    exit_code = 1
+
+
+class NonFiniteLossError(RunStoppedError):
+    """The loss became NaN or infinite; the message names the step, the loss terms and the last good state."""
+
+    exit_code = 3
+
+
+class WorkerFailedError(RunStoppedError):
+    """A process of a multi-process run died (killed, crashed); the others were stopped."""
+
+    exit_code = 1
+
+
+REPORTED_ERRORS = (BadInputError, RunStoppedError)
 
 
 def one_line(err):

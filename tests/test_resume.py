@@ -1,0 +1,235 @@
+"""Resumable training: interrupted and resumed stages, non-finite guards, a killed rank."""
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import fine_tuning
+import train_front_door
+import train_mediator
+from modules.bank import ConceptBank
+from utils import cli
+from utils.checkpoint import TrainState
+from utils.distributed import setup
+from utils.engine import Stage
+from utils.errors import NonFiniteLossError
+from tests._stage_flags import flags
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = Path("folder") / "dino_tiny8" / "16"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def tensors_equal(a, b):
+    a, b = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def start(script, argv):
+    # The same intra-op thread count as this process, so that CPU results are bit-identical.
+    # SIGINT back to its default: a shell ignores it in background jobs, and Python would inherit that.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    return subprocess.Popen([sys.executable, script, *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def wait_for_steps(proc, log, state, steps, timeout=120):
+    """Block until ``log`` has ``steps`` records and ``state`` exists (the process must still run)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if log.is_file() and log.read_text().count("\n") >= steps and state.is_file():
+            return
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.02)
+    raise AssertionError(f"{log} did not reach {steps} records")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, toy_dirs, dino_ckpt):
+    """An output root with a stage-1 codebook and a short stage-2 segment."""
+    out = tmp_path_factory.mktemp("resume") / "CAUSE"
+    argv = flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--epoch", "1", "--max_steps", "2"])
+    train_mediator.main(train_mediator.parser().parse_args(argv))
+    train_front_door.main(train_front_door.parser().parse_args(argv))
+    return out
+
+
+def copy_of(trained, tmp_path):
+    out = tmp_path / "CAUSE"
+    shutil.copytree(trained, out)
+    return out
+
+
+def test_sigkilled_stage2_resumes_to_the_uninterrupted_artifact(tmp_path, trained, toy_dirs, dino_ckpt, capsys):
+    out = copy_of(trained, tmp_path)
+    argv = flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--epoch", "6", "--save_every", "1"])
+    run, segment = out / RUN / "mlp", out / RUN / "segment_mlp.pth"
+    train_front_door.main(train_front_door.parser().parse_args(argv))
+    reference, reference_log = segment.read_bytes(), (run / "front_door.jsonl").read_text()
+    shutil.copy(segment, tmp_path / "segment_ref.pth")
+
+    proc = start("train_front_door.py", argv)
+    wait_for_steps(proc, run / "front_door.jsonl", run / "state_front_door.pt", 3)
+    proc.kill()
+    proc.communicate(timeout=60)
+    # The killed rerun left the previous complete artifact as it was, and a state to resume from.
+    assert segment.read_bytes() == reference
+    assert (run / "state_front_door.pt").is_file()
+
+    capsys.readouterr()
+    train_front_door.main(train_front_door.parser().parse_args(argv + ["--resume", "auto"]))
+    assert "resuming from" in capsys.readouterr().err
+    assert tensors_equal(segment, tmp_path / "segment_ref.pth")
+    assert (run / "front_door.jsonl").read_text() == reference_log
+    assert not list(run.glob("state_*"))
+
+
+def test_interrupted_stage3_keeps_the_old_artifacts_and_resumes(tmp_path, trained, toy_dirs, dino_ckpt):
+    out = copy_of(trained, tmp_path)
+    argv = flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--epoch", "5", "--save_every", "2"])
+    run, segment, cluster = out / RUN / "mlp", out / RUN / "segment_mlp.pth", out / RUN / "cluster_mlp.pth"
+    stage2 = segment.read_bytes()
+    fine_tuning.main(fine_tuning.parser().parse_args(argv))
+    shutil.copy(segment, tmp_path / "segment_ref.pth")
+    shutil.copy(cluster, tmp_path / "cluster_ref.pth")
+    segment.write_bytes(stage2)  # stage 3 starts from the stage-2 segment again
+    before = cluster.read_bytes()
+
+    proc = start("fine_tuning.py", argv)
+    wait_for_steps(proc, run / "fine_tuning.jsonl", run / "state_fine_tuning.pt", 3)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    last = stderr.strip().splitlines()[-1]
+    assert proc.returncode == 130 and "Traceback" not in stderr
+    assert last.startswith("interrupted: no partial artifact was written; resumable state ")
+    assert str(run / "state_fine_tuning.pt") in last and "--resume auto" in last
+    assert segment.read_bytes() == stage2 and cluster.read_bytes() == before
+
+    fine_tuning.main(fine_tuning.parser().parse_args(argv + ["--resume", "yes"]))
+    assert tensors_equal(segment, tmp_path / "segment_ref.pth")
+    assert tensors_equal(cluster, tmp_path / "cluster_ref.pth")
+    assert not list(run.glob("state_*"))
+
+
+def test_nan_loss_stops_the_stage_and_keeps_the_last_good_state(tmp_path, trained, toy_dirs, dino_ckpt, capsys,
+                                                                 monkeypatch):
+    out = copy_of(trained, tmp_path)
+    os.remove(out / RUN / "segment_mlp.pth")
+    argv = flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--epoch", "2", "--save_every", "1"])
+    state_path = out / RUN / "mlp" / "state_front_door.pt"
+    real_step, calls, good = train_front_door.front_door_step, [], []
+
+    def poisoned(*args, **kwargs):
+        out_ = real_step(*args, **kwargs)
+        calls.append(args[4] is not None)  # the fixed-batch loss of the summary runs without the bank
+        if sum(calls) == 4 and calls[-1]:
+            good.append(state_path.read_bytes())
+            out_["loss_front"] = out_["loss_front"] * float("nan")
+            out_["loss"] = out_["loss_front"] + out_["loss_linear"]
+        return out_
+
+    monkeypatch.setattr(train_front_door, "front_door_step", poisoned)
+    with pytest.raises(SystemExit) as stop:
+        cli.run(train_front_door.main, train_front_door.parser(), argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == NonFiniteLossError.exit_code == 3 and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("error: [front_door] non-finite loss at step 4: loss_front=nan loss_linear=")
+    assert err[-1].endswith(f"last good state: {state_path} (step 3)")
+    assert state_path.read_bytes() == good[0]
+    saved = torch.load(state_path, weights_only=True)
+    assert saved["stage_state"]["global_step"] == 3
+    assert not (out / RUN / "segment_mlp.pth").exists()
+
+    # The state is only resumed with the flags it was saved with, and --resume yes needs one.
+    monkeypatch.setattr(train_front_door, "front_door_step", real_step)
+    with pytest.raises(SystemExit) as stop:
+        cli.run(train_front_door.main, train_front_door.parser(), argv + ["--resume", "auto", "--lr", "0.01"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and "--lr 0.001 -> 0.01" in err[-1] and "--resume no" in err[-1]
+    other = flags(tmp_path / "other", dino_ckpt, toy_dirs["train"], "mlp", ["--resume", "yes"])
+    with pytest.raises(SystemExit) as stop:
+        cli.run(train_mediator.main, train_mediator.parser(), other)
+    assert stop.value.code == 2 and "no resumable state" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_state_with_non_finite_parameters_is_never_saved(tmp_path):
+    info = setup("0", use_cpu=True)
+    stage = Stage("toy", info, str(tmp_path), amp=False)
+    model = torch.nn.Linear(3, 2)
+    args = argparse.Namespace(epoch=1, max_steps=None, save_every=1, seed=0)
+    state = TrainState(stage, args, loader=None, sampler=None, shared={"model": model})
+    state.save()
+    saved = (tmp_path / "state_toy.pt").read_bytes()
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteLossError, match="non-finite parameters.*last good state: .*state_toy.pt"):
+        state.save()
+    assert (tmp_path / "state_toy.pt").read_bytes() == saved
+
+
+def test_bank_state_round_trip_continues_identically():
+    generator = torch.Generator().manual_seed(0)
+    bank = ConceptBank(5, 3, capacity=4, keep_ratio=0.5)
+    for _ in range(6):
+        bank.update(torch.randint(0, 5, (20,), generator=generator), torch.randn(20, 3, generator=generator),
+                    generator=generator)
+    restored = ConceptBank(5, 3, capacity=4, keep_ratio=0.5)
+    restored.load_state(bank.state())
+    assert bank.state_dict() == {} and len(restored) == len(bank)
+    for a, b in zip(bank.contents(), restored.contents()):
+        assert torch.equal(a, b)
+    idx, feats = torch.randint(0, 5, (30,), generator=generator), torch.randn(30, 3, generator=generator)
+    bank.update(idx, feats, generator=torch.Generator().manual_seed(1))
+    restored.update(idx, feats, generator=torch.Generator().manual_seed(1))
+    for a, b in zip(bank.contents(), restored.contents()):
+        assert torch.equal(a, b)
+
+
+def spawned_workers(parent):
+    """PIDs of the processes ``mp.spawn`` started under ``parent`` (not its resource tracker)."""
+    found = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in found if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
+
+
+def test_a_killed_rank_stops_the_job_and_resume_completes_it(tmp_path, trained, toy_dirs, dino_ckpt):
+    out = copy_of(trained, tmp_path)
+    argv = flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--epoch", "5", "--save_every", "1",
+                                                            "--port", free_port()])
+    argv[argv.index("--gpu") + 1] = "0,1"
+    run = out / RUN / "mlp"
+    proc = start("train_front_door.py", argv)
+    wait_for_steps(proc, run / "front_door.jsonl", run / "state_front_door.pt", 2)
+    workers = spawned_workers(proc.pid)
+    assert len(workers) == 2
+    killed = time.time()
+    os.kill(max(workers), signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=60)
+    assert time.time() - killed < 60
+    # (after the killed rank's unfinished progress bar; a warning of multiprocessing's resource tracker about
+    # the dead process's semaphores may follow)
+    assert proc.returncode == 1 and "Traceback" not in stderr
+    assert re.search(r"error: process \d of 2 was killed by SIGKILL; the other processes were stopped", stderr)
+
+    argv[argv.index("--port") + 1] = free_port()
+    proc = start("train_front_door.py", argv + ["--resume", "auto"])
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "resuming from" in stderr and not list(run.glob("state_*"))
+    records = (run / "front_door.jsonl").read_text().splitlines()
+    assert len(records) == 5 * 2
