@@ -1,3 +1,5 @@
+import json
+import os
 import warnings
 
 import numpy as np
@@ -172,3 +174,47 @@ def test_timeout_falls_back_to_serial_for_every_batch_in_flight_then_a_fresh_poo
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert torch.equal(pool.submit(images, logits, iters=3).result(), serial)
+
+
+class SynchronousPool(CRFPool):
+    """Computes each batch's CRF when it is submitted, in this process."""
+
+    def __init__(self, num_workers=None, timeout=300.0):
+        super().__init__(num_workers=0, timeout=timeout)
+
+    def submit(self, images, logits, iters=10):
+        job = super().submit(images, logits, iters)
+        job.result()
+        return job
+
+
+def test_evaluation_with_overlapped_crf_equals_the_synchronous_one(tmp_path, toy_dirs, dino_ckpt, monkeypatch):
+    import test as test_stage
+    from loader.netloader import atomic_np_save, atomic_torch_save, codebook_path, segment_path
+    from modules.segment import Cluster, SegmentMLP
+    from tests._stage_flags import flags
+
+    def evaluate(pool_flags, linear_crf="yes"):
+        # 8 images in batches of 3, panels for 4: the kept CRF maps span two batches.
+        extra = ["--baseline", "none", "--save_images", "4", "--batch_size", "3", "--linear_crf", linear_crf]
+        args = test_stage.parser().parse_args(flags(tmp_path, dino_ckpt, toy_dirs["val"], "mlp", extra + pool_flags))
+        if not os.path.exists(codebook_path(args)):
+            torch.manual_seed(0)
+            atomic_np_save(np.random.default_rng(0).standard_normal((16, 48)).astype(np.float32), codebook_path(args))
+            atomic_torch_save(SegmentMLP(48, 8, 16, 6).state_dict(), segment_path(args))
+            atomic_torch_save(Cluster(48, 8, 16, 6).state_dict(), str(segment_path(args)).replace("segment_", "cluster_"))
+        test_stage.main(args)
+        run = next(tmp_path.rglob("metrics.json")).parent
+        panels = {p.name: p.read_bytes() for p in sorted((run / "panels").glob("*.png"))}
+        return json.loads((run / "metrics.json").read_text()), panels
+
+    with monkeypatch.context() as patch:
+        patch.setattr(test_stage, "CRFPool", SynchronousPool)
+        synchronous, sync_panels = evaluate([])
+        without_linear_crf, _ = evaluate([], linear_crf="no")
+    overlapped, panels = evaluate(["--crf_workers", "2"])
+    assert set(synchronous) >= {"cluster", "cluster_crf", "linear", "linear_crf"}
+    assert overlapped == synchronous
+    assert len(panels) == 4 and panels == sync_panels
+    assert "linear_crf" not in without_linear_crf
+    assert without_linear_crf["cluster_crf"] == synchronous["cluster_crf"]
