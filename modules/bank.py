@@ -159,10 +159,11 @@ def _row_statistics(
     counted_table = positive_table | negative_table
     inv_norm = keys.norm(dim=1).clamp(min=1e-12).reciprocal()
     columns = counted_table.shape[1]
-    key_sums = student.new_zeros(columns, keys.shape[1])
-    for start in range(0, keys.shape[0], max(1, _CHUNK_ELEMENTS // keys.shape[1])):
-        stop = start + max(1, _CHUNK_ELEMENTS // keys.shape[1])
-        key_sums.index_add_(0, key_cols[start:stop], keys[start:stop] * inv_norm[start:stop, None])
+    # Σ of the normalised keys of each concept: one sparse [K+1, S] × [S, E] product, which
+    # reads the keys once and copies none of them.
+    membership = torch.sparse_coo_tensor(torch.stack([key_cols, torch.arange(keys.shape[0], device=keys.device)]),
+                                         inv_norm, (columns, keys.shape[0]), check_invariants=True)
+    key_sums = torch.sparse.mm(membership, keys)
     key_counts = torch.bincount(key_cols, minlength=columns).to(dtype)
     positive_rows = positive_table[anchor_rows].to(dtype)
     n = positive_rows @ key_counts
@@ -291,6 +292,9 @@ def front_door_loss(
         key_sets = [(proj_ema.detach().to(dtype).reshape(batch * tokens, -1), codes, True)]
         if bank_feats.shape[0]:
             bank_idx = bank_idx.to(proj.device)
+            if int(bank_idx.max()) >= num_concepts:
+                raise ValueError(f"bank concept indices must be < {num_concepts} (the codebook size), "
+                                 f"got {int(bank_idx.max())}")
             bank_cols = torch.where(bank_idx < 0, torch.full_like(bank_idx, num_concepts), bank_idx)
             key_sets.append((bank_feats.detach().to(device=proj.device, dtype=dtype), bank_cols, False))
         return _ContrastiveLoss.apply(student, key_sets, anchor_rows, positive_table, negative_table, batch, temp,

@@ -153,6 +153,8 @@ def test_front_door_loss_rejects_bad_shapes():
         front_door_loss(feat, proj, proj_ema[..., :3], codebook, bank_feats, bank_idx)
     with pytest.raises(ValueError, match="bank"):
         front_door_loss(feat, proj, proj_ema, codebook, bank_feats[:, :2], bank_idx)
+    with pytest.raises(ValueError, match="codebook size"):
+        front_door_loss(feat, proj, proj_ema, codebook, bank_feats, bank_idx + codebook.shape[0])
 
 
 def stored(bank):
