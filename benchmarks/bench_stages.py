@@ -430,10 +430,14 @@ def main(argv=None):
     shapes = Shapes().scaled(args.scale) if args.scale != 1.0 else Shapes()
     base = {"device": args.device, "amp": args.amp, "shapes": asdict(shapes), "repeats": args.repeats, "warmup": 1,
             "crf_workers": args.crf_workers}
-    name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    if args.device.startswith("cuda"):
+        name = torch.cuda.get_device_name(0)
+    else:
+        name = f"CPU, {torch.get_num_threads()} threads"
     print(f"# bench_stages: {name}, torch {torch.__version__}, amp {'on' if args.amp else 'off'}, scale {args.scale}")
     print()
-    print("| step | project s | project MiB | literal s | literal MiB | speed-up | memory ratio | floor s (project/floor) |")
+    print("| step | project s | project MiB | literal s | literal MiB | speed-up | memory ratio "
+          "| floor s (project/floor) |")
     print("|---|---|---|---|---|---|---|---|")
     records = []
 

@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models.backbone import load_backbone  # noqa: E402
 from modules.bank import ConceptBank  # noqa: E402
-from modules.objectives import fine_tuning_step, flip_tta_features, front_door_step, mediator_loss, update_bank  # noqa: E402
+from modules.objectives import (  # noqa: E402
+    fine_tuning_step, flip_tta_features, front_door_step, mediator_loss, update_bank)
 from modules.segment import Cluster, SegmentMLP  # noqa: E402
 
 
@@ -87,7 +88,8 @@ def main(argv=None):
                    help="tiny CPU check: ViT-Tiny/16, 64 px, 2 steps, the 'eager' compile backend")
     args = p.parse_args(argv)
     if args.dry_run:
-        args.device, args.arch, args.steps, args.warmup, args.batch, args.images = "cpu", "vit_tiny_patch16_224", 2, 1, 2, 4
+        args.device, args.arch, args.steps, args.warmup = "cpu", "vit_tiny_patch16_224", 2, 1
+        args.batch, args.images = 2, 4
         args.num_codebook, args.projection_dim, args.train_resolution, args.mediator_resolution = 32, 32, 64, 64
         args.compile_backend = "eager"
     device = torch.device(args.device)

@@ -147,7 +147,8 @@ def _row_statistics(
     through their inverse norms, never copied); key_cols: [S] column of each key in the
     class tables (the last column is an empty bank slot: never positive nor counted);
     anchor_rows: [A] row of each anchor in the tables; positive_table, negative_table:
-    bool [U, K+1] (code similarity > pos, < neg); self_excluded: key j = anchor j is the anchor itself (the batch set).
+    bool [U, K+1] (code similarity > pos, < neg); self_excluded: key j is anchor j itself
+    (the batch set).
     -> (n [A] positive pairs per row, row_loss [A] = Σ_j∈pos ℓ_ij, grad [A, E] or None:
     d row_loss / d student · temp).
 

@@ -202,7 +202,8 @@ def test_evaluation_with_overlapped_crf_equals_the_synchronous_one(tmp_path, toy
             torch.manual_seed(0)
             atomic_np_save(np.random.default_rng(0).standard_normal((16, 48)).astype(np.float32), codebook_path(args))
             atomic_torch_save(SegmentMLP(48, 8, 16, 6).state_dict(), segment_path(args))
-            atomic_torch_save(Cluster(48, 8, 16, 6).state_dict(), str(segment_path(args)).replace("segment_", "cluster_"))
+            cluster_path = str(segment_path(args)).replace("segment_", "cluster_")
+            atomic_torch_save(Cluster(48, 8, 16, 6).state_dict(), cluster_path)
         test_stage.main(args)
         run = next(tmp_path.rglob("metrics.json")).parent
         panels = {p.name: p.read_bytes() for p in sorted((run / "panels").glob("*.png"))}
