@@ -42,6 +42,10 @@ def parser():
     g.add_argument("--crf", type=str2bool, default=True, help="yes/no: also evaluate with dense-CRF post-processing")
     g.add_argument("--crf_workers", type=int, default=None,
                    help="CRF process-pool size (default: CPU count; 0 = serial)")
+    g.add_argument("--linear_crf", type=str2bool, default=False,
+                   help="yes/no: also apply the CRF to the linear probe's prediction (linear_crf in metrics.json). "
+                        "Default no: the published CAUSE protocol reports the unsupervised result with CRF and the "
+                        "linear probe without it")
     g.add_argument("--baseline", choices=["kmeans", "none"], default="kmeans",
                    help="k-means (faiss, C clusters) on the frozen backbone tokens and on the head features")
     g.add_argument("--kmeans_max_tokens", type=int, default=500_000,
@@ -81,15 +85,29 @@ def fit_baselines(args, loader, backbone, segment, device):
 
 
 def evaluate(args, loader, backbone, segment, cluster, device, centroids, crf_pool):
+    """Every metric over the val set. The CRF of a batch runs in ``crf_pool`` while the
+    backbone computes the next batch; the probe's CRF only with ``args.linear_crf``."""
+    linear_crf = crf_pool is not None and args.linear_crf
     metrics = {key: UnsupervisedMetrics(args.n_classes) for key in ("cluster", "cluster_crf")}
     metrics["linear"] = UnsupervisedMetrics(args.n_classes, hungarian=False)
-    metrics["linear_crf"] = UnsupervisedMetrics(args.n_classes, hungarian=False)
+    if linear_crf:
+        metrics["linear_crf"] = UnsupervisedMetrics(args.n_classes, hungarian=False)
     for key in centroids:
         metrics[key] = UnsupervisedMetrics(args.n_classes)
     used = torch.zeros(args.n_classes, dtype=torch.long)
     kept = []
-    bar = tqdm_bar(loader, "[test]")
-    for batch in bar:
+
+    def finish_crf(job, label, first_kept, end_kept):
+        both = job.result().argmax(1).to(device)
+        crf_pred = both[:label.shape[0]]
+        metrics["cluster_crf"].update(crf_pred, label)
+        if linear_crf:
+            metrics["linear_crf"].update(both[label.shape[0]:], label)
+        for i in range(first_kept, end_kept):
+            kept[i] = (*kept[i][:3], crf_pred[i - first_kept].cpu())
+
+    pending = None
+    for batch in tqdm_bar(loader, "[test]"):
         img, label = batch["img"].to(device), batch["label"].to(device)
         size = label.shape[-2:]
         u, tokens = flip_tta_features(backbone, segment.head_ema, img)
@@ -107,17 +125,22 @@ def evaluate(args, loader, backbone, segment, cluster, device, centroids, crf_po
             clusters = kmeans_assign(src, cents)[:, None].float()
             metrics[key].update(F.interpolate(clusters, size=size, mode="nearest")[:, 0].long(), label)
         images = unnormalize_to_uint8(img.float().cpu(), backbone.mean, backbone.std)
-        crf_pred = None
-        if crf_pool is not None:
-            # One pool call for both maps: the cluster scores and the probe's one-hot prediction.
-            lin_onehot = F.one_hot(lin_pred, args.n_classes).permute(0, 3, 1, 2).float()
-            logits = torch.cat([torch.log_softmax(scores * CRF_ALPHA, dim=1), lin_onehot]).cpu()
-            both = crf_pool(np.concatenate([images, images]), logits).argmax(1).to(device)
-            crf_pred, lin_crf_pred = both[:img.shape[0]], both[img.shape[0]:]
-            metrics["cluster_crf"].update(crf_pred, label)
-            metrics["linear_crf"].update(lin_crf_pred, label)
+        first_kept = len(kept)
         for i in range(min(img.shape[0], args.save_images - len(kept))):
-            kept.append((images[i], label[i].cpu(), pred[i].cpu(), None if crf_pred is None else crf_pred[i].cpu()))
+            kept.append((images[i], label[i].cpu(), pred[i].cpu(), None))
+        if crf_pool is not None:
+            # One pool job per batch: the cluster scores, and the probe's one-hot prediction if asked for.
+            logits = torch.log_softmax(scores * CRF_ALPHA, dim=1)
+            crf_images = images
+            if linear_crf:
+                logits = torch.cat([logits, F.one_hot(lin_pred, args.n_classes).permute(0, 3, 1, 2).float()])
+                crf_images = np.concatenate([images, images])
+            job = (crf_pool.submit(crf_images, logits.cpu()), label, first_kept, len(kept))
+            if pending is not None:
+                finish_crf(*pending)
+            pending = job
+    if pending is not None:
+        finish_crf(*pending)
     return metrics, used, kept
 
 

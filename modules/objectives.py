@@ -60,7 +60,7 @@ def front_door_step(segment, tokens, label, codebook, bank, head, n_classes, gri
     if bank is None:
         bank_feats, bank_idx = proj.new_zeros(0, proj.shape[-1]), torch.zeros(0, dtype=torch.long, device=proj.device)
     else:
-        bank_feats, bank_idx = bank.contents()
+        bank_feats, bank_idx = bank.loss_keys()
     loss_front = front_door_loss(sampled, proj, proj_ema.detach(), codebook, bank_feats, bank_idx,
                                  temp=temp, pos=pos, neg=neg)
     loss_linear, n_correct, n_counted = probe_loss(segment, teacher_feats, label, n_classes)

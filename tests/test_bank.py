@@ -153,6 +153,8 @@ def test_front_door_loss_rejects_bad_shapes():
         front_door_loss(feat, proj, proj_ema[..., :3], codebook, bank_feats, bank_idx)
     with pytest.raises(ValueError, match="bank"):
         front_door_loss(feat, proj, proj_ema, codebook, bank_feats[:, :2], bank_idx)
+    with pytest.raises(ValueError, match="codebook size"):
+        front_door_loss(feat, proj, proj_ema, codebook, bank_feats, bank_idx + codebook.shape[0])
 
 
 def stored(bank):
@@ -251,3 +253,67 @@ def test_bank_rejects_bad_input():
         bank.update(torch.tensor([0, 1]), torch.zeros(2, 5))
     with pytest.raises(ValueError, match="keep_ratio"):
         ConceptBank(num_concepts=3, dim=2, keep_ratio=1.5)
+
+
+def random_case(dtype, batch=3, tokens=5, bank_size=40, seed=1):
+    """Random concepts over the structured codebook, a bank of `bank_size` vectors."""
+    gen = torch.Generator().manual_seed(seed)
+    concepts = torch.randint(0, 8, (batch, tokens), generator=gen).tolist()
+    bank_concepts = sorted(torch.randint(0, 8, (bank_size,), generator=gen).tolist())
+    return make_case(dtype, concepts, bank_concepts, proj_dim=6, seed=seed)
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 39, 41, 81, 10 ** 6])
+def test_front_door_loss_chunking_matches_literal(chunk_elements):
+    # 40 bank keys and 15 batch keys: 1 element -> one anchor row per block; 39 -> one row
+    # against the bank, two against the batch; 41 and 81 split the 15 rows unevenly.
+    inputs = random_case(torch.float64)
+    ref_loss, ref_grad = loss_and_grad(literal_front_door_loss, *inputs)
+
+    def chunked(*args):
+        return front_door_loss(*args, chunk_elements=chunk_elements)
+
+    loss, grad = loss_and_grad(chunked, *inputs)
+    torch.testing.assert_close(loss, ref_loss, **TOLERANCES[torch.float64])
+    torch.testing.assert_close(grad, ref_grad, **TOLERANCES[torch.float64])
+
+
+def test_front_door_loss_without_grad_has_the_same_value():
+    inputs = random_case(torch.float32)
+    with torch.no_grad():
+        value = front_door_loss(*inputs)
+    assert value.grad_fn is None
+    torch.testing.assert_close(value, literal_front_door_loss(*inputs), **TOLERANCES[torch.float32])
+
+
+def test_front_door_loss_ignores_empty_slots():
+    feat, proj, proj_ema, codebook, bank_feats, bank_idx = random_case(torch.float64)
+    padded_feats = torch.cat([bank_feats, 1e3 * torch.randn(5, bank_feats.shape[1], dtype=torch.float64)])
+    padded_idx = torch.cat([bank_idx, torch.full((5,), -1)])
+    expected = loss_and_grad(front_door_loss, feat, proj, proj_ema, codebook, bank_feats, bank_idx)
+    padded = loss_and_grad(front_door_loss, feat, proj, proj_ema, codebook, padded_feats, padded_idx)
+    torch.testing.assert_close(padded, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_front_door_loss_rejects_bad_chunk():
+    with pytest.raises(ValueError, match="chunk_elements"):
+        front_door_loss(*random_case(torch.float32), chunk_elements=0)
+
+
+@pytest.mark.parametrize("updates", [1, 3])
+def test_bank_slots_give_the_loss_of_contents(updates):
+    # One update half-fills some concepts; three fill them past capacity (the ring wraps).
+    gen = torch.Generator().manual_seed(0)
+    feat, proj, proj_ema, codebook, _, _ = random_case(torch.float64)
+    bank = ConceptBank(num_concepts=8, dim=6, capacity=4, keep_ratio=1.0).double()
+    for _ in range(updates):
+        bank.update(torch.randint(0, 8, (12,), generator=gen), torch.randn(12, 6, generator=gen, dtype=torch.float64))
+    slot_feats, slot_idx = bank.slots()
+    assert slot_feats.data_ptr() == bank.storage.data_ptr()
+    feats, concepts = bank.contents()
+    assert torch.equal(slot_idx[slot_idx >= 0].sort().values, concepts)
+    from_slots = loss_and_grad(front_door_loss, feat, proj, proj_ema, codebook, slot_feats, slot_idx)
+    from_contents = loss_and_grad(front_door_loss, feat, proj, proj_ema, codebook, feats, concepts)
+    torch.testing.assert_close(from_slots, from_contents, rtol=1e-12, atol=1e-12)
+    keys, _ = bank.loss_keys()
+    assert (keys.data_ptr() == bank.storage.data_ptr()) == (2 * len(bank) >= 32)

@@ -1,3 +1,5 @@
+import json
+import os
 import warnings
 
 import numpy as np
@@ -8,7 +10,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as VF
 
-from utils.crf import CRFPool, batch_dense_crf, dense_crf, unnormalize_to_uint8
+from utils.crf import CRFPool, dense_crf, unnormalize_to_uint8
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -84,6 +86,10 @@ def test_unnormalize_clamps_out_of_range_values():
     assert out[0, 0, 1].tolist() == [255, 255, 255]
 
 
+def serial_crf(images, logits, iters):
+    return CRFPool(num_workers=0)(images, logits, iters=iters)
+
+
 def batch_problem():
     problems = [two_region_problem(seed) for seed in range(3)]
     images = np.stack([p[0] for p in problems])
@@ -93,7 +99,7 @@ def batch_problem():
 
 def test_pool_serial_and_single_image_results_are_identical():
     images, logits = batch_problem()
-    serial = batch_dense_crf(images, logits, iters=3, num_workers=0)
+    serial = serial_crf(images, logits, iters=3)
     assert serial.shape == (3, 2, 24, 32)
     for i in range(3):
         assert torch.equal(serial[i], dense_crf(images[i], logits[i], iters=3))
@@ -102,8 +108,15 @@ def test_pool_serial_and_single_image_results_are_identical():
         with CRFPool(num_workers=2, timeout=120) as pool:
             first = pool(list(images), logits, iters=3)
             second = pool(torch.from_numpy(images), logits.numpy(), iters=3)
+            # batches in flight together, collected out of order
+            jobs = [pool.submit(images[i:i + 2], logits[i:i + 2], iters=3) for i in range(0, 3, 2)]
+            jobs.append(pool.submit(images[::-1].copy(), logits.flip(0), iters=3))
+            results = [job.result() for job in reversed(jobs)][::-1]
+            assert torch.equal(jobs[0].result(), results[0])  # a job can be read twice
     assert torch.equal(first, serial)
     assert torch.equal(second, serial)
+    assert torch.equal(torch.cat(results[:2]), serial)
+    assert torch.equal(results[2], serial.flip(0))
 
 
 class FailingPool:
@@ -119,7 +132,7 @@ class FailingPool:
 
 def test_worker_failure_falls_back_to_serial(monkeypatch):
     images, logits = batch_problem()
-    serial = batch_dense_crf(images, logits, iters=3, num_workers=0)
+    serial = serial_crf(images, logits, iters=3)
     pool = CRFPool(num_workers=2)
     monkeypatch.setattr(pool, "_get_pool", FailingPool)
     with pytest.warns(RuntimeWarning, match="worker died"):
@@ -128,24 +141,81 @@ def test_worker_failure_falls_back_to_serial(monkeypatch):
     assert pool._pool is None
 
 
-def test_timeout_falls_back_to_serial_and_the_next_batch_uses_a_fresh_pool():
-    images, logits = batch_problem()
-    serial = batch_dense_crf(images, logits, iters=3, num_workers=0)
-    with CRFPool(num_workers=1, timeout=0.0) as pool:
-        with pytest.warns(RuntimeWarning, match="timed out"):
-            out = pool(images, logits, iters=3)
-        assert torch.equal(out, serial)
-        pool.timeout = 120
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            assert torch.equal(pool(images, logits, iters=3), serial)
-
-
 def test_batch_input_errors():
     images, logits = batch_problem()
     with pytest.raises(ValueError, match="got 2 images but class scores for 3"):
-        batch_dense_crf(images[:2], logits, num_workers=0)
+        CRFPool(num_workers=0)(images[:2], logits)
     with pytest.raises(ValueError, match=r"\[B, C, h, w\]"):
-        batch_dense_crf(images, logits[0], num_workers=0)
+        CRFPool(num_workers=0).submit(images, logits[0])
     with pytest.raises(ValueError, match="num_workers"):
         CRFPool(num_workers=-1)
+
+
+def test_serial_pool_computes_when_the_result_is_read(monkeypatch):
+    images, logits = batch_problem()
+    calls = []
+    monkeypatch.setattr("utils.crf._crf_task", lambda task: calls.append(task) or np.zeros((2, 24, 32), np.float32))
+    job = CRFPool(num_workers=0).submit(images, logits, iters=3)
+    assert calls == []
+    assert job.result().shape == (3, 2, 24, 32) and len(calls) == 3
+
+
+def test_timeout_falls_back_to_serial_for_every_batch_in_flight_then_a_fresh_pool():
+    images, logits = batch_problem()
+    serial = serial_crf(images, logits, iters=3)
+    with CRFPool(num_workers=1, timeout=0.0) as pool:
+        first = pool.submit(images, logits, iters=3)
+        second = pool.submit(images, logits, iters=3)
+        with pytest.warns(RuntimeWarning, match="timed out"):
+            assert torch.equal(first.result(), serial)
+        with pytest.warns(RuntimeWarning, match="restarted"):
+            assert torch.equal(second.result(), serial)
+        pool.timeout = 120
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert torch.equal(pool.submit(images, logits, iters=3).result(), serial)
+
+
+class SynchronousPool(CRFPool):
+    """Computes each batch's CRF when it is submitted, in this process."""
+
+    def __init__(self, num_workers=None, timeout=300.0):
+        super().__init__(num_workers=0, timeout=timeout)
+
+    def submit(self, images, logits, iters=10):
+        job = super().submit(images, logits, iters)
+        job.result()
+        return job
+
+
+def test_evaluation_with_overlapped_crf_equals_the_synchronous_one(tmp_path, toy_dirs, dino_ckpt, monkeypatch):
+    import test as test_stage
+    from loader.netloader import atomic_np_save, atomic_torch_save, codebook_path, segment_path
+    from modules.segment import Cluster, SegmentMLP
+    from tests._stage_flags import flags
+
+    def evaluate(pool_flags, linear_crf="yes"):
+        # 8 images in batches of 3, panels for 4: the kept CRF maps span two batches.
+        extra = ["--baseline", "none", "--save_images", "4", "--batch_size", "3", "--linear_crf", linear_crf]
+        args = test_stage.parser().parse_args(flags(tmp_path, dino_ckpt, toy_dirs["val"], "mlp", extra + pool_flags))
+        if not os.path.exists(codebook_path(args)):
+            torch.manual_seed(0)
+            atomic_np_save(np.random.default_rng(0).standard_normal((16, 48)).astype(np.float32), codebook_path(args))
+            atomic_torch_save(SegmentMLP(48, 8, 16, 6).state_dict(), segment_path(args))
+            cluster_path = str(segment_path(args)).replace("segment_", "cluster_")
+            atomic_torch_save(Cluster(48, 8, 16, 6).state_dict(), cluster_path)
+        test_stage.main(args)
+        run = next(tmp_path.rglob("metrics.json")).parent
+        panels = {p.name: p.read_bytes() for p in sorted((run / "panels").glob("*.png"))}
+        return json.loads((run / "metrics.json").read_text()), panels
+
+    with monkeypatch.context() as patch:
+        patch.setattr(test_stage, "CRFPool", SynchronousPool)
+        synchronous, sync_panels = evaluate([])
+        without_linear_crf, _ = evaluate([], linear_crf="no")
+    overlapped, panels = evaluate(["--crf_workers", "2"])
+    assert set(synchronous) >= {"cluster", "cluster_crf", "linear", "linear_crf"}
+    assert overlapped == synchronous
+    assert len(panels) == 4 and panels == sync_panels
+    assert "linear_crf" not in without_linear_crf
+    assert without_linear_crf["cluster_crf"] == synchronous["cluster_crf"]

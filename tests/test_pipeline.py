@@ -55,7 +55,8 @@ def test_all_stages_learn_and_write_artifacts(tmp_path, toy_dirs, dino_ckpt, hea
     train_mediator.main(train_mediator.parser().parse_args(train))
     train_front_door.main(train_front_door.parser().parse_args(train))
     fine_tuning.main(fine_tuning.parser().parse_args(train))
-    val = flags(out, dino_ckpt, toy_dirs["val"], head, ["--save_images", "2", "--crf_workers", "0"], resolution=96)
+    val = flags(out, dino_ckpt, toy_dirs["val"], head,
+                ["--save_images", "2", "--crf_workers", "0", "--linear_crf", "yes"], resolution=96)
     test_stage.main(test_stage.parser().parse_args(val))
 
     art = out / "folder" / "dino_tiny8" / "16"

@@ -119,6 +119,47 @@ def _stack(outputs):
     return torch.from_numpy(np.stack(outputs))
 
 
+class CRFJob:
+    """A batch submitted to a ``CRFPool``; ``result()`` returns its marginals [B, C, H, W].
+
+    Falls back to serial CRF, with a ``RuntimeWarning``, when the pool fails, when the
+    result takes longer than the pool's ``timeout`` (counted from the ``result()`` call), or
+    when the pool was restarted after another batch failed.
+    """
+
+    def __init__(self, crf_pool, tasks, worker_pool=None, pending=None, error=None):
+        self._crf_pool = crf_pool
+        self._tasks = tasks
+        self._worker_pool = worker_pool
+        self._pending = pending
+        self._error = error
+        self._outputs = None
+
+    def result(self):
+        if self._outputs is None:
+            self._outputs = self._collect()
+            self._tasks = self._pending = self._worker_pool = None
+        return _stack(self._outputs)
+
+    def _collect(self):
+        if self._pending is None and self._error is None:
+            return [_crf_task(task) for task in self._tasks]
+        error = self._error
+        if error is None and self._worker_pool is not self._crf_pool._pool:
+            error = RuntimeError("the pool was restarted after another batch failed")
+        if error is None:
+            try:
+                return self._pending.get(self._crf_pool.timeout)
+            except Exception as failure:
+                error = failure
+                self._crf_pool._discard_pool()
+        reason = "timed out" if isinstance(error, multiprocessing.TimeoutError) else \
+            f"failed ({type(error).__name__}: {error})"
+        warnings.warn(f"CRF worker pool {reason}; computing the CRF of this batch serially",
+                      RuntimeWarning, stacklevel=3)
+        return [_crf_task(task) for task in self._tasks]
+
+
 class CRFPool:
     """A process pool for batched dense CRF, created once and reused across batches.
 
@@ -128,14 +169,19 @@ class CRFPool:
             for batch in loader:
                 probs = crf_pool(images_uint8, log_probs)   # [B, C, H, W]
 
+    or submit a batch and collect it later, so that the workers run while the caller
+    computes the next batch: ``job = crf_pool.submit(images, log_probs)`` ... ``job.result()``.
+
     Workers are started lazily (``spawn`` by default, which is safe in torchrun/DDP
-    processes that already hold CUDA or NCCL state). If a worker raises, dies, or the batch
-    takes longer than ``timeout`` seconds, the pool is torn down, a ``RuntimeWarning`` is
-    issued and that batch is computed serially; the next batch starts a fresh pool.
+    processes that already hold CUDA or NCCL state). If a worker raises, dies, or a batch's
+    result takes longer than ``timeout`` seconds, the pool is torn down, a ``RuntimeWarning``
+    is issued and that batch (and any other batch still in the old pool) is computed
+    serially; the next batch starts a fresh pool.
 
     Args:
-        num_workers: worker processes; ``None`` uses ``os.cpu_count()``, ``0`` runs serially.
-        timeout: seconds allowed for one batch before falling back to serial CRF.
+        num_workers: worker processes; ``None`` uses ``os.cpu_count()``, ``0`` runs serially
+            (when ``result()`` is called).
+        timeout: seconds ``result()`` waits for one batch before falling back to serial CRF.
         context: multiprocessing start method (``"spawn"``, ``"forkserver"`` or ``"fork"``).
     """
 
@@ -178,29 +224,20 @@ class CRFPool:
             pool.close()
             pool.join()
 
+    def submit(self, images, logits, iters=10):
+        """Starts a batch and returns at once: images uint8 RGB [B, H, W, 3] (array, tensor or
+        list); logits [B, C, h, w] -> a ``CRFJob`` whose ``result()`` is [B, C, H, W] float32."""
+        tasks = _prepare_batch(images, logits, iters)
+        if self.num_workers == 0 or not tasks:
+            return CRFJob(self, tasks)
+        try:
+            worker_pool = self._get_pool()
+            return CRFJob(self, tasks, worker_pool, worker_pool.map_async(_crf_task, tasks, chunksize=1))
+        except Exception as error:
+            self._discard_pool()
+            return CRFJob(self, tasks, error=error)
+
     def __call__(self, images, logits, iters=10):
         """images: uint8 RGB [B, H, W, 3] (array, tensor or list); logits: [B, C, h, w]
         -> CRF marginals float32 [B, C, H, W]."""
-        tasks = _prepare_batch(images, logits, iters)
-        if self.num_workers == 0 or not tasks:
-            return _stack([_crf_task(task) for task in tasks])
-        try:
-            outputs = self._get_pool().map_async(_crf_task, tasks, chunksize=1).get(self.timeout)
-        except Exception as error:
-            reason = "timed out" if isinstance(error, multiprocessing.TimeoutError) else \
-                f"failed ({type(error).__name__}: {error})"
-            warnings.warn(f"CRF worker pool {reason}; computing the CRF of this batch serially",
-                          RuntimeWarning, stacklevel=2)
-            self._discard_pool()
-            outputs = [_crf_task(task) for task in tasks]
-        return _stack(outputs)
-
-
-def batch_dense_crf(images, logits, iters=10, num_workers=None, timeout=300.0):
-    """CRF marginals of a batch with a pool created for this call only.
-
-    images: uint8 RGB [B, H, W, 3]; logits: [B, C, h, w] -> float32 [B, C, H, W].
-    In a loop, hold one ``CRFPool`` instead: starting workers costs seconds.
-    """
-    with CRFPool(num_workers=num_workers, timeout=timeout) as pool:
-        return pool(images, logits, iters=iters)
+        return self.submit(images, logits, iters).result()
