@@ -44,7 +44,7 @@ def load_assignment(path, key):
 
 
 def main(args):
-    info, backbone = cli.prepare(args)
+    info, backbone = cli.prepare(args, splits=())
     device = info.device
     if not info.is_main:
         return
@@ -84,4 +84,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    cli.run(main, parser(), single_process=True)
+    cli.run(main, parser(), single_process=True, lock=False)

@@ -6,7 +6,8 @@
 
 import torch
 
-from loader.netloader import atomic_torch_save, build_segment, load_codebook, run_dir, segment_path, trainable
+from loader.netloader import (build_segment, load_codebook, provenance, run_dir, save_artifact, segment_path,
+                              trainable)
 from modules.bank import ConceptBank
 from modules.objectives import front_door_step, update_bank
 from utils import cli
@@ -65,7 +66,7 @@ def main(args):
             bar.set_postfix(front=f"{out['loss_front'].item():.3f}", lin=f"{out['loss_linear'].item():.3f}",
                             acc=f"{acc:.1f}")
         if info.is_main:
-            atomic_torch_save(segment.state_dict(), segment_path(args))
+            save_artifact(segment.state_dict(), segment_path(args), provenance(args, "segment"))
         barrier(info)
 
     end = fixed_batch_loss(contrastive, *first_batch, None)

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from utils.atomic import atomic_write_bytes
 from utils.errors import InvalidInputError
 from utils.distributed import all_reduce_mean, all_reduce_mean_grads, barrier
 
@@ -53,10 +54,7 @@ def make_loader(dataset, info, batch_size, num_workers, shuffle, drop_last, seed
 
 
 def atomic_write_text(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode())
 
 
 class Stage:
