@@ -196,7 +196,7 @@ def save_artifact(obj, path, record):
     ``record`` comes from :func:`provenance`; the file's own sha256 is added. Returns the sha256.
     """
     sha = atomic_np_save(obj, path) if path.endswith(".npy") else atomic_torch_save(obj, path)
-    record = {"file": os.path.basename(path), "sha256": sha, **record}
+    record = {**record, "file": os.path.basename(path), "sha256": sha}
     atomic_write_bytes(sidecar_path(path), json.dumps(record, indent=2, default=str).encode())
     return sha
 
@@ -244,11 +244,11 @@ def provenance_problems(args, kind):
     name, script = os.path.basename(path), STAGE_SCRIPTS[kind]
     problems = []
     current = backbone_identity(args)
-    recorded = record.get("backbone", {})
-    if not _same_backbone(recorded, current):
+    recorded = record.get("backbone")
+    if recorded is not None and not _same_backbone(recorded, current):
         problems.append(f"{name} was trained with backbone {_describe_backbone(recorded)} but this run uses "
                         f"{_describe_backbone(current)}: rerun {script}")
-    if record.get("dataset") != dataset_identity(args):
+    if "dataset" in record and record["dataset"] != dataset_identity(args):
         problems.append(f"{name} was trained on dataset {record.get('dataset')} but this run uses "
                         f"{dataset_identity(args)}: rerun {script}")
     upstream = record.get("upstream")

@@ -128,6 +128,8 @@ def _build_split(args, split, resolution):
 def check_dataset(args, split, samples=SAMPLES_DECODED):
     """The split's layout, and a sample of its images and labels spread over it decodes within range."""
     resolution = args.test_resolution if split == "val" else args.train_resolution
+    if args.dataset == "folder" and not 1 <= args.n_classes <= MAX_FOLDER_CLASSES:
+        return []  # check_geometry reports it; labels cannot be checked against it
     if args.stage == "test" and args.dataset == "folder" and not args.label_dir:
         return ["test.py scores predictions against labels: give --label_dir, or segment unlabelled images with "
                 "predict.py"]
@@ -224,15 +226,15 @@ def check_artifacts(args, dim):
         fix = "train_mediator.py --overwrite retrains it"
         problems = _codebook_problems(args, dim, fix)
         return problems + [f"{p} (or --overwrite)" for p in provenance_problems(args, "codebook")]
-    problems = []
     shape_checks = {"codebook": lambda: _codebook_problems(args, dim, "rerun train_mediator.py --overwrite"),
                     "segment": lambda: _segment_problems(args, dim), "cluster": lambda: _cluster_problems(args, dim)}
     for kind in UPSTREAM_ARTIFACTS[args.stage]:
-        if not os.path.isfile(ARTIFACT_PATHS[kind](args)):
-            return problems + shape_checks[kind]()  # the later artifacts wait for this one anyway
         found = shape_checks[kind]()
-        problems += found or provenance_problems(args, kind)
-    return problems
+        if os.path.isfile(ARTIFACT_PATHS[kind](args)):
+            found = found or provenance_problems(args, kind)
+        if found:
+            return found  # the later artifacts are retrained once this one is fixed
+    return []
 
 
 def _artifact_bytes(args, dim):
@@ -241,7 +243,8 @@ def _artifact_bytes(args, dim):
         return codebook
     if args.stage == "test":
         return 0
-    with torch.device("meta"):
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # empty layers of a bad --n_classes are reported by check_geometry
         segment = sum(t.numel() for t in build_segment(args, dim).state_dict().values()) * 4
     if args.stage == "front_door":
         return segment
