@@ -190,19 +190,20 @@ def test_backbone_normalisation_reaches_the_dataset(tmp_path, toy_dirs):
 
 def test_run_sh_with_a_unicom_checkpoint(tmp_path, toy_dirs):
     """Issue acceptance: every stage and the test stage run with a Unicom-format checkpoint."""
-    ckpt = make_fake_checkpoint(tmp_path / "FP16-ViT-B-16.pt", "unicom", embed_dim=48, depth=2,
+    # Spaces in the checkpoint, output and data paths (run.sh quotes them).
+    ckpt = make_fake_checkpoint(tmp_path / "check points" / "FP16-ViT-B-16.pt", "unicom", embed_dim=48, depth=2,
                                 patch_size=16, img_size=64)
     images, labels = toy_dirs["train"]
     extra = (f"--image_dir {images} --label_dir {labels} --n_classes 6 --num_codebook 16 --projection_dim 16 "
              f"--reduced_dim 8 --batch_size 4 --num_workers 0 --train_resolution 128 --test_resolution 128 "
              f"--max_steps 2 --epoch 1 --cpu")
-    env = {"dataset": "folder", "ckpt": str(ckpt), "out": str(tmp_path / "CAUSE"), "extra": extra,
+    env = {"dataset": "folder", "ckpt": str(ckpt), "out": str(tmp_path / "CAUSE out"), "extra": extra,
            "test_flags": "--crf_workers 0 --save_images 1",
-           "data_dir": str(tmp_path)}
+           "data_dir": str(tmp_path / "my data")}
     res = subprocess.run(["bash", "run.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, **env})
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    run = dataset_dir(tmp_path / "CAUSE", images) / "FP16-ViT-B-16" / "16" / "mlp"
+    run = dataset_dir(tmp_path / "CAUSE out", images) / "FP16-ViT-B-16" / "16" / "mlp"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["cluster"]["mIoU"] >= 0 and "cluster_crf" in metrics and "kmeans" in metrics
     assert "CAUSE + CRF" in res.stdout
