@@ -45,11 +45,12 @@ def run(main, parser, argv=None, single_process=False, lock=True):
         args.gpu = str(args.gpu).split(",")[0]
     held = None
     try:
-        problems = preflight.check_devices(args) + preflight.check_output(args)
-        if problems:
-            raise preflight.report(problems)
-        if lock and not args.check:
-            held = lock_output(args)
+        if hasattr(args, "stage"):  # a stage script's shared parser (utils/config.py)
+            problems = preflight.check_devices(args) + preflight.check_output(args)
+            if problems:
+                raise preflight.report(problems)
+            if lock and not args.check:
+                held = lock_output(args)
         launch(main, args)
     except SpawnedBadInput:
         sys.exit(BAD_INPUT_EXIT)
