@@ -20,6 +20,7 @@ and any number of workers writes the same files.
 
 import argparse
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from multiprocessing import Pool
@@ -105,6 +106,11 @@ class CropWriter:
         return len(todo)
 
 
+def ignore_sigint():
+    """Pool initializer: Ctrl-C reaches the whole process group; only the parent reports it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def crop_dataset(dataset: str, data_dir: str, crop_type: str | None = None, crop_ratio: float = 0.5,
                  split: str = "train", num_workers: int = 0, progress: bool = True) -> tuple[str, int, int]:
     """Writes the crop set; -> (its directory, crops written now, crops in total)."""
@@ -130,7 +136,7 @@ def crop_dataset(dataset: str, data_dir: str, crop_type: str | None = None, crop
     bar = tqdm(total=len(jobs), desc=f"{dataset} {crop_type} crops", unit="img", disable=not progress)
     written = 0
     if num_workers > 0:
-        with Pool(num_workers) as pool:
+        with Pool(num_workers, initializer=ignore_sigint) as pool:
             for count in pool.imap_unordered(writer, jobs, chunksize=4):
                 written += count
                 bar.update()
@@ -173,6 +179,10 @@ def main(argv=None):
     except (*DATA_ERRORS, OSError) as err:
         print(f"crop_dataset.py: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("crop_dataset.py: interrupted; the crops written so far are complete, rerun the same command to "
+              "finish", file=sys.stderr)
+        sys.exit(130)
     print(f"{total} crops in {crop_root} ({written} written now, {total - written} already there)")
 
 

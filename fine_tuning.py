@@ -6,8 +6,8 @@
 
 import torch
 
-from loader.netloader import (atomic_torch_save, build_cluster, build_segment, cluster_path, load_codebook,
-                              load_into, run_dir, segment_path)
+from loader.netloader import (build_cluster, build_segment, cluster_path, load_codebook, load_into, provenance,
+                              run_dir, save_artifact, segment_path)
 from modules.objectives import fine_tuning_step
 from utils import cli
 from utils.config import STAGE3_NOTES, build_parser, stage3_protocol
@@ -80,8 +80,8 @@ def main(args):
 
         start, end = state.fixed_batch_losses()
         if info.is_main:
-            atomic_torch_save(segment.state_dict(), segment_path(args))
-            atomic_torch_save(cluster.state_dict(), cluster_path(args))
+            save_artifact(segment.state_dict(), segment_path(args), provenance(args, "segment"))
+            save_artifact(cluster.state_dict(), cluster_path(args), provenance(args, "cluster"))
         state.finish()
     protocol = stage3_protocol(args.reference_stage3)
     summary = {"segment": segment_path(args), "cluster": cluster_path(args), "stage3": protocol,

@@ -127,7 +127,7 @@ def predict_image(image, args, backbone, segment, cluster, device):
 
 def main(args):
     """Segments every input; returns the list of skipped files."""
-    info, backbone = cli.prepare(args)
+    info, backbone = cli.prepare(args, splits=())
     device = info.device
     if not 0.0 <= args.overlap < 1.0:
         raise InvalidInputError(f"--overlap must be in [0, 1), got {args.overlap}")
@@ -176,4 +176,4 @@ def cli_main(args):
 
 
 if __name__ == "__main__":
-    cli.run(cli_main, parser(), single_process=True)
+    cli.run(cli_main, parser(), single_process=True, lock=False)

@@ -25,15 +25,19 @@ if [ "$dataset" = "toy" ]; then
   # dataset): a 256-concept codebook and 256-d projections, and every stage at 320 px so that the
   # 4x4 grid sampling of the patch-16 ViT-Tiny keeps 25 tokens per image (at 224 it would keep 9,
   # against 49 for the published patch-8 MLP runs); with 18 steps an epoch, stage 3 runs 5 epochs.
-  toy_flags="--num_codebook 256 --projection_dim 256 --num_workers 2 --train_resolution 320"
-  toy_stage3="--epoch 5"
+  toy_flags=(--num_codebook 256 --projection_dim 256 --num_workers 2 --train_resolution 320)
+  toy_stage3=(--epoch 5)
 else
-  toy_flags=""
-  toy_stage3=""
+  toy_flags=()
+  toy_stage3=()
 fi
-common="--dataset $dataset --data_dir $data_dir --head $head --arch $arch --gpu $gpu --out $out $toy_flags"
-[ -n "$ckpt" ] && common="--ckpt $ckpt $common"
-if [ -n "$launcher" ]; then run_py="$launcher"; else run_py="$PY"; fi
+# Paths are quoted as they are (spaces welcome); extra, test_flags and launcher are split on spaces.
+common=(--dataset "$dataset" --data_dir "$data_dir" --head "$head" --arch "$arch" --gpu "$gpu" --out "$out"
+        "${toy_flags[@]}")
+[ -n "$ckpt" ] && common=(--ckpt "$ckpt" "${common[@]}")
+read -r -a extra_flags <<< "$extra"
+read -r -a test_extra <<< "$test_flags"
+if [ -n "$launcher" ]; then read -r -a run_py <<< "$launcher"; else run_py=("$PY"); fi
 
 step() { echo; echo "=== $1"; shift; "$@" || { echo "run.sh: step failed: $*" >&2; exit 1; }; }
 
@@ -41,7 +45,9 @@ case "$dataset" in
   cocostuff27|cityscapes|coco81|coco171|pascalvoc)
     step "crops" "$PY" crop_dataset.py --dataset "$dataset" --data_dir "$data_dir" ;;
 esac
-step "stage 1: mediator (concept codebook)" $run_py train_mediator.py $common $extra
-step "stage 2: front-door adjustment ($head head)" $run_py train_front_door.py $common $extra
-step "stage 3: cluster-probe fine-tuning ($head head)" $run_py fine_tuning.py $common $toy_stage3 --reference_stage3 "$reference_stage3" $extra
-step "test" "$PY" test.py $common $extra $test_flags
+step "stage 1: mediator (concept codebook)" "${run_py[@]}" train_mediator.py "${common[@]}" "${extra_flags[@]}"
+step "stage 2: front-door adjustment ($head head)" "${run_py[@]}" train_front_door.py "${common[@]}" \
+  "${extra_flags[@]}"
+step "stage 3: cluster-probe fine-tuning ($head head)" "${run_py[@]}" fine_tuning.py "${common[@]}" \
+  "${toy_stage3[@]}" --reference_stage3 "$reference_stage3" "${extra_flags[@]}"
+step "test" "$PY" test.py "${common[@]}" "${extra_flags[@]}" "${test_extra[@]}"

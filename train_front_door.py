@@ -6,7 +6,8 @@
 
 import torch
 
-from loader.netloader import atomic_torch_save, build_segment, load_codebook, run_dir, segment_path, trainable
+from loader.netloader import (build_segment, load_codebook, provenance, run_dir, save_artifact, segment_path,
+                              trainable)
 from modules.bank import ConceptBank
 from modules.objectives import front_door_step, update_bank
 from utils import cli
@@ -68,7 +69,7 @@ def main(args):
 
         start, end = state.fixed_batch_losses()
         if info.is_main:
-            atomic_torch_save(segment.state_dict(), segment_path(args))
+            save_artifact(segment.state_dict(), segment_path(args), provenance(args, "segment"))
         state.finish()
     summary = {"segment": segment_path(args), **stage.loss_summary("loss_front", start, end),
                "probe_acc_last": stage.records[-1]["probe_acc"]}

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import torch
 
-from loader.netloader import atomic_np_save, build_cluster, codebook_path, mediator_dir
+from loader.netloader import build_cluster, codebook_path, mediator_dir, provenance, save_artifact
 from modules.objectives import mediator_loss
 from utils import cli
 from utils.config import build_parser
@@ -62,7 +62,8 @@ def main(args):
 
         start, end = state.fixed_batch_losses()
         if info.is_main:
-            atomic_np_save(codebook.detach().float().cpu().numpy().astype(np.float32), out_path)
+            save_artifact(codebook.detach().float().cpu().numpy().astype(np.float32), out_path,
+                          provenance(args, "codebook"))
             print(f"[mediator] codebook {tuple(codebook.shape)} saved to {out_path}; fixed-batch modularity loss "
                   f"{start:.4f} -> {end:.4f}")
         state.finish()

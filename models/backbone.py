@@ -235,18 +235,33 @@ def read_checkpoint(path) -> object:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise InputNotFoundError(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise UnknownCheckpointError(f"{path}: not a readable PyTorch checkpoint (the file is empty)")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head.startswith((b"PK", b"\x80")):
+        raise UnknownCheckpointError(f"{path}: not a readable PyTorch checkpoint (neither a zip archive nor a pickle; it "
+                                     f"begins with {head!r})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         pass
+    except Exception as exc:  # truncated archives, text files: any failure to read the user's file is bad input
+        raise UnknownCheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or not a weights file "
+                                     f"({_first_line(exc)})") from None
     # Training outputs of the official repositories also pickle non-tensor objects (an
     # argparse Namespace, numpy scalars) that the weights-only unpickler refuses. The file is
     # one the user chose to load as a backbone, so it is unpickled in full.
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ImportError, AttributeError, ValueError,
-            UnicodeDecodeError) as exc:
-        raise UnknownCheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
+    except Exception as exc:
+        raise UnknownCheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or not a weights file "
+                                     f"({_first_line(exc)})") from None
+
+
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:160]
 
 
 def _is_vit(state_dict: Dict[str, torch.Tensor]) -> bool:

@@ -19,7 +19,8 @@ import train_front_door
 import train_mediator
 from loader.netloader import atomic_np_save, atomic_torch_save, codebook_path, segment_path
 from tests._backbone_fixtures import make_fake_checkpoint
-from tests._stage_flags import flags
+from tests._stage_flags import dataset_dir, flags
+from utils import atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,11 +57,12 @@ def test_all_stages_learn_and_write_artifacts(tmp_path, toy_dirs, dino_ckpt, hea
     train_front_door.main(train_front_door.parser().parse_args(train))
     fine_tuning.main(fine_tuning.parser().parse_args(train))
     val = flags(out, dino_ckpt, toy_dirs["val"], head,
-                ["--save_images", "2", "--crf_workers", "0", "--linear_crf", "yes"], resolution=96)
+                ["--save_images", "2", "--crf_workers", "0", "--linear_crf", "yes"], resolution=96,
+                trained_on=toy_dirs["train"])
     test_stage.main(test_stage.parser().parse_args(val))
 
-    art = out / "folder" / "dino_tiny8" / "16"
-    codebook = np.load(out / "folder" / "modularity" / "dino_tiny8" / "16" / "modular.npy")
+    art = dataset_dir(out, toy_dirs["train"][0]) / "dino_tiny8" / "16"
+    codebook = np.load(dataset_dir(out, toy_dirs["train"][0]) / "modularity" / "dino_tiny8" / "16" / "modular.npy")
     assert codebook.shape == (16, 48) and codebook.dtype == np.float32
     seg = torch.load(art / f"segment_{head}.pth", weights_only=True)
     first = "head.f1.weight" if head == "mlp" else "head.tr.f1.weight"
@@ -97,7 +99,8 @@ def test_all_stages_learn_and_write_artifacts(tmp_path, toy_dirs, dino_ckpt, hea
     images = toy_dirs["val"][0]
     predict.main(predict.parser().parse_args(
         flags(out, dino_ckpt, toy_dirs["val"], head, ["--inputs", str(images), "--output", str(preds),
-                                                       "--metrics", str(run / "metrics.json")], resolution=96)))
+                                                       "--metrics", str(run / "metrics.json")], resolution=96,
+              trained_on=toy_dirs["train"])))
     names = sorted(p.name for p in images.iterdir())
     assert sorted(p.name for p in preds.glob("*.color.png")) == [f"{n}.color.png" for n in names]
     ids = np.array(Image.open(preds / f"{names[0]}.png"))
@@ -135,7 +138,7 @@ def test_test_stage_loads_released_layout(tmp_path, toy_dirs, dino_ckpt):
     atomic_torch_save(OrderedDict(codebook=torch.zeros(16, 48), cluster_probe=probe),
                       str(segment_path(args)).replace("segment_", "cluster_"))
     test_stage.main(args)
-    metrics = json.loads((out / "folder" / "dino_tiny8" / "16" / "mlp" / "metrics.json").read_text())
+    metrics = json.loads((dataset_dir(out, toy_dirs["val"][0]) / "dino_tiny8" / "16" / "mlp" / "metrics.json").read_text())
     assert set(metrics) >= {"cluster", "linear"} and "cluster_crf" not in metrics
     # Only the first two centroids are distinct (rows repeat), so at most two clusters get pixels.
     assert metrics["clusters_used"] <= 2
@@ -153,7 +156,7 @@ def test_missing_artifact_and_dataset_are_one_line_errors(tmp_path, toy_dirs, di
 
     res = run_script("test.py", "--dataset", "folder", "--image_dir", str(toy_dirs["val"][0]), "--n_classes", "6",
                      "--ckpt", dino_ckpt, "--out", str(tmp_path / "CAUSE"), "--cpu")
-    assert res.returncode == 2 and "predict.py" in res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "predict.py" in res.stderr
 
     res = run_script("train_mediator.py", "--dataset", "cocostuff27", "--data_dir", str(tmp_path / "nowhere"),
                      "--ckpt", dino_ckpt, "--out", str(tmp_path / "CAUSE"), "--cpu")
@@ -164,11 +167,11 @@ def test_missing_artifact_and_dataset_are_one_line_errors(tmp_path, toy_dirs, di
 def test_interrupted_save_leaves_no_partial_artifact(tmp_path, monkeypatch):
     target = tmp_path / "a" / "segment_mlp.pth"
 
-    def broken_save(obj, f):
-        Path(f).write_bytes(b"half")
+    def broken_write(path, data):
+        Path(path).write_bytes(data[:4])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(torch, "save", broken_save)
+    monkeypatch.setattr(atomic, "_write_file", broken_write)
     with pytest.raises(KeyboardInterrupt):
         atomic_torch_save({"x": torch.zeros(1)}, str(target))
     assert list(target.parent.iterdir()) == []
@@ -209,20 +212,21 @@ def test_backbone_normalisation_reaches_the_dataset(tmp_path, toy_dirs):
 
 def test_run_sh_with_a_unicom_checkpoint(tmp_path, toy_dirs):
     """Issue acceptance: every stage and the test stage run with a Unicom-format checkpoint."""
-    ckpt = make_fake_checkpoint(tmp_path / "FP16-ViT-B-16.pt", "unicom", embed_dim=48, depth=2,
+    # Spaces in the checkpoint, output and data paths (run.sh quotes them).
+    ckpt = make_fake_checkpoint(tmp_path / "check points" / "FP16-ViT-B-16.pt", "unicom", embed_dim=48, depth=2,
                                 patch_size=16, img_size=64)
     images, labels = toy_dirs["train"]
     # 128 px: patch 16 then leaves 4 grid-sampled tokens per image (at 64 px, one: a NaN modularity loss).
     extra = (f"--image_dir {images} --label_dir {labels} --n_classes 6 --num_codebook 16 --projection_dim 16 "
              f"--reduced_dim 8 --batch_size 4 --num_workers 0 --train_resolution 128 --test_resolution 128 "
              f"--max_steps 2 --epoch 1 --cpu")
-    env = {"dataset": "folder", "ckpt": str(ckpt), "out": str(tmp_path / "CAUSE"), "extra": extra,
+    env = {"dataset": "folder", "ckpt": str(ckpt), "out": str(tmp_path / "CAUSE out"), "extra": extra,
            "test_flags": "--crf_workers 0 --save_images 1",
-           "data_dir": str(tmp_path)}
+           "data_dir": str(tmp_path / "my data")}
     res = subprocess.run(["bash", "run.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, **env})
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    run = tmp_path / "CAUSE" / "folder" / "FP16-ViT-B-16" / "16" / "mlp"
+    run = dataset_dir(tmp_path / "CAUSE out", images) / "FP16-ViT-B-16" / "16" / "mlp"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["cluster"]["mIoU"] > one_class_scores(labels, 6)[0], metrics["cluster"]
     assert "cluster_crf" in metrics and "kmeans" in metrics
@@ -250,7 +254,7 @@ def test_ctrl_c_stops_a_stage_without_artifacts(tmp_path, toy_dirs, dino_ckpt):
     argv = flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--epoch", "1000"])
     proc = subprocess.Popen([sys.executable, "train_mediator.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    log = out / "folder" / "modularity" / "dino_tiny8" / "16" / "mediator.jsonl"
+    log = dataset_dir(out, toy_dirs["train"][0]) / "modularity" / "dino_tiny8" / "16" / "mediator.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.is_file() and log.read_text().count("\n") >= 2):
         time.sleep(0.2)
@@ -269,7 +273,7 @@ def test_gpu_list_spawns_one_process_per_id(tmp_path, toy_dirs, dino_ckpt):
     argv[argv.index("--gpu") + 1] = "0,1"
     res = run_script("train_mediator.py", *argv, "--port", "29533")
     assert res.returncode == 0, res.stderr[-2000:]
-    run = out / "folder" / "modularity" / "dino_tiny8" / "16"
+    run = dataset_dir(out, toy_dirs["train"][0]) / "modularity" / "dino_tiny8" / "16"
     config = json.loads((run / "config_mediator.json").read_text())
     assert config["world_size"] == 2
     records = [json.loads(line) for line in (run / "mediator.jsonl").read_text().splitlines()]

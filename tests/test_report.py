@@ -11,6 +11,7 @@ from PIL import Image
 
 import test as test_stage
 from tests._released_heads import head_flags, write_released_heads
+from tests._stage_flags import dataset_dir
 from utils.report import SECTIONS, STAGES, render_report
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
@@ -31,12 +32,13 @@ def report(tmp_path_factory, toy_dirs, dino_ckpt):
     root = tmp_path_factory.mktemp("report")
     paths = write_released_heads(root / "heads", "mlp")
     out = root / "CAUSE"
-    write_stage_logs(out / "folder" / "dino_tiny8" / "16" / "mlp", out / "folder" / "modularity" / "dino_tiny8" / "16")
     images, labels = toy_dirs["val"]
+    data = dataset_dir(out, images)
+    write_stage_logs(data / "dino_tiny8" / "16" / "mlp", data / "modularity" / "dino_tiny8" / "16")
     test_stage.main(test_stage.parser().parse_args(head_flags(dino_ckpt, "mlp", paths, out) + [
         "--image_dir", str(images), "--label_dir", str(labels), "--crf_workers", "0",
         "--save_images", str(N_EXAMPLES)]))
-    run = out / "folder" / "dino_tiny8" / "16" / "mlp"
+    run = data / "dino_tiny8" / "16" / "mlp"
     return run / "report.html", json.loads((run / "metrics.json").read_text())
 
 

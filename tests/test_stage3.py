@@ -10,7 +10,7 @@ import train_front_door
 import train_mediator
 from modules.objectives import fine_tuning_step
 from modules.segment import SegmentMLP, SegmentTR
-from tests._stage_flags import flags
+from tests._stage_flags import dataset_dir, flags
 from utils.config import saved_stage3_protocol
 
 
@@ -51,7 +51,7 @@ def test_label_free_stage3_leaves_the_teacher_head_bit_identical(tmp_path, toy_d
     train = flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--epoch", "1", "--max_steps", "2"])
     train_mediator.main(train_mediator.parser().parse_args(train))
     train_front_door.main(train_front_door.parser().parse_args(train))
-    path = out / "folder" / "dino_tiny8" / "16" / "segment_mlp.pth"
+    path = dataset_dir(out, toy_dirs["train"][0]) / "dino_tiny8" / "16" / "segment_mlp.pth"
     stage2 = torch.load(path, weights_only=True)
     moved = {}
     for choice in ("no", "yes"):

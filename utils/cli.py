@@ -7,25 +7,52 @@ import warnings
 
 import torch
 
+from utils import preflight
 from utils.config import resolve, save_config
-from utils.distributed import barrier, cleanup, launch, setup
+from utils.distributed import all_reduce_mean, barrier, cleanup, launch, setup
 from utils.engine import seed_everything
 from utils.errors import REPORTED_ERRORS, InvalidInputError, SpawnedBadInput, one_line
 
 
-def run(main, parser, argv=None, single_process=False):
+def _print_warnings(caught):
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+
+
+def lock_output(args):
+    """Hold the stage's output directory for this run (rank 0 of a torchrun job, or the launching process)."""
+    from loader.netloader import RunLock, output_dir
+
+    if int(os.environ.get("RANK", 0)) != 0:
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lock = RunLock(output_dir(args)).acquire()
+    _print_warnings(caught)
+    return lock
+
+
+def run(main, parser, argv=None, single_process=False, lock=True):
     """Parse flags, launch one process per device, and report a stop the user can act on as one line.
 
     Bad input (:class:`~utils.errors.BadInputError`, exit code 2) and the other reported stops
     (:class:`~utils.errors.RunStoppedError`: a non-finite loss, exit 3; a dead process, exit 1) are
     printed as one line; any other exception is a bug and keeps its traceback. Ctrl-C exits 130
     and names the resumable state when the stage saved one. ``single_process``:
-    evaluation-type scripts use only the first id of ``--gpu``.
+    evaluation-type scripts use only the first id of ``--gpu``. ``lock``: hold the stage's output
+    directory (``run.lock``) so that a second run writing it at the same time is refused.
     """
     args = parser.parse_args(argv)
     if single_process:
         args.gpu = str(args.gpu).split(",")[0]
+    held = None
     try:
+        if hasattr(args, "stage"):  # a stage script's shared parser (utils/config.py)
+            problems = preflight.check_devices(args) + preflight.check_output(args)
+            if problems:
+                raise preflight.report(problems)
+            if lock and not args.check:
+                held = lock_output(args)
         launch(main, args)
     except SpawnedBadInput as err:
         sys.exit(err.exit_code)
@@ -37,13 +64,18 @@ def run(main, parser, argv=None, single_process=False):
         print(f"interrupted: no partial artifact was written{saved}", file=sys.stderr)
         sys.exit(130)
     finally:
+        if held is not None:
+            held.release()
         cleanup()
 
 
-def prepare(args):
-    """Set up this process, the backbone and the resolved flags.
+def prepare(args, splits=None):
+    """Set up this process, the backbone and the resolved flags, then run the pre-flight checks.
 
     Returns ``(info, backbone)``; ``args`` is completed in place with the published defaults.
+    Rank 0 checks the run (see :mod:`utils.preflight`; ``splits``: the dataset splits the
+    stage reads, by default those of ``args.stage``); when it finds problems every rank stops
+    before training, with exit code 2. With ``--check`` every rank stops here.
     """
     from loader.datasets import dataset_info
     from loader.netloader import build_backbone
@@ -56,8 +88,7 @@ def prepare(args):
         warnings.simplefilter("always")
         backbone = build_backbone(args, info.device)
     if info.is_main:
-        for warning in caught:
-            print(f"warning: {warning.message}", file=sys.stderr)
+        _print_warnings(caught)
     n_classes = args.n_classes if args.dataset == "folder" else dataset_info(args.dataset).n_classes
     if n_classes is None:
         raise InvalidInputError("--dataset folder needs --n_classes")
@@ -66,6 +97,15 @@ def prepare(args):
     args.world_size = info.world_size
     if info.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    problems = preflight.run_checks(args, backbone, splits) if info.is_main else []
+    if all_reduce_mean(float(len(problems)), info) > 0:
+        if info.is_main:
+            raise preflight.report(problems)
+        sys.exit(BAD_INPUT_EXIT)
+    if args.check:
+        if info.is_main:
+            print("\n".join(preflight.summary(args, backbone, splits)))
+        sys.exit(0)
     return info, backbone
 
 

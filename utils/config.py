@@ -11,6 +11,8 @@ import json
 import math
 import os
 
+from utils.atomic import atomic_write_bytes
+
 HEAD_ALIASES = {"mlp": "mlp", "cnn": "mlp", "tr": "tr", "detr": "tr"}
 COCO_FAMILY = ("cocostuff27", "coco81", "coco171")
 TRAINING_STAGES = ("mediator", "front_door", "fine_tuning")
@@ -87,6 +89,10 @@ def build_parser(description, stage):
     data.add_argument("--data_dir", default="data", help="root folder that holds the datasets")
     data.add_argument("--image_dir", default=None, help="--dataset folder: the folder of images")
     data.add_argument("--label_dir", default=None, help="--dataset folder: optional folder of label PNGs")
+    if stage == "test":
+        data.add_argument("--train_image_dir", default=None,
+                          help="--dataset folder: the image folder the heads were trained on, when it is not "
+                               "--image_dir (artifacts are kept per training folder)")
     data.add_argument("--n_classes", type=int, default=None,
                       help="number of classes (taken from the dataset registry; needed for --dataset folder)")
     data.add_argument("--batch_size", type=positive_int, default=16, help="images per process")
@@ -159,6 +165,9 @@ def build_parser(description, stage):
 
     out = parser.add_argument_group("output")
     out.add_argument("--out", default="CAUSE", help="artifact root: codebooks, heads, logs and test outputs")
+    out.add_argument("--check", action="store_true",
+                     help="only run the pre-flight checks (data, checkpoint, earlier artifacts, disk, devices), "
+                          "print what they found and exit: 0 when all is well, 2 otherwise; nothing is trained")
     return parser
 
 
@@ -257,7 +266,4 @@ def resolve(args, patch_size, n_classes):
 
 def save_config(args, path):
     """Write the resolved configuration as JSON (atomically)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(vars(args), f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(vars(args), indent=2, sort_keys=True, default=str).encode())

@@ -9,6 +9,7 @@ so the pool can never hang an evaluation.
 
 import multiprocessing
 import os
+import signal
 import warnings
 
 import numpy as np
@@ -94,6 +95,8 @@ def _crf_task(task):
 def _init_worker():
     # One CRF per worker process: torch must not spread each one over every core as well.
     torch.set_num_threads(1)
+    # Ctrl-C reaches the whole process group: the parent stops the pool, the workers stay quiet.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _prepare_batch(images, logits, iters):

@@ -18,8 +18,9 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from utils.errors import InvalidInputError, NonFiniteLossError
+from utils.atomic import atomic_write_bytes
 from utils.distributed import all_reduce_mean, all_reduce_mean_grads, all_reduce_mean_values, barrier
+from utils.errors import InvalidInputError, NonFiniteLossError
 
 # Under AMP a non-finite loss is one skipped step; this many in a row is divergence, not overflow.
 AMP_NONFINITE_PATIENCE = 10
@@ -80,10 +81,7 @@ def make_loader(dataset, info, batch_size, num_workers, shuffle, drop_last, seed
 
 
 def atomic_write_text(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode())
 
 
 class Stage:
