@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from multiprocessing import Pool
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from loader.datasets import (BENCHMARKS, CROP_TYPES, DATA_ERRORS, DatasetError, LabelDecoder, crop_ratios,
                              cropped_dir, dataset_info, incomplete_marker, load_sample, source_dataset)
+from utils.atomic import atomic_save_image
 
 
 def crop_boxes(height: int, width: int, ratios: tuple[float, ...],
@@ -55,16 +55,6 @@ def crop_array(array: np.ndarray, box: tuple[int, int, int, int, bool]) -> np.nd
     if flipped:
         array = array[:, ::-1]
     return np.ascontiguousarray(array[top:top + h, left:left + w])
-
-
-def _save_atomic(array: np.ndarray, path: str, image_format: str):
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        Image.fromarray(array).save(tmp, format=image_format)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 @dataclass(frozen=True)
@@ -101,8 +91,8 @@ class CropWriter:
             raise DatasetError(f"image {image_path} ({image.width}x{image.height}) is too small to crop "
                                f"at ratio {min(self.ratios)}")
         for k in todo:
-            _save_atomic(crop_array(pixels, boxes[k]), outputs[k][0], "JPEG")
-            _save_atomic(crop_array(stored, boxes[k]), outputs[k][1], "PNG")
+            atomic_save_image(crop_array(pixels, boxes[k]), outputs[k][0], "JPEG")
+            atomic_save_image(crop_array(stored, boxes[k]), outputs[k][1], "PNG")
         return len(todo)
 
 

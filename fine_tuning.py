@@ -7,7 +7,7 @@
 import torch
 
 from loader.netloader import (build_cluster, build_segment, cluster_path, load_codebook, load_into, provenance,
-                              run_dir, save_artifact, segment_path)
+                              run_dir, save_artifact, segment_path, trainable)
 from modules.objectives import fine_tuning_step
 from utils import cli
 from utils.config import STAGE3_NOTES, build_parser, stage3_protocol
@@ -37,7 +37,7 @@ def main(args):
         cli.write_config(args, log_dir, "fine_tuning")
 
     loader, sampler = cli.train_loader(args, info, backbone)
-    segment_params = [p for p in segment.parameters() if p.requires_grad]
+    segment_params = trainable(segment)
     lr = args.lr * info.world_size
     optimizer_segment = torch.optim.Adam(segment_params, lr=lr, weight_decay=args.weight_decay)
     optimizer_cluster = torch.optim.Adam([cluster.cluster_probe], lr=lr)

@@ -40,7 +40,6 @@ from utils.crf import dense_crf
 from utils.errors import InputNotFoundError, InvalidInputError
 from utils.visualize import colorize, dataset_colormap, overlay, save_legend, save_png
 
-CRF_ALPHA = 3.0
 NONE = 255
 SKIPPED_EXIT = 3
 SUFFIXES = (".png", ".color.png", ".overlay.png")
@@ -119,7 +118,7 @@ def predict_image(image, args, backbone, segment, cluster, device):
     scores = scores.cpu()
     crf_h, crf_w = crf_size(*size, int(args.crf_max_megapixels * 1e6))
     pixels = np.asarray(image if (crf_h, crf_w) == size else image.resize((crf_w, crf_h), Image.Resampling.BILINEAR))
-    labels = dense_crf(pixels, torch.log_softmax(scores * CRF_ALPHA, dim=0)).argmax(0)
+    labels = dense_crf(pixels, torch.log_softmax(scores * args.crf_alpha, dim=0)).argmax(0)
     if (crf_h, crf_w) != size:
         labels = torch.nn.functional.interpolate(labels[None, None].float(), size=size, mode="nearest")[0, 0].long()
     return labels

@@ -14,6 +14,7 @@ out="${out:-CAUSE}"                # artifact root
 reference_stage3="${reference_stage3:-yes}"  # yes: stage 3 as the published CAUSE (the linear probe's labels
                                    # train the head); no: strictly label-free (see README, "Stage 3: two protocols")
 extra="${extra:-}"                 # extra flags for every stage, e.g. "--num_heads 12 --batch_size 8"
+train_flags="${train_flags:-}"     # extra flags for the three training stages only, e.g. "--resume auto --save_every 500"
 test_flags="${test_flags:-}"       # extra flags for test.py only, e.g. "--save_images 20 --crf_workers 8"
 launcher="${launcher:-}"           # e.g. "torchrun --nnodes=2 --nproc_per_node=8 --rdzv_endpoint=host:29500"
 
@@ -36,6 +37,7 @@ common=(--dataset "$dataset" --data_dir "$data_dir" --head "$head" --arch "$arch
         "${toy_flags[@]}")
 [ -n "$ckpt" ] && common=(--ckpt "$ckpt" "${common[@]}")
 read -r -a extra_flags <<< "$extra"
+read -r -a train_extra <<< "$train_flags"
 read -r -a test_extra <<< "$test_flags"
 if [ -n "$launcher" ]; then read -r -a run_py <<< "$launcher"; else run_py=("$PY"); fi
 
@@ -45,9 +47,10 @@ case "$dataset" in
   cocostuff27|cityscapes|coco81|coco171|pascalvoc)
     step "crops" "$PY" crop_dataset.py --dataset "$dataset" --data_dir "$data_dir" ;;
 esac
-step "stage 1: mediator (concept codebook)" "${run_py[@]}" train_mediator.py "${common[@]}" "${extra_flags[@]}"
+step "stage 1: mediator (concept codebook)" "${run_py[@]}" train_mediator.py "${common[@]}" "${extra_flags[@]}" \
+  "${train_extra[@]}"
 step "stage 2: front-door adjustment ($head head)" "${run_py[@]}" train_front_door.py "${common[@]}" \
-  "${extra_flags[@]}"
+  "${extra_flags[@]}" "${train_extra[@]}"
 step "stage 3: cluster-probe fine-tuning ($head head)" "${run_py[@]}" fine_tuning.py "${common[@]}" \
-  "${toy_stage3[@]}" --reference_stage3 "$reference_stage3" "${extra_flags[@]}"
+  "${toy_stage3[@]}" --reference_stage3 "$reference_stage3" "${extra_flags[@]}" "${train_extra[@]}"
 step "test" "$PY" test.py "${common[@]}" "${extra_flags[@]}" "${test_extra[@]}"

@@ -21,7 +21,7 @@ from loader.datasets import dataset_info
 from loader.netloader import add_artifact_flags, codebook_path, load_trained_from_flags, run_dir
 from modules.kmeans import fit_kmeans, kmeans_assign
 from modules.objectives import flip_tta_features, upsample
-from modules.segment import tokens_to_image
+from modules.segment import image_to_tokens, tokens_to_image
 from utils import cli
 from utils.config import STAGE3_NOTES, build_parser, saved_stage3_protocol, str2bool
 from utils.crf import CRFPool, unnormalize_to_uint8
@@ -31,7 +31,6 @@ from utils.metrics import UnsupervisedMetrics
 from utils.report import write_report
 from utils.visualize import dataset_colormap, plot_confusion, save_iou_table, save_panel
 
-CRF_ALPHA = 3.0
 RANDOM_BACKBONE_NOTE = ("note: the backbone is random (ckpt empty): these numbers check the pipeline, not the "
                         "method; set ckpt= to an official checkpoint for real results")
 
@@ -61,11 +60,6 @@ def class_names(args):
     return list(dataset_info(args.dataset).class_names)
 
 
-def as_tokens(x):
-    """[B, C, H, W] -> [B, H*W, C]."""
-    return x.flatten(2).transpose(1, 2)
-
-
 def fit_baselines(args, loader, backbone, segment, device):
     """Fit k-means with C clusters on the val set's backbone tokens and head features.
 
@@ -76,7 +70,7 @@ def fit_baselines(args, loader, backbone, segment, device):
     samples = {"kmeans": [], "kmeans_head": []}
     for batch in tqdm_bar(loader, "[test] k-means features"):
         u, tokens = flip_tta_features(backbone, segment.head_ema, batch["img"].to(device))
-        for key, feats in (("kmeans", tokens), ("kmeans_head", as_tokens(u))):
+        for key, feats in (("kmeans", tokens), ("kmeans_head", image_to_tokens(u))):
             feats = feats.float().cpu()
             n = min(per_image, feats.shape[1])
             idx = torch.stack([torch.randperm(feats.shape[1], generator=gen)[:n] for _ in range(feats.shape[0])])
@@ -117,7 +111,7 @@ def evaluate(args, loader, backbone, segment, cluster, device, centroids, crf_po
         pred = scores.argmax(1)
         metrics["cluster"].update(pred, label)
         used += torch.bincount(pred.flatten().cpu(), minlength=args.n_classes)
-        lin_logits = tokens_to_image(segment.linear(as_tokens(feats)))
+        lin_logits = tokens_to_image(segment.linear(image_to_tokens(feats)))
         lin_pred = lin_logits.argmax(1)
         metrics["linear"].update(lin_pred, label)
         for key, cents in centroids.items():
@@ -130,7 +124,7 @@ def evaluate(args, loader, backbone, segment, cluster, device, centroids, crf_po
             kept.append((images[i], label[i].cpu(), pred[i].cpu(), None))
         if crf_pool is not None:
             # One pool job per batch: the cluster scores, and the probe's one-hot prediction if asked for.
-            logits = torch.log_softmax(scores * CRF_ALPHA, dim=1)
+            logits = torch.log_softmax(scores * args.crf_alpha, dim=1)
             crf_images = images
             if linear_crf:
                 logits = torch.cat([logits, F.one_hot(lin_pred, args.n_classes).permute(0, 3, 1, 2).float()])

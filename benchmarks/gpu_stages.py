@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from loader.netloader import trainable  # noqa: E402
 from models.backbone import load_backbone  # noqa: E402
 from modules.bank import ConceptBank  # noqa: E402
 from modules.objectives import (  # noqa: E402
@@ -138,7 +139,7 @@ def main(argv=None):
         segment = SegmentMLP(dim, 90, args.projection_dim, args.n_classes).to(device).train()
         segment.head, segment.projection_head = maybe_compile(segment.head), maybe_compile(segment.projection_head)
         bank = ConceptBank(args.num_codebook, args.projection_dim).to(device)
-        optimizer = torch.optim.Adam([q for q in segment.parameters() if q.requires_grad], lr=1e-3)
+        optimizer = torch.optim.Adam(trainable(segment), lr=1e-3)
 
         def stage2(step):
             img, label = train_batches[step]

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from loader.netloader import atomic_np_save
+from utils.atomic import atomic_write_bytes
 
 
 def cache_key(args, backbone, split, resolution, dtype):
@@ -37,10 +38,7 @@ class FeatureCache:
         os.makedirs(self.dir, exist_ok=True)
         key_path = os.path.join(self.dir, "key.json")
         if not os.path.isfile(key_path):
-            tmp = f"{key_path}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(key, f, indent=1, sort_keys=True)
-            os.replace(tmp, key_path)
+            atomic_write_bytes(key_path, json.dumps(key, indent=1, sort_keys=True).encode())
 
     def path(self, ind):
         return os.path.join(self.dir, f"{ind}.npy")

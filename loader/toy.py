@@ -20,7 +20,8 @@ import json
 import os
 
 import numpy as np
-from PIL import Image
+
+from utils.atomic import atomic_save_image, atomic_write_bytes
 
 TOY_CLASS_NAMES = ("stripes", "checkers", "noise", "waves", "gradient", "dots")
 
@@ -113,16 +114,6 @@ def toy_sample(rng: np.random.Generator, size: int, n_classes: int) -> tuple[np.
     return image, label.astype(np.uint8)
 
 
-def _save_png(array: np.ndarray, path: str):
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        Image.fromarray(array).save(tmp, format="PNG", compress_level=6)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _write_split(toy_root: str, split: str, count: int, seed: int, size: int, n_classes: int):
     image_dir = os.path.join(toy_root, split, "images")
     label_dir = os.path.join(toy_root, split, "labels")
@@ -132,8 +123,8 @@ def _write_split(toy_root: str, split: str, count: int, seed: int, size: int, n_
     for i in range(count):
         rng = np.random.default_rng([seed, _SPLITS[split], i])
         image, label = toy_sample(rng, size, n_classes)
-        _save_png(image, os.path.join(image_dir, f"{i:05d}.png"))
-        _save_png(label, os.path.join(label_dir, f"{i:05d}.png"))
+        atomic_save_image(image, os.path.join(image_dir, f"{i:05d}.png"), compress_level=6)
+        atomic_save_image(label, os.path.join(label_dir, f"{i:05d}.png"), compress_level=6)
     for directory in (image_dir, label_dir):
         for stale in set(os.listdir(directory)) - names:
             if stale.endswith(".png") and stale[:-4].isdigit():
@@ -165,8 +156,5 @@ def ensure_toy(root: str, seed: int = 0, n_train: int = 300, n_val: int = 100, s
     os.makedirs(toy_root, exist_ok=True)
     _write_split(toy_root, "train", n_train, seed, size, n_classes)
     _write_split(toy_root, "val", n_val, seed, size, n_classes)
-    tmp = f"{marker}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(params, f)
-    os.replace(tmp, marker)
+    atomic_write_bytes(marker, json.dumps(params).encode())
     return toy_root

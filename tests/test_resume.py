@@ -23,10 +23,14 @@ from utils.checkpoint import TrainState
 from utils.distributed import setup
 from utils.engine import Stage
 from utils.errors import NonFiniteLossError
-from tests._stage_flags import flags
+from tests._stage_flags import dataset_dir, flags
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN = Path("folder") / "dino_tiny8" / "16"
+
+
+def artifacts(out, toy_dirs):
+    """The artifact folder of the toy runs below (one per training image folder)."""
+    return dataset_dir(out, toy_dirs["train"][0]) / "dino_tiny8" / "16"
 
 
 def free_port():
@@ -79,7 +83,7 @@ def copy_of(trained, tmp_path):
 def test_sigkilled_stage2_resumes_to_the_uninterrupted_artifact(tmp_path, trained, toy_dirs, dino_ckpt, capsys):
     out = copy_of(trained, tmp_path)
     argv = flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--epoch", "6", "--save_every", "1"])
-    run, segment = out / RUN / "mlp", out / RUN / "segment_mlp.pth"
+    run, segment = artifacts(out, toy_dirs) / "mlp", artifacts(out, toy_dirs) / "segment_mlp.pth"
     train_front_door.main(train_front_door.parser().parse_args(argv))
     reference, reference_log = segment.read_bytes(), (run / "front_door.jsonl").read_text()
     shutil.copy(segment, tmp_path / "segment_ref.pth")
@@ -103,7 +107,7 @@ def test_sigkilled_stage2_resumes_to_the_uninterrupted_artifact(tmp_path, traine
 def test_interrupted_stage3_keeps_the_old_artifacts_and_resumes(tmp_path, trained, toy_dirs, dino_ckpt):
     out = copy_of(trained, tmp_path)
     argv = flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--epoch", "5", "--save_every", "2"])
-    run, segment, cluster = out / RUN / "mlp", out / RUN / "segment_mlp.pth", out / RUN / "cluster_mlp.pth"
+    run, segment, cluster = artifacts(out, toy_dirs) / "mlp", artifacts(out, toy_dirs) / "segment_mlp.pth", artifacts(out, toy_dirs) / "cluster_mlp.pth"
     stage2 = segment.read_bytes()
     fine_tuning.main(fine_tuning.parser().parse_args(argv))
     shutil.copy(segment, tmp_path / "segment_ref.pth")
@@ -130,9 +134,9 @@ def test_interrupted_stage3_keeps_the_old_artifacts_and_resumes(tmp_path, traine
 def test_nan_loss_stops_the_stage_and_keeps_the_last_good_state(tmp_path, trained, toy_dirs, dino_ckpt, capsys,
                                                                  monkeypatch):
     out = copy_of(trained, tmp_path)
-    os.remove(out / RUN / "segment_mlp.pth")
+    os.remove(artifacts(out, toy_dirs) / "segment_mlp.pth")
     argv = flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--epoch", "2", "--save_every", "1"])
-    state_path = out / RUN / "mlp" / "state_front_door.pt"
+    state_path = artifacts(out, toy_dirs) / "mlp" / "state_front_door.pt"
     real_step, calls, good = train_front_door.front_door_step, [], []
 
     def poisoned(*args, **kwargs):
@@ -154,7 +158,7 @@ def test_nan_loss_stops_the_stage_and_keeps_the_last_good_state(tmp_path, traine
     assert state_path.read_bytes() == good[0]
     saved = torch.load(state_path, weights_only=True)
     assert saved["stage_state"]["global_step"] == 3
-    assert not (out / RUN / "segment_mlp.pth").exists()
+    assert not (artifacts(out, toy_dirs) / "segment_mlp.pth").exists()
 
     # The state is only resumed with the flags it was saved with, and --resume yes needs one.
     monkeypatch.setattr(train_front_door, "front_door_step", real_step)
@@ -214,7 +218,7 @@ def test_a_killed_rank_stops_the_job_and_resume_completes_it(tmp_path, trained, 
     argv = flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--epoch", "5", "--save_every", "1",
                                                             "--port", free_port()])
     argv[argv.index("--gpu") + 1] = "0,1"
-    run = out / RUN / "mlp"
+    run = artifacts(out, toy_dirs) / "mlp"
     proc = start("train_front_door.py", argv)
     wait_for_steps(proc, run / "front_door.jsonl", run / "state_front_door.pt", 2)
     workers = spawned_workers(proc.pid)

@@ -6,6 +6,7 @@ write that fails (disk full, read-only file system, no permission) is one line n
 path, and its temporary file is removed.
 """
 
+import io
 import os
 
 from utils.errors import BadInputError
@@ -37,3 +38,12 @@ def atomic_write_bytes(path, data):
     finally:
         if os.path.lexists(tmp):
             os.remove(tmp)
+
+
+def atomic_save_image(array, path, image_format="PNG", **options):
+    """Encode ``array`` ([H, W] or [H, W, 3] uint8) with Pillow in memory, then write it atomically."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=image_format, **options)
+    atomic_write_bytes(path, buffer.getvalue())

@@ -11,7 +11,7 @@ from utils import preflight
 from utils.config import resolve, save_config
 from utils.distributed import all_reduce_mean, barrier, cleanup, launch, setup
 from utils.engine import seed_everything
-from utils.errors import REPORTED_ERRORS, InvalidInputError, SpawnedBadInput, one_line
+from utils.errors import REPORTED_ERRORS, BadInputError, InvalidInputError, SpawnedBadInput, one_line
 
 
 def _print_warnings(caught):
@@ -101,7 +101,7 @@ def prepare(args, splits=None):
     if all_reduce_mean(float(len(problems)), info) > 0:
         if info.is_main:
             raise preflight.report(problems)
-        sys.exit(BAD_INPUT_EXIT)
+        sys.exit(BadInputError.exit_code)  # rank 0 reports the problems
     if args.check:
         if info.is_main:
             print("\n".join(preflight.summary(args, backbone, splits)))

@@ -18,7 +18,6 @@ import torch.multiprocessing as mp
 from utils.errors import (REPORTED_ERRORS, BadInputError, InvalidInputError, NonFiniteLossError, SpawnedBadInput,
                           WorkerFailedError, one_line)
 
-BAD_INPUT_EXIT = 2
 DEFAULT_TIMEOUT_MIN = 10.0
 
 

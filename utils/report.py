@@ -17,7 +17,8 @@ import tempfile
 
 from matplotlib.figure import Figure
 
-from utils.visualize import _atomic_write, plot_losses
+from utils.atomic import atomic_write_bytes
+from utils.visualize import plot_losses
 
 SECTIONS = ("config", "metrics", "iou", "confusion", "losses", "examples")
 STAGES = ("mediator", "front_door", "fine_tuning")
@@ -146,5 +147,5 @@ def write_report(path, config, result, confusion_path, panel_paths, log_dirs):
     """Writes :func:`render_report` of a run to ``path`` (atomically), reading the pictures from disk."""
     confusion = _read(confusion_path) if confusion_path and os.path.isfile(confusion_path) else None
     page = render_report(config, result, confusion, [_read(p) for p in panel_paths], log_dirs)
-    _atomic_write(path, lambda file: file.write(page.encode("utf-8")))
+    atomic_write_bytes(path, page.encode("utf-8"))
     return path

@@ -10,16 +10,17 @@ evaluated label ids (7..33, in id order); every other dataset uses the PASCAL VO
 (DeepLab's bit-interleaving generator), whose class 0 is black like the ignore colour.
 """
 
+import io
 import json
 import math
 import os
-import tempfile
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
-from PIL import Image
+
+from utils.atomic import atomic_save_image, atomic_write_bytes
 
 # Official Cityscapes colours of label ids 7 (road) .. 33 (bicycle): the 27 classes used.
 CITYSCAPES_COLORS = (
@@ -73,24 +74,10 @@ def colorize(label, cmap, ignore_color=(0, 0, 0)):
     return out
 
 
-def _atomic_write(path, write):
-    """Calls ``write(file)`` on a temporary file next to ``path``, then renames it to ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-        os.chmod(tmp_path, 0o644)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
-        raise
-
-
 def _save_figure(fig, path, dpi):
-    _atomic_write(path, lambda file: fig.savefig(file, format="png", dpi=dpi))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def save_panel(path, image_uint8, gt, cluster, crf, mapped, cmap, titles=DEFAULT_PANEL_TITLES,
@@ -224,7 +211,7 @@ def format_iou_table(iou, class_names):
 def save_iou_table(iou, class_names, path_md):
     """Writes ``format_iou_table`` to ``path_md`` and returns the text."""
     text = format_iou_table(iou, class_names)
-    _atomic_write(path_md, lambda file: file.write(text.encode("utf-8")))
+    atomic_write_bytes(path_md, text.encode("utf-8"))
     return text
 
 
@@ -233,7 +220,7 @@ def save_png(path, pixels, compress_level=6):
     array = np.ascontiguousarray(pixels)
     if array.dtype != np.uint8 or array.ndim not in (2, 3):
         raise ValueError(f"save_png expects uint8 [H, W] or [H, W, 3], got {array.dtype} {array.shape}")
-    _atomic_write(path, lambda file: Image.fromarray(array).save(file, format="PNG", compress_level=compress_level))
+    atomic_save_image(array, path, "PNG", compress_level=compress_level)
 
 
 def overlay(image_uint8, colored, alpha=0.5):
