@@ -317,3 +317,32 @@ def test_bank_slots_give_the_loss_of_contents(updates):
     torch.testing.assert_close(from_slots, from_contents, rtol=1e-12, atol=1e-12)
     keys, _ = bank.loss_keys()
     assert (keys.data_ptr() == bank.storage.data_ptr()) == (2 * len(bank) >= 32)
+
+
+def test_bank_defaults_and_smallest_sizes():
+    bank = ConceptBank(num_concepts=1, dim=1, capacity=1, keep_ratio=0.0)
+    bank.update(torch.tensor([0, 0]), torch.ones(2, 1))
+    assert len(bank) == 0
+    defaults = ConceptBank(num_concepts=2, dim=3)
+    assert defaults.capacity == 100 and defaults.keep_ratio == 0.5
+    for sizes in ((0, 1, 1), (1, 0, 1), (1, 1, 0)):
+        with pytest.raises(ValueError, match=r"^ConceptBank needs num_concepts, dim, capacity >= 1, got "
+                                             + ", ".join(map(str, sizes)) + "$"):
+            ConceptBank(*sizes)
+
+
+def test_bank_follows_its_buffers_device_not_the_default_device():
+    concepts = torch.tensor([2, 0, 2, 1, 2, 2, 0, 0])
+    values = torch.arange(8, dtype=torch.float32).unsqueeze(1)
+    expected = ConceptBank(num_concepts=3, dim=1, capacity=3)
+    expected.update(concepts, values, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    expected.update(concepts, values)
+    bank = ConceptBank(num_concepts=3, dim=1, capacity=3)
+    with torch.device("meta"):
+        bank.update(concepts, values, generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(1)
+        bank.update(concepts, values)
+        feats, kept = bank.contents()
+    assert feats.device.type == "cpu"
+    assert torch.equal(feats, expected.contents()[0]) and torch.equal(kept, expected.contents()[1])

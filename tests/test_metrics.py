@@ -216,3 +216,18 @@ def test_map_keeps_the_first_id_past_the_classes_and_rejects_float_ids():
     assert metrics.map(torch.tensor([3, 2, -1])).tolist() == [3, 1, -1]
     with pytest.raises(ValueError, match="expects integer cluster ids"):
         metrics.map(torch.zeros(2))
+
+
+def test_one_class_is_allowed_and_error_texts_are_exact():
+    metrics = UnsupervisedMetrics(1)
+    metrics.update(torch.tensor([0, 0, 1]), torch.tensor([0, 1, 0]))
+    scores = metrics.compute()
+    assert scores["n_pixels"] == 1 and scores["mIoU"] == 100.0 and scores["assignment"] == [0]
+    with pytest.raises(ValueError, match=r"^n_classes must be a positive integer, got 0$"):
+        UnsupervisedMetrics(0)
+    with pytest.raises(RuntimeError, match=r"^no labelled pixel has been counted yet: call update\(\) "
+                                          r"before compute\(\) or map\(\)$"):
+        UnsupervisedMetrics(2).map(torch.tensor([0]))
+    with pytest.raises(RuntimeError, match=r"^no labelled pixel has been counted yet: call update\(\) "
+                                          r"before compute\(\)$"):
+        UnsupervisedMetrics(2, hungarian=False).compute()

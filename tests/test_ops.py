@@ -2,7 +2,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules.ops import grid_sample_tokens, modularity_loss, soft_comembership, vq, vq_index
+from modules.ops import (
+    cosine_similarity_matrix,
+    grid_sample_tokens,
+    modularity_loss,
+    modularity_matrix,
+    soft_comembership,
+    vq,
+    vq_index,
+)
 
 DTYPES = [torch.float32, torch.float64]
 TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-7), torch.float64: dict(rtol=1e-10, atol=1e-14)}
@@ -246,3 +254,71 @@ def test_vq_matches_literal_argmax():
 def test_vq_rejects_mismatched_width():
     with pytest.raises(ValueError, match="same D"):
         vq_index(torch.randn(2, 4, 5), torch.randn(3, 6))
+
+
+def test_grid_sample_error_texts_and_one_token_cells():
+    with pytest.raises(ValueError, match=r"^grid_sample_tokens expects tokens \[B, N, D\], got shape \(64, 3\)$"):
+        grid_sample_tokens(torch.randn(64, 3))
+    with pytest.raises(ValueError, match=r"^grid cell size k must be >= 1, got 0$"):
+        grid_sample_tokens(torch.randn(2, 64, 3), k=0)
+    with pytest.raises(ValueError, match=r"^order must be a LongTensor of shape \(8,\) for B=2 and 4 cells"):
+        grid_sample_tokens(torch.randn(2, 64, 3), order=torch.zeros(5, dtype=torch.long))
+    x = torch.randn(2, 16, 3)
+    sampled, order = grid_sample_tokens(x, k=1)
+    assert torch.equal(sampled, x) and torch.equal(order, torch.zeros(32, dtype=torch.long))
+
+
+def test_ops_follow_their_inputs_device_not_the_default_device():
+    codebook, feats = make_inputs(torch.float32)
+    grid_x = torch.randn(2, 64, 3)
+    expected_loss = modularity_loss(codebook, feats)
+    expected_delta = soft_comembership(codebook, feats, chunk_size=4)
+    expected_grid = grid_sample_tokens(grid_x, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    expected_default = grid_sample_tokens(grid_x)
+    with torch.device("meta"):
+        assert torch.equal(modularity_loss(codebook, feats), expected_loss)
+        assert torch.equal(soft_comembership(codebook, feats, chunk_size=4), expected_delta)
+        sampled, order = grid_sample_tokens(grid_x, generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(1)
+        default_sampled, default_order = grid_sample_tokens(grid_x)
+    assert torch.equal(sampled, expected_grid[0]) and torch.equal(order, expected_grid[1])
+    assert torch.equal(default_sampled, expected_default[0]) and torch.equal(default_order, expected_default[1])
+    # Tokens on another device than the generator: the picks move to the tokens.
+    on_meta, meta_order = grid_sample_tokens(grid_x.to("meta"), generator=torch.Generator().manual_seed(0))
+    assert on_meta.device.type == "meta" and on_meta.shape == (2, 4, 3)
+    assert torch.equal(meta_order, expected_grid[1])
+
+
+def test_cosine_similarity_matrix_is_per_row_cosine():
+    codebook, feats = make_inputs(torch.float64)
+    expected = F.cosine_similarity(feats.unsqueeze(2), codebook.view(1, 1, *codebook.shape), dim=-1)
+    torch.testing.assert_close(cosine_similarity_matrix(feats, codebook), expected)
+
+
+def test_vq_rejects_a_one_dimensional_codebook():
+    with pytest.raises(ValueError, match="same D"):
+        vq_index(torch.randn(2, 4, 5), torch.randn(5))
+
+
+def test_modularity_loss_shapes_dtypes_and_default_temperature():
+    codebook, feats = make_inputs(torch.float64)
+    with pytest.raises(ValueError, match="same D"):
+        modularity_loss(codebook, feats[0])
+    mixed = modularity_loss(codebook.float(), feats)
+    assert mixed.dtype == torch.float64
+    torch.testing.assert_close(mixed, literal_modularity_loss(codebook.float().double(), feats),
+                               **TOLERANCES[torch.float64])
+    assert torch.equal(soft_comembership(codebook, feats), soft_comembership(codebook, feats, temp=0.1))
+    weights, edges = modularity_matrix(feats.to(torch.bfloat16))
+    assert weights.dtype == torch.bfloat16 and edges.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2])
+def test_comembership_nan_wins_as_in_torch_max(chunk_size):
+    codebook, feats = make_inputs(torch.float64, concepts=3)
+    codebook[1] = float("nan")
+    delta = soft_comembership(codebook, feats, chunk_size=chunk_size)
+    expected = literal_comembership(codebook, feats, 0.1)
+    assert bool(expected.isnan().all())
+    torch.testing.assert_close(delta, expected, equal_nan=True)

@@ -7,6 +7,9 @@ import torch
 from modules.objectives import probe_loss
 from modules.segment import (
     Cluster,
+    DecoderLayer,
+    HeadMLP,
+    HeadTR,
     SegmentMLP,
     SegmentTR,
     ema_init,
@@ -484,3 +487,50 @@ def test_cluster_scores_pass_gradient_to_probe_and_features():
     feats = torch.randn(1, R, 2, 2, requires_grad=True)
     cluster.scores(feats).sum().backward()
     assert cluster.cluster_probe.grad is not None and feats.grad is not None
+
+
+def test_published_defaults_of_the_heads():
+    mlp = SegmentMLP(8)
+    assert mlp.head.f1.out_channels == 90 and mlp.projection_head.f.out_channels == 2048
+    assert mlp.linear.f.out_channels == 27 and mlp.head.drop.p == 0.1
+    tr = SegmentTR(8)
+    assert tr.head.num_queries == 400 and tr.head.query_pos.shape == (400, 8)
+    assert tr.head.tr.f1.out_channels == 90 and tr.projection_head.f.out_channels == 2048
+    assert tr.linear.f.out_channels == 27 and tr.head.tr.drop.p == 0.1
+    assert tr.head.tr.self_attn.dropout == 0.1 and tr.head.tr.multihead_attn.dropout == 0.1
+    assert DecoderLayer(8, 4).dropout.p == 0.1 and HeadMLP(8, 4).drop.p == 0.1
+    assert DecoderLayer(8, 4, dropout=0.3).self_attn.dropout == 0.3
+    assert DecoderLayer(8, 4, dropout=0.3).multihead_attn.dropout == 0.3
+
+
+def test_update_teacher_default_momentum_is_0_99():
+    torch.manual_seed(0)
+    model, reference = SegmentMLP(4, 3, 5, 2), SegmentMLP(4, 3, 5, 2)
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for param in [*model.head.parameters(), *reference.head.parameters()]:
+            param.add_(1.0)
+    model.update_teacher()
+    reference.update_teacher(0.99)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, reference.state_dict()[name]), name
+
+
+def test_cluster_init_is_symmetric_uniform():
+    torch.manual_seed(0)
+    cluster = Cluster(dim=6, reduced_dim=5, num_codebook=4, n_classes=3)
+    for values, bound in ((cluster.codebook.detach(), 1 / 4), (cluster.cluster_probe.detach(), 1 / 3)):
+        assert float(values.min()) < 0 < float(values.max())
+        assert float(values.abs().max()) <= bound
+
+
+def test_tr_codebook_follows_the_head_and_error_text():
+    head = HeadTR(4, 3, num_queries=4).double()
+    with pytest.raises(RuntimeError, match=r"^the TR head has no codebook: call set_codebook\(\) with the "
+                                          r"stage-1 modular\.npy first$"):
+        head(torch.randn(1, 4, 4, dtype=torch.float64))
+    head.set_codebook(torch.randn(5, 4))
+    assert head.codebook.dtype == torch.float64
+    meta_head = HeadTR(4, 3, num_queries=4).to("meta")
+    meta_head.set_codebook(torch.randn(5, 4))
+    assert meta_head.codebook.device.type == "meta"
