@@ -133,22 +133,23 @@ def mediator_dir(args):
     return path
 
 
-def atomic_torch_save(obj, path):
-    """``torch.save`` through a temporary file and a rename; returns the file's sha256."""
+def _atomic_save(write, path):
+    """``write(file)`` into memory, then the bytes written atomically; returns the file's sha256."""
     buffer = io.BytesIO()
-    torch.save(obj, buffer)
+    write(buffer)
     data = buffer.getvalue()
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
+
+
+def atomic_torch_save(obj, path):
+    """``torch.save`` through a temporary file and a rename; returns the file's sha256."""
+    return _atomic_save(lambda file: torch.save(obj, file), path)
 
 
 def atomic_np_save(array, path):
     """``np.save`` through a temporary file and a rename; returns the file's sha256."""
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    data = buffer.getvalue()
-    atomic_write_bytes(path, data)
-    return hashlib.sha256(data).hexdigest()
+    return _atomic_save(lambda file: np.save(file, array), path)
 
 
 def sidecar_path(path):

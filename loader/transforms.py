@@ -44,11 +44,6 @@ def normalize(img: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.
     return (img - _channel_stats(mean, img)) / _channel_stats(std, img)
 
 
-def denormalize(img: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """Inverse of :func:`normalize`. img: [..., 3, H, W] -> [..., 3, H, W] in [0, 1]."""
-    return img * _channel_stats(std, img) + _channel_stats(mean, img)
-
-
 def image_to_tensor(image: Image.Image, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """RGB PIL image [H, W] -> normalised float32 tensor [3, H, W]."""
     pixels = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8, copy=True))

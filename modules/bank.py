@@ -39,11 +39,6 @@ class ConceptBank(nn.Module):
     def __len__(self) -> int:
         return int(self.counts.sum())
 
-    def reset(self) -> None:
-        """Empty every FIFO."""
-        self.counts.zero_()
-        self.heads.zero_()
-
     def _random_subset(self, concept_idx: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
         """Rows kept by one update: a uniformly random ⌊keep_ratio·n⌋ of the n rows of each concept.
 

@@ -3,7 +3,7 @@
 `SegmentMLP` / `SegmentTR` hold the student head and projection, their EMA teacher copies
 and the linear probe; `Cluster` holds the concept codebook and the cluster probe. Module
 and parameter names follow the released CAUSE checkpoints, so those load with
-`strict=True` (DESIGN.md, state-dict names).
+`strict=True` (README, "Use the released CAUSE heads").
 
 Tokens are `[B, N, D]` on a square, row-major `h x w` grid (`h = w = sqrt(N)`); every 1x1
 convolution acts on the `[B, D, h, w]` image of the tokens.
@@ -182,13 +182,14 @@ class SegmentBase(nn.Module):
     projection_head_ema: TokenProjection
     linear: TokenProjection
 
-    def student_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the student head and projection head."""
-        return [*self.head.parameters(), *self.projection_head.parameters()]
-
-    def teacher_modules(self) -> tuple[nn.Module, nn.Module]:
-        """(head_ema, projection_head_ema)."""
-        return self.head_ema, self.projection_head_ema
+    def build(self, make_head, reduced_dim: int, projection_dim: int, n_classes: int) -> None:
+        """Student head and projection, their teacher copies and the probe, in the released order."""
+        self.head = make_head()
+        self.projection_head = TokenProjection(reduced_dim, projection_dim)
+        self.head_ema = make_head()
+        self.projection_head_ema = TokenProjection(reduced_dim, projection_dim)
+        self.linear = TokenProjection(reduced_dim, n_classes)
+        self.init_teacher()
 
     def init_teacher(self) -> None:
         """Teacher := copy of the student, frozen."""
@@ -211,12 +212,7 @@ class SegmentMLP(SegmentBase):
         dropout: float = 0.1,
     ):
         super().__init__()
-        self.head = HeadMLP(dim, reduced_dim, dropout)
-        self.projection_head = TokenProjection(reduced_dim, projection_dim)
-        self.head_ema = HeadMLP(dim, reduced_dim, dropout)
-        self.projection_head_ema = TokenProjection(reduced_dim, projection_dim)
-        self.linear = TokenProjection(reduced_dim, n_classes)
-        self.init_teacher()
+        self.build(lambda: HeadMLP(dim, reduced_dim, dropout), reduced_dim, projection_dim, n_classes)
 
 
 class SegmentTR(SegmentBase):
@@ -230,12 +226,7 @@ class SegmentTR(SegmentBase):
         dropout: float = 0.1,
     ):
         super().__init__()
-        self.head = HeadTR(dim, reduced_dim, num_queries, dropout)
-        self.projection_head = TokenProjection(reduced_dim, projection_dim)
-        self.head_ema = HeadTR(dim, reduced_dim, num_queries, dropout)
-        self.projection_head_ema = TokenProjection(reduced_dim, projection_dim)
-        self.linear = TokenProjection(reduced_dim, n_classes)
-        self.init_teacher()
+        self.build(lambda: HeadTR(dim, reduced_dim, num_queries, dropout), reduced_dim, projection_dim, n_classes)
 
     def set_codebook(self, codebook: torch.Tensor) -> None:
         """codebook: [K, D], the frozen mediator used by both head and head_ema."""

@@ -45,7 +45,7 @@ def official_tensors(path, family):
 
 
 def reference_patch_positions(patch_pos, h, w, family, num_registers):
-    """[1, M*M, D] -> [1, h*w, D] by the family's official rule (DESIGN.md, Backbones)."""
+    """[1, M*M, D] -> [1, h*w, D] by the family's official rule (README, Backbones)."""
     d = patch_pos.shape[-1]
     m = int(math.sqrt(patch_pos.shape[1]))
     if (h, w) == (m, m):

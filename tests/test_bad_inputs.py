@@ -327,7 +327,7 @@ def test_empty_folder_and_label_of_the_wrong_size(tmp_path, dino_ckpt, capsys):
     images.mkdir(), labels.mkdir()
     code, lines = run_stage(train_mediator, flags(tmp_path / "out", dino_ckpt, (images, labels), "mlp",
                                                   ["--check"]), capsys)
-    assert code == 2 and lines[-1].startswith(f"error: no images (") and str(images) in lines[-1]
+    assert code == 2 and lines[-1].startswith("error: no images (") and str(images) in lines[-1]
     for i in range(4):
         Image.new("RGB", (32, 32)).save(images / f"{i}.png")
         Image.fromarray(np.zeros((16 if i == 3 else 32, 32), np.uint8)).save(labels / f"{i}.png")

@@ -170,8 +170,6 @@ def test_bank_fifo_keeps_newest_oldest_first():
     bank.update(torch.tensor([1] * 5), torch.arange(5, 10, dtype=torch.float32).unsqueeze(1).repeat(1, 2))
     assert stored(bank) == ([10.0, 7.0, 8.0, 9.0], [0, 1, 1, 1])
     assert len(bank) == 4
-    bank.reset()
-    assert len(bank) == 0 and stored(bank) == ([], [])
 
 
 def test_bank_matches_dict_of_lists_reference():

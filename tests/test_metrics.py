@@ -160,45 +160,10 @@ def test_reset_and_errors():
     metrics = UnsupervisedMetrics(3)
     with pytest.raises(RuntimeError, match="call update"):
         metrics.compute()
-    metrics.update(torch.tensor([0, 1]), torch.tensor([0, 1]))
-    metrics.reset()
-    assert int(metrics.histogram.sum()) == 0
     with pytest.raises(ValueError, match="does not match"):
         metrics.update(torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="integer"):
         metrics.update(torch.zeros(3), torch.zeros(3, dtype=torch.long))
-
-
-def test_all_reduce_without_process_group_is_a_noop():
-    metrics = UnsupervisedMetrics(2)
-    metrics.update(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]))
-    before = metrics.histogram.clone()
-    metrics.all_reduce()
-    assert torch.equal(metrics.histogram, before)
-
-
-def _all_reduce_worker(rank, world_size, init_file, out_dir):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        metrics = UnsupervisedMetrics(2)
-        # rank 0 sees one correct pixel of class 0, rank 1 two of class 1
-        if rank == 0:
-            metrics.update(torch.tensor([0]), torch.tensor([0]))
-        else:
-            metrics.update(torch.tensor([1, 1]), torch.tensor([1, 1]))
-        metrics.all_reduce()
-        torch.save(metrics.histogram, f"{out_dir}/hist{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def test_all_reduce_sums_over_two_gloo_ranks(tmp_path):
-    import torch.multiprocessing as mp
-    mp.spawn(_all_reduce_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    expected = torch.tensor([[1, 0], [0, 2]])
-    for rank in range(2):
-        assert torch.equal(torch.load(tmp_path / f"hist{rank}.pt"), expected)
 
 
 def test_single_pixel_and_empty_probe_histogram():

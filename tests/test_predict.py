@@ -14,11 +14,10 @@ import predict
 import test as test_stage
 from loader.datasets import read_image
 from loader.images import list_images, output_stems, to_display_rgb
-from loader.netloader import ArtifactMismatchError
-from utils.errors import BadInputError
 from modules.inference import crf_size, sliding_window_scores, upsample_argmax, window_starts
 from tests._released_heads import CLASSES, head_flags, write_released_heads
 from utils import cli
+from utils.errors import BadInputError
 
 EXIF_ORIENTATION = 0x0112
 

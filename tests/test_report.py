@@ -60,6 +60,7 @@ def test_report_is_self_contained_with_every_section(report):
     assert len(sources) == 1 + 1 + len(STAGES) + N_EXAMPLES
     assert all(s.startswith("data:image/png;base64,") for s in sources)
     assert "http://" not in page and "https://" not in page and "<script" not in page
+    assert "stage 3 protocol unknown" in page  # released heads by path: no config_fine_tuning.json
     for title in ("CAUSE (cluster probe)", "CAUSE + CRF", "linear probe", "k-means on backbone tokens"):
         assert title in page
     assert f"{metrics['cluster_crf']['mIoU']:.2f}" in page

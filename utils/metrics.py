@@ -13,7 +13,6 @@ the GPU, which rounds once a cell passes 2**24 pixels).
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from scipy.optimize import linear_sum_assignment
 
 
@@ -37,10 +36,6 @@ class UnsupervisedMetrics:
         self.hungarian = bool(hungarian)
         self.histogram = torch.zeros(self.n_classes, self.n_classes, dtype=torch.long)
 
-    def reset(self):
-        """Forget every counted pixel."""
-        self.histogram = torch.zeros(self.n_classes, self.n_classes, dtype=torch.long)
-
     @torch.no_grad()
     def update(self, pred, label):
         """Counts one batch. pred, label: integer tensors of the same shape [...]."""
@@ -58,22 +53,6 @@ class UnsupervisedMetrics:
         valid = (label >= 0) & (label < n) & (pred >= 0) & (pred < n)
         counts = torch.bincount(n * pred[valid] + label[valid], minlength=n * n)
         self.histogram += counts.reshape(n, n).cpu()
-
-    def all_reduce(self):
-        """Sums the histogram over all ranks; a no-op without an initialised process group.
-
-        Call it once, after the last ``update`` and before ``compute``: every call adds the
-        other ranks' counts again.
-        """
-        if not (dist.is_available() and dist.is_initialized()):
-            return self
-        device = torch.device("cpu")
-        if dist.get_backend() == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        histogram = self.histogram.to(device)
-        dist.all_reduce(histogram, op=dist.ReduceOp.SUM)
-        self.histogram = histogram.cpu()
-        return self
 
     def assignment(self):
         """The cluster -> class assignment, a LongTensor [C] (identity without Hungarian)."""

@@ -18,6 +18,7 @@ import tempfile
 from matplotlib.figure import Figure
 
 from utils.atomic import atomic_write_bytes
+from utils.config import STAGE3_NOTES
 from utils.visualize import plot_losses
 
 SECTIONS = ("config", "metrics", "iou", "confusion", "losses", "examples")
@@ -110,7 +111,8 @@ def _metrics_section(result):
             rows.append(f"<tr><td>{html.escape(title)}</td><td class=num>{result[key]['mIoU']:.2f}</td>"
                         f"<td class=num>{result[key]['pAcc']:.2f}</td></tr>")
     used = f"clusters receiving pixels: {result['clusters_used']}/{result['n_classes']}"
-    return f"<table>{''.join(rows)}</table><p>{html.escape(used)}</p>"
+    protocol = STAGE3_NOTES[result.get("stage3", "unknown")]
+    return f"<table>{''.join(rows)}</table><p>{html.escape(used)}</p><p>{html.escape(protocol)}</p>"
 
 
 def render_report(config, result, confusion_png, panel_pngs, log_dirs):
