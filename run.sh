@@ -26,7 +26,9 @@ if [ "$dataset" = "toy" ]; then
   # dataset): a 256-concept codebook and 256-d projections, and every stage at 320 px so that the
   # 4x4 grid sampling of the patch-16 ViT-Tiny keeps 25 tokens per image (at 224 it would keep 9,
   # against 49 for the published patch-8 MLP runs); with 18 steps an epoch, stage 3 runs 5 epochs.
-  toy_flags=(--num_codebook 256 --projection_dim 256 --num_workers 2 --train_resolution 320)
+  # The frozen tokens are cached (all stages share the 320-px crops): 3.4 instead of 5.5 minutes.
+  toy_flags=(--num_codebook 256 --projection_dim 256 --num_workers 2 --train_resolution 320
+             --feature_cache "$out/feature_cache")
   toy_stage3=(--epoch 5)
 else
   toy_flags=()

@@ -1,15 +1,195 @@
-"""One training step of each CAUSE stage, as functions of tensors and modules (SPEC §4-7).
+"""The objectives of the CAUSE stages and one training step of each (SPEC §4-7).
 
-The stage scripts call these inside their loops; nothing here knows about optimisers,
-logging or distribution.
+The concept-wise contrastive loss of the front door (``front_door_loss``) is here, next to the
+stage steps that call it; the modularity loss of stages 1 and 3 is in ``modules/ops.py``. The
+stage scripts call the step functions inside their loops; nothing here knows about
+optimisers, logging or distribution.
 """
+
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from modules.bank import front_door_loss
 from modules.ops import grid_sample_tokens, modularity_loss, vq_index
 from modules.segment import linear_probe_loss, tokens_to_image
+
+
+# Budget of one logits block: anchor rows × keys (64 MiB in float32).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _row_statistics(
+    student: torch.Tensor,
+    keys: torch.Tensor,
+    key_cols: torch.Tensor,
+    anchor_rows: torch.Tensor,
+    positive_table: torch.Tensor,
+    negative_table: torch.Tensor,
+    self_excluded: bool,
+    temp: float,
+    chunk_rows: int,
+    need_grad: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Every anchor row against one key set, one block of anchor rows at a time.
+
+    student: [A, E] normalised anchors; keys: [S, E] raw teacher vectors (normalised here
+    through their inverse norms, never copied); key_cols: [S] column of each key in the
+    class tables (the last column is an empty bank slot: never positive nor counted);
+    anchor_rows: [A] row of each anchor in the tables; positive_table, negative_table:
+    bool [U, K+1] (code similarity > pos, < neg); self_excluded: key j is anchor j itself
+    (the batch set).
+    -> (n [A] positive pairs per row, row_loss [A] = Σ_j∈pos ℓ_ij, grad [A, E] or None:
+    d row_loss / d student · temp).
+
+    With s_ij the logits and m_i the row max, Σ_j∈pos ℓ_ij = n_i·(m_i + log Σ_counted
+    e^(s_ij − m_i)) − Σ_j∈pos s_ij; the last sum is student_i·Σ_j∈pos k̂_j / temp, so only
+    the counted mask is gathered per pair, and the positives come from per-concept key sums.
+    """
+    dtype = student.dtype
+    counted_table = positive_table | negative_table
+    inv_norm = keys.norm(dim=1).clamp(min=1e-12).reciprocal()
+    columns = counted_table.shape[1]
+    # Σ of the normalised keys of each concept: one sparse [K+1, S] × [S, E] product, which
+    # reads the keys once and copies none of them.
+    membership = torch.sparse_coo_tensor(torch.stack([key_cols, torch.arange(keys.shape[0], device=keys.device)]),
+                                         inv_norm, (columns, keys.shape[0]), check_invariants=True)
+    key_sums = torch.sparse.mm(membership, keys)
+    key_counts = torch.bincount(key_cols, minlength=columns).to(dtype)
+    positive_rows = positive_table[anchor_rows].to(dtype)
+    n = positive_rows @ key_counts
+    positive_sums = positive_rows @ key_sums
+    if self_excluded:
+        self_positive = positive_table[anchor_rows, key_cols].to(dtype)
+        self_counted = negative_table[anchor_rows, key_cols]
+        n = n - self_positive
+        positive_sums = positive_sums - self_positive[:, None] * keys * inv_norm[:, None]
+    row_loss = student.new_empty(student.shape[0])
+    grad = student.new_empty(student.shape) if need_grad else None
+    scale = inv_norm / temp
+    for start in range(0, student.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        weights = (student[rows] @ keys.t()).mul_(scale)
+        row_max = weights.max(dim=1, keepdim=True).values
+        weights.sub_(row_max).exp_()
+        counted = counted_table[anchor_rows[rows]].index_select(1, key_cols)
+        if self_excluded:
+            diagonal = torch.arange(counted.shape[0], device=counted.device)
+            counted[diagonal, diagonal + start] = self_counted[rows]
+        weights.mul_(counted)
+        denominator = weights.sum(dim=1)
+        # A row with nothing counted has no positive either (n = 0); keep its log finite.
+        log_denominator = torch.where(denominator > 0, denominator, torch.ones_like(denominator)).log()
+        positive_logits = (student[rows] * positive_sums[rows]).sum(dim=1) / temp
+        row_loss[rows] = n[rows] * (row_max[:, 0] + log_denominator) - positive_logits
+        if need_grad:
+            softmax_keys = weights.mul_(inv_norm) @ keys
+            ratio = torch.where(denominator > 0, n[rows] / denominator, torch.zeros_like(denominator))
+            grad[rows] = ratio[:, None] * softmax_keys - positive_sums[rows]
+    return n, row_loss, grad
+
+
+class _ContrastiveLoss(torch.autograd.Function):
+    """L_front of normalised anchors [A, E]; the gradient is formed in the forward pass.
+
+    The forward pass already holds every softmax weight, so it also forms the gradient
+    with the one extra matmul the backward needs, instead of keeping or recomputing the
+    [A, S] weights. Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, student, key_sets, anchor_rows, positive_table, negative_table, batch, temp, chunk_elements):
+        need_grad = ctx.needs_input_grad[0]
+        tokens = student.shape[0] // batch
+        counts, numerators, grads = [], [], []
+        for keys, key_cols, self_excluded in key_sets:
+            chunk_rows = max(1, chunk_elements // max(1, keys.shape[0]))
+            n, row_loss, grad = _row_statistics(student, keys, key_cols, anchor_rows, positive_table,
+                                                negative_table, self_excluded, temp, chunk_rows, need_grad)
+            counts.append(n.view(batch, tokens).sum(dim=1))
+            numerators.append(row_loss.view(batch, tokens).sum(dim=1))
+            grads.append(grad)
+        pairs = torch.stack(counts)
+        present = pairs > 0
+        terms = int(present.sum())
+        # weight of each (key set, image) term: 1 / (its pairs · number of terms present)
+        weight = torch.where(present, 1.0 / (pairs.clamp(min=1) * max(1, terms)), torch.zeros_like(pairs))
+        loss = (torch.stack(numerators) * weight).sum()
+        if need_grad:
+            grad = sum(g.view(batch, tokens, -1) * w[:, None, None] for g, w in zip(grads, weight))
+            ctx.save_for_backward(grad.reshape(student.shape) / temp)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss, None, None, None, None, None, None, None
+
+
+def front_door_loss(
+    feat: torch.Tensor,
+    proj: torch.Tensor,
+    proj_ema: torch.Tensor,
+    codebook: torch.Tensor,
+    bank_feats: torch.Tensor,
+    bank_idx: torch.Tensor,
+    temp: float = 0.07,
+    pos: float = 0.3,
+    neg: float = 0.1,
+    chunk_elements: Optional[int] = None,
+) -> torch.Tensor:
+    """Concept-wise contrastive loss L_front with the concept bank (SPEC §5).
+
+    feat: [B, P, D] sampled backbone tokens, proj: [B, P, E] student projections,
+    proj_ema: [B, P, E] teacher projections, codebook: [K, D], bank_feats: [S, E] raw
+    bank vectors, bank_idx: LongTensor [S] their concepts (S may be 0; a negative index
+    marks an empty slot, which takes no part, as `ConceptBank.slots` returns) -> scalar.
+    One term per anchor image against the batch (self excluded) and, with a non-empty
+    bank, one against the bank; the result is the mean of the terms that have a positive
+    pair (a term without one is skipped; with none at all the result is a zero connected
+    to `proj`). Gradients reach `proj` only. Computed in float32 (float64 stays float64).
+
+    All B·P anchors are processed together, in blocks of at most `chunk_elements`
+    anchor-key pairs (default 2^24); positives and negatives are read from the
+    codebook-similarity table of the batch's concepts, looked up once per step.
+    """
+    batch, tokens, _ = proj.shape
+    if feat.shape[:2] != proj.shape[:2] or proj_ema.shape != proj.shape:
+        raise ValueError(
+            f"front_door_loss needs feat [B, P, D] and proj, proj_ema [B, P, E] of matching B, P, E, got "
+            f"{tuple(feat.shape)}, {tuple(proj.shape)}, {tuple(proj_ema.shape)}"
+        )
+    if bank_feats.dim() != 2 or bank_feats.shape[1] != proj.shape[2] or bank_idx.shape != bank_feats.shape[:1]:
+        raise ValueError(
+            f"the bank must be feats [S, {proj.shape[2]}] with concept indices [S], got "
+            f"{tuple(bank_feats.shape)} and {tuple(bank_idx.shape)}"
+        )
+    if chunk_elements is not None and chunk_elements < 1:
+        raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
+    dtype = torch.promote_types(proj.dtype, torch.float32)
+    with torch.autocast(device_type=proj.device.type, enabled=False):
+        codebook = codebook.detach().to(dtype)
+        num_concepts = codebook.shape[0]
+        codes = vq_index(feat.detach().to(dtype), codebook).reshape(-1)
+        present, anchor_rows = torch.unique(codes, return_inverse=True)
+        normed_codebook = F.normalize(codebook, dim=1)
+        code_sim = normed_codebook[present] @ normed_codebook.t()
+        empty_slot = torch.zeros(code_sim.shape[0], 1, dtype=torch.bool, device=code_sim.device)
+        positive_table = torch.cat([code_sim > pos, empty_slot], dim=1)
+        negative_table = torch.cat([code_sim < neg, empty_slot], dim=1)
+
+        student = F.normalize(proj.to(dtype), dim=2).reshape(batch * tokens, -1)
+        key_sets = [(proj_ema.detach().to(dtype).reshape(batch * tokens, -1), codes, True)]
+        if bank_feats.shape[0]:
+            bank_idx = bank_idx.to(proj.device)
+            if int(bank_idx.max()) >= num_concepts:
+                raise ValueError(f"bank concept indices must be < {num_concepts} (the codebook size), "
+                                 f"got {int(bank_idx.max())}")
+            bank_cols = torch.where(bank_idx < 0, torch.full_like(bank_idx, num_concepts), bank_idx)
+            key_sets.append((bank_feats.detach().to(device=proj.device, dtype=dtype), bank_cols, False))
+        return _ContrastiveLoss.apply(student, key_sets, anchor_rows, positive_table, negative_table, batch, temp,
+                                      chunk_elements or _CHUNK_ELEMENTS)
 
 
 def probe_loss(segment, teacher_feats, label, n_classes, detach=True):
