@@ -213,9 +213,13 @@ def test_evaluation_with_overlapped_crf_equals_the_synchronous_one(tmp_path, toy
         patch.setattr(test_stage, "CRFPool", SynchronousPool)
         synchronous, sync_panels = evaluate([])
         without_linear_crf, _ = evaluate([], linear_crf="no")
+        flat_unary, _ = evaluate(["--crf_alpha", "0"], linear_crf="no")
     overlapped, panels = evaluate(["--crf_workers", "2"])
     assert set(synchronous) >= {"cluster", "cluster_crf", "linear", "linear_crf"}
     assert overlapped == synchronous
     assert len(panels) == 4 and panels == sync_panels
     assert "linear_crf" not in without_linear_crf
     assert without_linear_crf["cluster_crf"] == synchronous["cluster_crf"]
+    # --crf_alpha reaches the CRF's unary (0: uniform scores) and nothing else.
+    assert flat_unary["cluster"] == synchronous["cluster"]
+    assert flat_unary["cluster_crf"] != synchronous["cluster_crf"]
