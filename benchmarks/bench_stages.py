@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -52,31 +52,21 @@ MIB = 1 << 20
 BANK_CAPACITY = 100
 
 
-@dataclass
-class Shapes:
-    batch: int = 16
-    dim: int = 384
-    stage1_concepts: int = 2048
-    stage1_tokens: int = 100
-    stage2_tokens: int = 49
-    projection_dim: int = 2048
-    bank_capacity: int = BANK_CAPACITY
-    stage3_tokens: int = 784
-    reduced_dim: int = 90
-    n_classes: int = 27
-    label_size: int = 224
-    crf_images: int = 16
-    crf_size: int = 320
+# The published sizes of one step (SPEC: ViT-S/8 features, 2048 concepts, a bank of 100 per
+# concept), each with the smallest value `--scale` may shrink it to (None: never scaled).
+PUBLISHED_SHAPES = {
+    "batch": (16, 2), "dim": (384, 8),
+    "stage1_concepts": (2048, 4), "stage1_tokens": (100, None),  # 10x10 grid of a 320 px crop
+    "stage2_tokens": (49, None), "projection_dim": (2048, 8), "bank_capacity": (BANK_CAPACITY, 2),
+    "stage3_tokens": (784, None), "reduced_dim": (90, 4), "n_classes": (27, None), "label_size": (224, 28),
+    "crf_images": (16, 2), "crf_size": (320, 32),
+}
 
-    def scaled(self, scale: float) -> "Shapes":
-        def s(value, least):
-            return max(least, int(round(value * scale)))
-        return Shapes(batch=s(self.batch, 2), dim=s(self.dim, 8), stage1_concepts=s(self.stage1_concepts, 4),
-                      stage1_tokens=self.stage1_tokens, stage2_tokens=self.stage2_tokens,
-                      projection_dim=s(self.projection_dim, 8), bank_capacity=s(self.bank_capacity, 2),
-                      stage3_tokens=self.stage3_tokens, reduced_dim=s(self.reduced_dim, 4),
-                      n_classes=self.n_classes, label_size=s(self.label_size, 28), crf_images=s(self.crf_images, 2),
-                      crf_size=s(self.crf_size, 32))
+
+def published_shapes(scale: float = 1.0) -> SimpleNamespace:
+    """The sizes of PUBLISHED_SHAPES times `scale`, each at least its smallest workable value."""
+    return SimpleNamespace(**{name: size if least is None else max(least, int(round(size * scale)))
+                              for name, (size, least) in PUBLISHED_SHAPES.items()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +316,7 @@ def crf_step(method, shapes, workers):
 
 def measure(spec, out_path):
     device = torch.device(spec["device"])
-    shapes = Shapes(**spec["shapes"])
+    shapes = SimpleNamespace(**spec["shapes"])
     pool = None
     if spec["stage"] == "1":
         step = stage1_step(spec["method"], shapes, device, spec["amp"])
@@ -427,8 +417,8 @@ def main(argv=None):
         return
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("bench_stages: --device cuda but no CUDA device is visible")
-    shapes = Shapes().scaled(args.scale) if args.scale != 1.0 else Shapes()
-    base = {"device": args.device, "amp": args.amp, "shapes": asdict(shapes), "repeats": args.repeats, "warmup": 1,
+    shapes = published_shapes(args.scale)
+    base = {"device": args.device, "amp": args.amp, "shapes": vars(shapes), "repeats": args.repeats, "warmup": 1,
             "crf_workers": args.crf_workers}
     if args.device.startswith("cuda"):
         name = torch.cuda.get_device_name(0)

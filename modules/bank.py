@@ -53,8 +53,11 @@ class ConceptBank(nn.Module):
         """
         device = generator.device if generator is not None else concept_idx.device
         keys = torch.rand(concept_idx.shape[0], generator=generator, device=device).to(concept_idx.device)
+        # Sorted by (concept, random key): composite keys are unique, so no order is left to the
+        # sort's stability (which CUDA and CPU sorts need not share).
+        rows = concept_idx.shape[0]
         by_key = keys.argsort()
-        ranked = by_key[concept_idx[by_key].argsort(stable=True)]
+        ranked = by_key[(concept_idx[by_key] * rows + torch.arange(rows, device=by_key.device)).argsort()]
         seen = torch.bincount(concept_idx, minlength=self.num_concepts)
         first = seen.cumsum(0) - seen
         rank = torch.arange(ranked.shape[0], device=ranked.device) - first[concept_idx[ranked]]
@@ -62,7 +65,7 @@ class ConceptBank(nn.Module):
         keep = torch.zeros_like(concept_idx, dtype=torch.bool)
         keep[ranked] = rank < quota[concept_idx[ranked]]
         kept = keep.nonzero().squeeze(1)
-        return kept[concept_idx[kept].argsort(stable=True)]
+        return kept[(concept_idx[kept] * rows + kept).argsort()]
 
     @torch.no_grad()
     def update(

@@ -203,28 +203,19 @@ class SegmentBase(nn.Module):
 
 
 class SegmentMLP(SegmentBase):
-    def __init__(
-        self,
-        dim: int,
-        reduced_dim: int = 90,
-        projection_dim: int = 2048,
-        n_classes: int = 27,
-        dropout: float = 0.1,
-    ):
+    """The MLP segmentation head of CAUSE: backbone tokens [B, N, dim] -> features [B, N, reduced_dim]."""
+
+    def __init__(self, dim: int, reduced_dim: int = 90, projection_dim: int = 2048, n_classes: int = 27,
+                 dropout: float = 0.1):
         super().__init__()
         self.build(lambda: HeadMLP(dim, reduced_dim, dropout), reduced_dim, projection_dim, n_classes)
 
 
 class SegmentTR(SegmentBase):
-    def __init__(
-        self,
-        dim: int,
-        reduced_dim: int = 90,
-        projection_dim: int = 2048,
-        n_classes: int = 27,
-        num_queries: int = 400,
-        dropout: float = 0.1,
-    ):
+    """The one-layer transformer-decoder head of CAUSE; its keys come from the codebook (``set_codebook``)."""
+
+    def __init__(self, dim: int, reduced_dim: int = 90, projection_dim: int = 2048, n_classes: int = 27,
+                 num_queries: int = 400, dropout: float = 0.1):
         super().__init__()
         self.build(lambda: HeadTR(dim, reduced_dim, num_queries, dropout), reduced_dim, projection_dim, n_classes)
 

@@ -190,21 +190,12 @@ def make_checkpoint_object(
     }
 
 
-def make_fake_checkpoint(
-    path,
-    family: str,
-    embed_dim: int = 48,
-    depth: int = 2,
-    patch_size: int = 8,
-    img_size: int = 32,
-    num_registers: int = 0,
-    seed: int = 0,
-) -> Path:
-    """Write a tiny checkpoint of `family` in its official layout to `path`; returns it."""
+def make_fake_checkpoint(path, family: str, **sizes) -> Path:
+    """Write a tiny checkpoint of `family` in its official layout to `path`; returns it.
+
+    sizes: keyword arguments of `make_checkpoint_object` (embed_dim, depth, ...).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        make_checkpoint_object(family, embed_dim, depth, patch_size, img_size, num_registers, seed),
-        path,
-    )
+    torch.save(make_checkpoint_object(family, **sizes), path)
     return path

@@ -47,6 +47,19 @@ def test_fit_kmeans_defaults_and_quiet(capfd):
     assert captured.out == "" and captured.err == ""
 
 
+def test_fit_kmeans_defaults_to_twenty_iterations_on_data_still_moving_after_them():
+    # Uniform points: Lloyd's iterations keep moving the centroids past the 20th, so the
+    # default number of iterations is visible in the result.
+    x = torch.rand(1600, 8, generator=torch.Generator().manual_seed(0))
+    centroids = {}
+    for niter in (20, 21):
+        reference = faiss.Kmeans(8, 16, niter=niter, seed=0, verbose=False)
+        reference.train(x.numpy())
+        centroids[niter] = torch.from_numpy(reference.centroids)
+    assert not torch.allclose(centroids[20], centroids[21], atol=1e-3)
+    assert torch.equal(fit_kmeans(x, 16), centroids[20])
+
+
 def test_fit_kmeans_needs_as_many_vectors_as_clusters():
     x = torch.randn(5, 3, generator=torch.Generator().manual_seed(3))
     assert fit_kmeans(x, 5).shape == (5, 3)

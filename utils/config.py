@@ -171,33 +171,32 @@ def build_parser(description, stage):
     return parser
 
 
+# The method's constants (SPEC §3-7), as flags of the stages that use them with the published
+# values as defaults: (flag, type, default, stages, help).
+METHOD_FLAGS = (
+    ("modularity_temp", float, 0.1, ("mediator", "fine_tuning"),
+     "temperature of the soft co-membership tanh(S S^T / temp) (SPEC §3)"),
+    ("contrastive_temp", float, 0.07, ("front_door",), "temperature of the concept-wise contrastive loss (SPEC §5)"),
+    ("pos_thresh", float, 0.3, ("front_door",), "codebook cosine above which two tokens are positives"),
+    ("neg_thresh", float, 0.1, ("front_door",), "codebook cosine below which two tokens are negatives"),
+    ("bank_capacity", positive_int, 100, ("front_door",), "teacher projections kept per concept in the concept bank"),
+    ("bank_keep_ratio", float, 0.5, ("front_door",), "share of a concept's tokens stored by one bank update"),
+    ("ema_momentum", float, 0.99, ("front_door",),
+     "teacher <- momentum * teacher + (1 - momentum) * student after each step"),
+    ("reference_stage3", str2bool, True, ("fine_tuning",),
+     "yes: as the published CAUSE, the supervised linear probe reads the teacher head's features without "
+     "detaching them, so the labels train the head in stage 3; no: label-free, the probe reads detached "
+     "features and the head does not change"),
+    ("crf_alpha", float, 3.0, ("test",), "the CRF's unary is log_softmax(crf_alpha * cosine scores) (SPEC §7)"),
+)
+
+
 def add_method_flags(parser, stage):
-    """The method's constants of this stage (SPEC §3-7), as flags with the published values."""
+    """The method's constants of this stage (``METHOD_FLAGS``), as flags with the published values."""
     method = parser.add_argument_group("method (published values by default)")
-    if stage in ("mediator", "fine_tuning"):
-        method.add_argument("--modularity_temp", type=float, default=0.1,
-                            help="temperature of the soft co-membership tanh(S S^T / temp) (SPEC §3)")
-    if stage == "front_door":
-        method.add_argument("--contrastive_temp", type=float, default=0.07,
-                            help="temperature of the concept-wise contrastive loss (SPEC §5)")
-        method.add_argument("--pos_thresh", type=float, default=0.3,
-                            help="codebook cosine above which two tokens are positives")
-        method.add_argument("--neg_thresh", type=float, default=0.1,
-                            help="codebook cosine below which two tokens are negatives")
-        method.add_argument("--bank_capacity", type=positive_int, default=100,
-                            help="teacher projections kept per concept in the concept bank")
-        method.add_argument("--bank_keep_ratio", type=float, default=0.5,
-                            help="share of a concept's tokens stored by one bank update")
-        method.add_argument("--ema_momentum", type=float, default=0.99,
-                            help="teacher <- momentum * teacher + (1 - momentum) * student after each step")
-    if stage == "fine_tuning":
-        method.add_argument("--reference_stage3", type=str2bool, default=True,
-                            help="yes: as the published CAUSE, the supervised linear probe reads the teacher head's "
-                                 "features without detaching them, so the labels train the head in stage 3; "
-                                 "no: label-free, the probe reads detached features and the head does not change")
-    if stage == "test":
-        method.add_argument("--crf_alpha", type=float, default=3.0,
-                            help="the CRF's unary is log_softmax(crf_alpha * cosine scores) (SPEC §7)")
+    for name, kind, default, stages, text in METHOD_FLAGS:
+        if stage in stages:
+            method.add_argument(f"--{name}", type=kind, default=default, help=text)
 
 
 STAGE3_NOTES = {

@@ -11,6 +11,8 @@ import multiprocessing
 import os
 import signal
 import warnings
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
@@ -122,6 +124,7 @@ def _stack(outputs):
     return torch.from_numpy(np.stack(outputs))
 
 
+@dataclass(eq=False)
 class CRFJob:
     """A batch submitted to a ``CRFPool``; ``result()`` returns its marginals [B, C, H, W].
 
@@ -130,37 +133,36 @@ class CRFJob:
     when the pool was restarted after another batch failed.
     """
 
-    def __init__(self, crf_pool, tasks, worker_pool=None, pending=None, error=None):
-        self._crf_pool = crf_pool
-        self._tasks = tasks
-        self._worker_pool = worker_pool
-        self._pending = pending
-        self._error = error
-        self._outputs = None
+    crf_pool: "CRFPool"
+    tasks: list
+    worker_pool: Optional[object] = None  # the multiprocessing pool the batch went to
+    pending: Optional[object] = None  # its AsyncResult
+    error: Optional[BaseException] = None  # why the batch could not be submitted
+    outputs: Optional[list] = field(default=None, init=False, repr=False)
 
     def result(self):
-        if self._outputs is None:
-            self._outputs = self._collect()
-            self._tasks = self._pending = self._worker_pool = None
-        return _stack(self._outputs)
+        if self.outputs is None:
+            self.outputs = self._collect()
+            self.tasks = self.pending = self.worker_pool = None
+        return _stack(self.outputs)
 
     def _collect(self):
-        if self._pending is None and self._error is None:
-            return [_crf_task(task) for task in self._tasks]
-        error = self._error
-        if error is None and self._worker_pool is not self._crf_pool._pool:
+        if self.pending is None and self.error is None:
+            return [_crf_task(task) for task in self.tasks]
+        error = self.error
+        if error is None and self.worker_pool is not self.crf_pool._pool:
             error = RuntimeError("the pool was restarted after another batch failed")
         if error is None:
             try:
-                return self._pending.get(self._crf_pool.timeout)
+                return self.pending.get(self.crf_pool.timeout)
             except Exception as failure:
                 error = failure
-                self._crf_pool._discard_pool()
+                self.crf_pool._discard_pool()
         reason = "timed out" if isinstance(error, multiprocessing.TimeoutError) else \
             f"failed ({type(error).__name__}: {error})"
         warnings.warn(f"CRF worker pool {reason}; computing the CRF of this batch serially",
                       RuntimeWarning, stacklevel=3)
-        return [_crf_task(task) for task in self._tasks]
+        return [_crf_task(task) for task in self.tasks]
 
 
 class CRFPool:
