@@ -12,7 +12,7 @@ from modules.objectives import fine_tuning_step
 from utils import cli
 from utils.config import STAGE3_NOTES, build_parser, stage3_protocol
 from utils.checkpoint import TrainState
-from utils.engine import Stage, fixed_batch_loss
+from utils.engine import Stage, fixed_batch_loss, step_schedules
 
 
 def parser():
@@ -75,8 +75,7 @@ def main(args):
                           lr=optimizer_cluster.param_groups[0]["lr"])
                 bar.set_postfix(mod=f"{out['loss_mod'].item():.4f}", lin=f"{out['loss_linear'].item():.3f}",
                                 acc=f"{acc:.1f}")
-            for scheduler in schedulers:
-                scheduler.step()
+            step_schedules(schedulers)
 
         start, end = state.fixed_batch_losses()
         if info.is_main:

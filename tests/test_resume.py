@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from modules.bank import ConceptBank
 from utils import cli
 from utils.checkpoint import TrainState
 from utils.distributed import setup
-from utils.engine import Stage
+from utils.engine import Stage, step_schedules
 from utils.errors import NonFiniteLossError
 from tests._stage_flags import dataset_dir, flags
 
@@ -239,3 +240,20 @@ def test_a_killed_rank_stops_the_job_and_resume_completes_it(tmp_path, trained, 
     assert "resuming from" in stderr and not list(run.glob("state_*"))
     records = (run / "front_door.jsonl").read_text().splitlines()
     assert len(records) == 5 * 2
+
+
+def test_a_resumed_schedule_steps_without_the_order_warning_and_keeps_its_values():
+    def resumed_schedule():
+        optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        scheduler.load_state_dict({**scheduler.state_dict(), "_step_count": 1})
+        return optimizer, scheduler
+
+    optimizer, scheduler = resumed_schedule()
+    with pytest.warns(UserWarning, match="before `optimizer.step\\(\\)`"):
+        scheduler.step()  # what torch says of a bare step in the new process
+    optimizer, scheduler = resumed_schedule()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step_schedules([scheduler])
+    assert optimizer.param_groups[0]["lr"] == 0.5

@@ -12,6 +12,7 @@ import os
 import random
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -230,6 +231,20 @@ class Stage:
                 plot_losses(self.records, os.path.join(self.log_dir, f"{self.name}_loss.png"), keys=plot_keys)
         barrier(self.info)
         return summary
+
+
+def step_schedules(schedulers):
+    """Step each learning-rate schedule once, at an epoch's end.
+
+    A run resumed from a state saved after an epoch's last batch reaches this before the new
+    process's first ``optimizer.step()``, and torch warns about that order; the schedules were
+    restored with the state, so their values are right and that one warning is silenced.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before "
+                                                  r"`optimizer\.step\(\)`")
+        for scheduler in schedulers:
+            scheduler.step()
 
 
 def first_last(records, key):
