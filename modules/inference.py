@@ -21,8 +21,7 @@ def window_starts(length: int, window: int, stride: int) -> list[int]:
         raise ValueError(f"a side of {length} pixels is shorter than the window ({window})")
     if not 1 <= stride <= window:
         raise ValueError(f"stride must be in [1, {window}], got {stride}")
-    count = math.ceil((length - window) / stride) + 1
-    return sorted({min(i * stride, length - window) for i in range(count)})
+    return list(range(0, length - window, stride)) + [length - window]
 
 
 def resize_short_side(img: torch.Tensor, side: int) -> torch.Tensor:

@@ -53,9 +53,10 @@ def _row_statistics(
     inv_norm = keys.norm(dim=1).clamp(min=1e-12).reciprocal()
     columns = counted_table.shape[1]
     # Σ of the normalised keys of each concept: one sparse [K+1, S] × [S, E] product, which
-    # reads the keys once and copies none of them.
+    # reads the keys once and copies none of them. Its indices are valid by construction, so
+    # torch's pass checking them is skipped.
     membership = torch.sparse_coo_tensor(torch.stack([key_cols, torch.arange(keys.shape[0], device=keys.device)]),
-                                         inv_norm, (columns, keys.shape[0]), check_invariants=True)
+                                         inv_norm, (columns, keys.shape[0]), check_invariants=False)
     key_sums = torch.sparse.mm(membership, keys)
     key_counts = torch.bincount(key_cols, minlength=columns).to(dtype)
     positive_rows = positive_table[anchor_rows].to(dtype)

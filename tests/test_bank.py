@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from modules.bank import ConceptBank, front_door_loss
+from modules.objectives import _row_statistics
+from modules.ops import vq_index
 
 TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-12)}
 
@@ -90,6 +92,7 @@ CASES = {
 }
 
 
+@pytest.mark.filterwarnings("error")  # the loss computes without a warning
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_front_door_loss_matches_literal(dtype, case):
@@ -344,3 +347,75 @@ def test_bank_follows_its_buffers_device_not_the_default_device():
         feats, kept = bank.contents()
     assert feats.device.type == "cpu"
     assert torch.equal(feats, expected.contents()[0]) and torch.equal(kept, expected.contents()[1])
+
+
+def test_front_door_loss_counts_a_term_with_a_single_positive_pair():
+    # Orthogonal concepts: image 0's in-batch term has one positive pair (its concept-0 token
+    # and image 1's), and so does image 1's; the bank holds one vector of concept 1, a single
+    # positive of image 0's concept-1 token.
+    inputs = make_case(torch.float64, [[0, 1], [0, 2]], (1,))
+    loss, grad = loss_and_grad(front_door_loss, *inputs)
+    ref_loss, ref_grad = loss_and_grad(literal_front_door_loss, *inputs)
+    assert float(loss) != 0.0
+    torch.testing.assert_close(loss, ref_loss, **TOLERANCES[torch.float64])
+    torch.testing.assert_close(grad, ref_grad, **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_front_door_loss_of_low_precision_inputs_is_computed_in_float32(dtype):
+    inputs = random_case(torch.float32)
+    low = [tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in inputs]
+    widened = [tensor.float() if tensor.is_floating_point() else tensor for tensor in low]
+    loss, grad = loss_and_grad(front_door_loss, *low)
+    ref_loss, ref_grad = loss_and_grad(front_door_loss, *widened)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    assert torch.equal(loss, ref_loss)
+    assert torch.equal(grad, ref_grad.to(dtype))
+
+
+def threshold_codebook(dtype):
+    """Rows 0 and 1 at cosine exactly 0.6 (3/5: every other product is 0), rows 2-3 orthogonal."""
+    codebook = torch.zeros(4, 4, dtype=dtype)
+    codebook[0, 0] = 1.0
+    codebook[1, :2] = torch.tensor([3.0, 4.0])
+    codebook[2, 2] = codebook[3, 3] = 1.0
+    return codebook
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("pos,neg", [(0.6, 0.1), (0.9, 0.6)])
+def test_front_door_loss_thresholds_are_strict(dtype, pos, neg):
+    # A cosine equal to `pos` is not positive; one equal to `neg` is not negative.
+    gen = torch.Generator().manual_seed(3)
+    codebook = threshold_codebook(dtype)
+    concepts = torch.tensor([[0, 0, 1, 2], [1, 3, 0, 2]])
+    feat = tokens_for(concepts, codebook, 4, gen, dtype)
+    proj = torch.randn(2, 4, 5, generator=gen, dtype=dtype)
+    proj_ema = proj + 0.3 * torch.randn(proj.shape, generator=gen, dtype=dtype)
+    bank_feats, bank_idx = torch.randn(3, 5, generator=gen, dtype=dtype), torch.tensor([0, 1, 3])
+    code_sim = F.normalize(codebook, dim=1) @ F.normalize(codebook, dim=1).t()
+    assert code_sim[0, 1] == torch.tensor(0.6, dtype=dtype)
+
+    def with_thresholds(fn):
+        return lambda *args: fn(*args, pos=pos, neg=neg)
+
+    inputs = (feat, proj, proj_ema, codebook, bank_feats, bank_idx)
+    loss, grad = loss_and_grad(with_thresholds(front_door_loss), *inputs)
+    ref_loss, ref_grad = loss_and_grad(with_thresholds(literal_front_door_loss), *inputs)
+    torch.testing.assert_close(loss, ref_loss, **TOLERANCES[dtype])
+    torch.testing.assert_close(grad, ref_grad, **TOLERANCES[dtype])
+
+
+def test_front_door_loss_forms_no_gradient_when_none_is_needed():
+    feat, proj, proj_ema, codebook, bank_feats, bank_idx = random_case(torch.float32)
+    student = F.normalize(proj, dim=2).reshape(-1, proj.shape[2])
+    keys = proj_ema.reshape(-1, proj.shape[2])
+    codes = vq_index(feat, codebook).reshape(-1)
+    present, rows = torch.unique(codes, return_inverse=True)
+    code_sim = F.normalize(codebook, dim=1)[present] @ F.normalize(codebook, dim=1).t()
+    empty = torch.zeros(len(present), 1, dtype=torch.bool)
+    tables = torch.cat([code_sim > 0.3, empty], dim=1), torch.cat([code_sim < 0.1, empty], dim=1)
+    for need_grad in (False, True):
+        n, row_loss, grad = _row_statistics(student, keys, codes, rows, *tables, True, 0.07, 4, need_grad)
+        assert (grad is not None) == need_grad
+        assert n.shape == row_loss.shape == (student.shape[0],)
