@@ -13,7 +13,7 @@ from loader.datasets import build_dataset
 from models.backbone import load_backbone
 from modules.objectives import mediator_loss
 from modules.segment import Cluster
-from utils.distributed import all_reduce_mean, cleanup, setup
+from utils.distributed import all_reduce_mean, leave, setup
 from utils.engine import Stage, make_loader
 
 
@@ -34,7 +34,7 @@ def main(ckpt, image_dir, label_dir, batch_size, out):
     if info.is_main:
         with open(out, "w") as f:
             json.dump({"loss": mean_loss, "grad": codebook.grad.tolist(), "world": info.world_size}, f)
-    cleanup()
+    leave()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """Functions run in spawned gloo processes by tests/test_distributed.py (importable by name)."""
 
+import atexit
 import os
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from utils.distributed import cleanup, setup
+from utils.distributed import all_reduce_mean, leave, setup
 from utils.engine import Stage
 
 OVERFLOW_STEP = 1
@@ -34,4 +37,13 @@ def overflow_worker(rank, world, port, out_dir):
         stepped.append(stage.step(loss, [optimizer], list(model.parameters())))
     torch.save({"params": [p.detach().clone() for p in model.parameters()], "scale": stage.scaler.get_scale(),
                 "stepped": stepped, "skipped": stage.skipped_steps}, os.path.join(out_dir, f"rank{rank}.pt"))
-    cleanup()
+    leave()
+
+
+def teardown_main(args):
+    """A stage ``main`` for ``launch``: one all-reduce, then records at interpreter exit whether the
+    process group was still up (``rank<r>.txt``)."""
+    info = setup(args.gpu, use_cpu=True)
+    total = all_reduce_mean(float(info.rank), info)
+    path = os.path.join(args.out, f"rank{info.rank}.txt")
+    atexit.register(lambda: Path(path).write_text(f"{float(total)} {dist.is_initialized()}"))

@@ -1,11 +1,13 @@
 """Several processes: AMP overflow handling across ranks."""
 
+import argparse
 import socket
 
 import torch
 import torch.multiprocessing as mp
 
-from tests.ddp_workers import OVERFLOW_STEP, overflow_worker
+from tests.ddp_workers import OVERFLOW_STEP, overflow_worker, teardown_main
+from utils.distributed import launch
 
 
 def free_port():
@@ -24,3 +26,9 @@ def test_amp_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     assert ranks[0]["scale"] == ranks[1]["scale"] == 2.0 ** 7
     for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_spawned_processes_leave_the_process_group_before_exiting(tmp_path):
+    launch(teardown_main, argparse.Namespace(gpu="0,1", port=free_port(), out=str(tmp_path)))
+    # Both ranks saw the mean rank 0.5, and neither exited with its process group still up.
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["0.5 False"] * 2

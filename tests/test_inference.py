@@ -31,6 +31,7 @@ def test_window_starts_errors_name_the_sizes():
     (40, 60, (20, 30)),  # landscape, scaled down
     (60, 40, (30, 20)),  # portrait
     (10, 15, (20, 30)),  # scaled up
+    (14, 21, (20, 30)),  # scaled up by less than 2
     (20, 33, (20, 33)),  # already at the side: unchanged
 ])
 def test_resize_short_side_keeps_the_aspect_ratio_and_antialiases_only_down(height, width, expected):

@@ -18,7 +18,6 @@ import torch
 import fine_tuning
 import train_front_door
 import train_mediator
-from modules.bank import ConceptBank
 from utils import cli
 from utils.checkpoint import TrainState
 from utils.distributed import setup
@@ -186,26 +185,6 @@ def test_a_state_with_non_finite_parameters_is_never_saved(tmp_path):
     with pytest.raises(NonFiniteLossError, match="non-finite parameters.*last good state: .*state_toy.pt"):
         state.save()
     assert (tmp_path / "state_toy.pt").read_bytes() == saved
-
-
-def test_bank_state_round_trip_continues_identically():
-    generator = torch.Generator().manual_seed(0)
-    bank = ConceptBank(5, 3, capacity=4, keep_ratio=0.5)
-    for _ in range(6):
-        bank.update(torch.randint(0, 5, (20,), generator=generator), torch.randn(20, 3, generator=generator),
-                    generator=generator)
-    restored = ConceptBank(5, 3, capacity=4, keep_ratio=0.5)
-    restored.load_state(bank.state())
-    assert bank.state_dict() == {} and len(restored) == len(bank)
-    assert bool((bank.heads != bank.counts % bank.capacity).any())  # some ring buffers have wrapped
-    idx, feats = torch.randint(0, 5, (30,), generator=generator), torch.randn(30, 3, generator=generator)
-    for step in range(2):
-        # Same vectors in the same slots: the loss reads the storage in place (slots), in slot order.
-        for read in ("contents", "slots"):
-            for a, b in zip(getattr(bank, read)(), getattr(restored, read)()):
-                assert torch.equal(a, b), (step, read)
-        bank.update(idx, feats, generator=torch.Generator().manual_seed(1))
-        restored.update(idx, feats, generator=torch.Generator().manual_seed(1))
 
 
 def spawned_workers(parent):

@@ -9,7 +9,7 @@ import torch
 
 from utils import preflight
 from utils.config import resolve, save_config
-from utils.distributed import all_reduce_mean, barrier, cleanup, launch, setup
+from utils.distributed import all_reduce_mean, barrier, cleanup, launch, leave, setup
 from utils.engine import seed_everything
 from utils.errors import REPORTED_ERRORS, BadInputError, InvalidInputError, SpawnedBadInput, one_line
 
@@ -54,6 +54,7 @@ def run(main, parser, argv=None, single_process=False, lock=True):
             if lock and not args.check:
                 held = lock_output(args)
         launch(main, args)
+        leave()  # torchrun's processes (spawned ones leave in their own process)
     except SpawnedBadInput as err:
         sys.exit(err.exit_code)
     except REPORTED_ERRORS as err:

@@ -80,7 +80,17 @@ def setup(gpu="0", use_cpu=False, timeout_min=DEFAULT_TIMEOUT_MIN):
 
 
 def cleanup():
+    """Tear the process group down at once (any exit path; no collective, so no wait on a dead peer)."""
     if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def leave():
+    """Leave the process group after a successful run: every rank first waits for the others at a
+    barrier, so none tears its connections down while a peer still uses them, then destroys it
+    before the interpreter exits (gloo's threads must not outlive it)."""
+    if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -93,6 +103,7 @@ def _spawned(local_rank, main, args, world, port):
         # Only the exit code crosses the spawn boundary cleanly: report here, exit with its code there.
         print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(err.exit_code)
+    leave()
 
 
 def launch(main, args):
