@@ -99,11 +99,15 @@ def _spawned(local_rank, main, args, world, port):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
         main(args)
+        leave()
     except REPORTED_ERRORS as err:
         # Only the exit code crosses the spawn boundary cleanly: report here, exit with its code there.
         print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(err.exit_code)
-    leave()
+    finally:
+        # On every way out: a process that exits with gloo still up can abort (SIGABRT) in the
+        # interpreter's finalisation, which would hide its exit code.
+        cleanup()
 
 
 def launch(main, args):
