@@ -14,7 +14,7 @@ from utils import cli
 from utils.config import build_parser
 from utils.checkpoint import TrainState
 from utils.distributed import barrier
-from utils.engine import Stage, fixed_batch_loss
+from utils.engine import Stage, fixed_batch_loss, step_schedules
 
 
 def parser():
@@ -58,7 +58,7 @@ def main(args):
                 stage.step(loss, [optimizer], [codebook])
                 stage.log(epoch=epoch, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
                 bar.set_postfix(loss=f"{loss.item():.4f}")
-            scheduler.step()
+            step_schedules([scheduler])
 
         start, end = state.fixed_batch_losses()
         if info.is_main:

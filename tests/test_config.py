@@ -59,6 +59,22 @@ def test_method_constants_are_flags_of_their_stage():
     assert resolved("fine_tuning", ["--reference_stage3", "no"]).reference_stage3 is False
 
 
+@pytest.mark.parametrize("stage,expected", [
+    ("mediator", {"modularity_temp"}),
+    ("front_door", {"contrastive_temp", "pos_thresh", "neg_thresh", "bank_capacity", "bank_keep_ratio",
+                    "ema_momentum"}),
+    ("fine_tuning", {"modularity_temp", "reference_stage3"}),
+    ("test", {"crf_alpha"}),
+])
+def test_each_stage_has_exactly_its_method_flags(stage, expected):
+    parser = build_parser("t", stage)
+    group = next(g for g in parser._action_groups if g.title.startswith("method"))
+    assert {action.dest for action in group._group_actions} == expected
+    if stage == "front_door":
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--bank_capacity", "0"])  # a bank holds at least one vector per concept
+
+
 def test_explicit_flags_win_and_aliases():
     args = resolved("front_door", ["--head", "detr", "--grad_clip", "5", "--epoch", "7", "--grid", "no"])
     assert args.head == "tr" and args.grad_clip == 5.0 and args.epoch == 7 and args.grid is False

@@ -93,6 +93,15 @@ def test_all_stages_learn_and_write_artifacts(tmp_path, toy_dirs, dino_ckpt, hea
     assert config["grad_clip"] == 1.0 and config["weight_decay"] == 1e-4 and config["num_queries"] == 144
     records = [json.loads(line) for line in (run / "front_door.jsonl").read_text().splitlines()]
     assert len(records) == 3 * 4 and {"loss_front", "loss_linear", "probe_acc", "lr"} <= set(records[0])
+    # The learning-rate schedules (SPEC): stage 1 x0.2 every epoch, stage 3 x0.5 every two epochs.
+    stage1_run = dataset_dir(out, toy_dirs["train"][0]) / "modularity" / "dino_tiny8" / "16"
+    for log, expected in ((stage1_run / "mediator.jsonl", [5e-3, 1e-3, 2e-4]),
+                          (run / "fine_tuning.jsonl", [5e-3, 5e-3, 2.5e-3])):
+        lrs = {}
+        for line in log.read_text().splitlines():
+            record = json.loads(line)
+            lrs.setdefault(record["epoch"], set()).add(record["lr"])
+        assert [sorted(lrs[epoch]) for epoch in range(3)] == [[pytest.approx(lr)] for lr in expected], log.name
 
     # predict.py on a folder of plain images, clusters renamed with test.py's matching.
     preds = tmp_path / "pred"
