@@ -78,8 +78,14 @@ def upsample_argmax(scores: torch.Tensor, size: tuple[int, int], chunk: int = 8)
 
 
 def crf_size(height: int, width: int, max_pixels: int) -> tuple[int, int]:
-    """The (height, width) at which the CRF runs: the picture's own, or scaled down to <= max_pixels."""
+    """The (height, width) at which the CRF runs: the picture's own, or scaled down to <= max_pixels.
+
+    Both sides shrink by the same factor, each to at least 1 pixel; when a very thin picture's
+    short side stops at 1, its long side is cut to the budget instead.
+    """
     if height * width <= max_pixels:
         return height, width
     scale = math.sqrt(max_pixels / (height * width))
-    return max(1, int(height * scale)), max(1, int(width * scale))
+    crf_height = max(1, int(height * scale))
+    crf_width = max(1, min(int(width * scale), max_pixels // crf_height))
+    return max(1, min(crf_height, max_pixels // crf_width)), crf_width

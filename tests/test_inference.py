@@ -74,5 +74,13 @@ def test_upsample_argmax_breaks_ties_towards_the_first_class_across_chunks():
 def test_crf_size_keeps_pictures_up_to_the_budget_and_never_drops_a_side():
     assert crf_size(1000, 1000, 1_000_000) == (1000, 1000)  # exactly at the budget: kept
     assert crf_size(1000, 1001, 1_000_000) == (999, 1000)
-    assert crf_size(1, 10_000_000, 1_000_000) == (1, 3162277)  # the short side would round to 0
-    assert crf_size(10_000_000, 1, 1_000_000) == (3162277, 1)
+    assert crf_size(3000, 4000, 2_000_000) == (1224, 1632)
+    # A thin picture: the short side stops at 1 pixel, the long one at the budget.
+    assert crf_size(1, 10_000_000, 1_000_000) == (1, 1_000_000)
+    assert crf_size(10_000_000, 1, 1_000_000) == (1_000_000, 1)
+    assert crf_size(3, 5_000_000, 1_000_000) == (1, 1_000_000)
+    for height, width in [(4000, 3000), (1080, 1920), (7, 900_001), (900_001, 7), (2, 2_000_001),
+                          (1, 10_000_000), (10_000_000, 1)]:
+        crf_height, crf_width = crf_size(height, width, 1_000_000)
+        assert type(crf_height) is int and type(crf_width) is int  # sizes for PIL's resize
+        assert 1 <= crf_height <= height and 1 <= crf_width <= width and crf_height * crf_width <= 1_000_000
