@@ -9,6 +9,8 @@ path, and its temporary file is removed.
 import io
 import os
 
+from PIL import Image
+
 from utils.errors import BadInputError
 
 
@@ -42,8 +44,6 @@ def atomic_write_bytes(path, data):
 
 def atomic_save_image(array, path, image_format="PNG", **options):
     """Encode ``array`` ([H, W] or [H, W, 3] uint8) with Pillow in memory, then write it atomically."""
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format=image_format, **options)
     atomic_write_bytes(path, buffer.getvalue())

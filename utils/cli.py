@@ -7,10 +7,14 @@ import warnings
 
 import torch
 
+from loader.datasets import build_dataset, dataset_info
+from loader.feature_cache import FeatureCache, TokenSource, cache_key
+from loader.netloader import RunLock, build_backbone, output_dir
+from loader.toy import ensure_toy
 from utils import preflight
 from utils.config import resolve, save_config
 from utils.distributed import all_reduce_mean, barrier, cleanup, launch, leave, setup
-from utils.engine import seed_everything
+from utils.engine import make_loader, seed_everything
 from utils.errors import REPORTED_ERRORS, BadInputError, InvalidInputError, SpawnedBadInput, one_line
 
 
@@ -21,8 +25,6 @@ def _print_warnings(caught):
 
 def lock_output(args):
     """Hold the stage's output directory for this run (rank 0 of a torchrun job, or the launching process)."""
-    from loader.netloader import RunLock, output_dir
-
     if int(os.environ.get("RANK", 0)) != 0:
         return None
     with warnings.catch_warnings(record=True) as caught:
@@ -78,9 +80,6 @@ def prepare(args, splits=None):
     stage reads, by default those of ``args.stage``); when it finds problems every rank stops
     before training, with exit code 2. With ``--check`` every rank stops here.
     """
-    from loader.datasets import dataset_info
-    from loader.netloader import build_backbone
-
     info = setup(args.gpu, use_cpu=args.cpu, timeout_min=args.dist_timeout)
     seed_everything(args.seed + info.rank)
     if args.amp is None:
@@ -117,9 +116,6 @@ def single_process(info):
 
 def dataset(args, info, split, resolution, backbone):
     """Build a split with the backbone's own normalisation; the toy data is generated once, by rank 0."""
-    from loader.datasets import build_dataset
-    from loader.toy import ensure_toy
-
     if args.dataset == "toy":
         if info.is_main:
             ensure_toy(args.data_dir)
@@ -130,8 +126,6 @@ def dataset(args, info, split, resolution, backbone):
 
 def train_loader(args, info, backbone):
     """The training split at ``--train_resolution``: ``(loader, sampler)``, shuffled, full batches."""
-    from utils.engine import make_loader
-
     train_set = dataset(args, info, "train", args.train_resolution, backbone)
     return make_loader(train_set, info, args.batch_size, args.num_workers, shuffle=True, drop_last=True,
                        seed=args.seed)
@@ -139,8 +133,6 @@ def train_loader(args, info, backbone):
 
 def token_source(args, info, backbone, split, resolution):
     """The frozen tokens of training batches: ``tokens(img, ind)``, cached with ``--feature_cache``."""
-    from loader.feature_cache import FeatureCache, TokenSource, cache_key
-
     if not args.feature_cache:
         return TokenSource(backbone)
     dtype = torch.float16 if args.amp and info.device.type == "cuda" else torch.float32

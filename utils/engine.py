@@ -22,6 +22,7 @@ from tqdm import tqdm
 from utils.atomic import atomic_write_bytes
 from utils.distributed import all_reduce_mean, all_reduce_mean_grads, all_reduce_mean_values, barrier
 from utils.errors import InvalidInputError, NonFiniteLossError
+from utils.visualize import plot_losses
 
 # Under AMP a non-finite loss is one skipped step; this many in a row is divergence, not overflow.
 AMP_NONFINITE_PATIENCE = 10
@@ -221,8 +222,6 @@ class Stage:
     def finish(self, summary, plot_keys):
         """Write ``<stage>_summary.json`` and ``<stage>_loss.png`` (rank 0), then wait for all ranks."""
         if self.info.is_main:
-            from utils.visualize import plot_losses
-
             summary = {"stage": self.name, "steps": self.global_step, "amp_skipped_steps": self.skipped_steps,
                        "seconds": round(time.time() - self.start, 1), **summary}
             atomic_write_text(os.path.join(self.log_dir, f"{self.name}_summary.json"),

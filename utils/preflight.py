@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from loader.datasets import build_dataset
+from loader.feature_cache import cache_key
 from loader.netloader import (STAGE_SCRIPTS, ArtifactMismatchError, artifact_path, build_segment, check_fits,
                               codebook_path, describe_cluster, describe_segment, expected_cluster, expected_segment,
                               output_dir, provenance_problems, read_codebook, read_state)
@@ -237,8 +238,6 @@ def _artifact_bytes(args, dim):
 
 def _feature_cache_bytes(args, backbone):
     """Bytes the feature cache still needs for the training split (cached items are not counted)."""
-    from loader.feature_cache import cache_key
-
     dtype = torch.float16 if args.amp and torch.cuda.is_available() and not args.cpu else torch.float32
     key = cache_key(args, backbone, "train", args.train_resolution, dtype)
     cache_dir = os.path.join(args.feature_cache,
