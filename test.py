@@ -11,6 +11,7 @@ Evaluation runs in one process (the first id of ``--gpu``).
 
 import json
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -18,12 +19,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from loader.datasets import dataset_info
-from loader.netloader import add_artifact_flags, codebook_path, load_trained_from_flags, run_dir
+from loader.netloader import (ProvenanceWarning, add_artifact_flags, artifact_path, codebook_path,
+                              load_trained_from_flags, read_provenance, run_dir)
 from modules.kmeans import fit_kmeans, kmeans_assign
 from modules.objectives import flip_tta_features, upsample
 from modules.segment import image_to_tokens, tokens_to_image
 from utils import cli
-from utils.config import STAGE3_NOTES, build_parser, saved_stage3_protocol, str2bool
+from utils.config import STAGE3_NOTES, build_parser, saved_stage3_protocol, stage3_protocol, str2bool
 from utils.crf import CRFPool, unnormalize_to_uint8
 from utils.errors import InvalidInputError
 from utils.engine import atomic_write_text, make_loader
@@ -142,10 +144,23 @@ def tqdm_bar(loader, desc):
     return tqdm(loader, desc=desc, dynamic_ncols=True, leave=False)
 
 
+def evaluated_stage3(args):
+    """How stage 3 trained the evaluated segment head: its own provenance record says; without
+    one, the run directory's ``config_fine_tuning.json`` for the artifact tree's head, and
+    ``unknown`` for a head given by path (e.g. a released one)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ProvenanceWarning)  # the pre-flight check has reported it
+        record = read_provenance(artifact_path(args, "segment"))
+    flags = record.get("flags", {}) if record is not None else {}
+    if flags.get("stage") == "fine_tuning" and "reference_stage3" in flags:
+        return stage3_protocol(flags["reference_stage3"])
+    return saved_stage3_protocol(run_dir(args)) if args.segment is None else stage3_protocol(None)
+
+
 def summarise(args, metrics, used, names):
     result = {"dataset": args.dataset, "head": args.head, "n_classes": args.n_classes,
               "backbone": args.ckpt or f"random {args.arch}", "test_resolution": args.test_resolution,
-              "stage3": saved_stage3_protocol(run_dir(args))}
+              "stage3": evaluated_stage3(args)}
     for key, m in metrics.items():
         if m.histogram.sum() == 0:
             continue
