@@ -1,4 +1,4 @@
-"""test.py's evaluation loop against a literal per-image evaluation written from SPEC §7.
+"""test.py's evaluation loop and predict.py's whole-picture recipe against literal formulations (SPEC §7).
 
 A stub backbone that is not flip-equivariant, a student head that differs from its EMA teacher,
 a batch of three and one of two (so the CRF of one batch is collected while the next is computed), the probe's CRF
@@ -11,7 +11,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
+import predict
 import test as test_stage
 from modules.segment import Cluster, SegmentMLP
 from utils.crf import CRFPool, dense_crf, unnormalize_to_uint8
@@ -105,3 +107,59 @@ def test_evaluation_counts_what_a_literal_per_image_evaluation_counts():
         assert np.array_equal(image, unnormalize_to_uint8(batches[i // 3]["img"][i % 3], MEAN, STD))
         assert torch.equal(label, labels[i]) and torch.equal(pred, preds["cluster"][i])
         assert torch.equal(crf_pred, preds["cluster_crf"][i])
+
+
+def literal_prediction(image, backbone, segment, cluster, window, stride, crf_alpha):
+    """predict.py's recipe for one picture, literally: normalise, resize the short side to the window
+    (antialiased), flip-TTA teacher scores of every window at the window's size, the mean over the
+    windows covering each pixel, bilinear to the picture's size; argmax, or argmax of its CRF."""
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
+    img = ((pixels - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None])[None]
+    height, width = img.shape[-2:]
+    scale = window / min(height, width)
+    small = F.interpolate(img, size=(round(height * scale), round(width * scale)), mode="bilinear",
+                          align_corners=False, antialias=True)[0]
+    total, count = torch.zeros(C, *small.shape[-2:]), torch.zeros(small.shape[-2:])
+
+    def starts(length):
+        return sorted({min(offset, length - window) for offset in range(0, length, stride)})
+
+    with torch.no_grad():
+        for y in starts(small.shape[1]):
+            for x in starts(small.shape[2]):
+                crop = small[None, :, y:y + window, x:x + window]
+                teacher = segment.head_ema
+                u = sum(torch.flip(teacher(backbone(torch.flip(crop, [3]) if flip else crop))
+                                   .reshape(1, SIDE, SIDE, -1).permute(0, 3, 1, 2), [3] if flip else [])
+                        for flip in (False, True)) / 2
+                feats = F.interpolate(u, size=(window, window), mode="bilinear", align_corners=False)
+                scores = torch.einsum("brhw,cr->bchw", F.normalize(feats, dim=1),
+                                      F.normalize(cluster.cluster_probe, dim=1))[0]
+                total[:, y:y + window, x:x + window] += scores
+                count[y:y + window, x:x + window] += 1
+    scores = F.interpolate((total / count)[None], size=(image.height, image.width), mode="bilinear",
+                           align_corners=False)[0]
+    plain = scores.argmax(0)
+    crf = dense_crf(np.asarray(image), torch.log_softmax(crf_alpha * scores, 0)).argmax(0)
+    return plain, crf
+
+
+def test_predict_image_is_the_literal_whole_picture_recipe():
+    torch.manual_seed(1)
+    backbone = PatchBackbone().eval()
+    segment = SegmentMLP(D, R, 8, C, dropout=0.0).eval()
+    with torch.no_grad():
+        for param in segment.head.parameters():
+            param.add_(torch.randn_like(param))
+    cluster = Cluster(D, R, 5, C)
+    window = SIDE * PATCH
+    # A smooth picture twice the window's size on its long side, not a multiple of the stride.
+    rgb = F.interpolate(torch.rand(1, 3, 4, 6), size=(37, 61), mode="bilinear", align_corners=False)[0]
+    image = Image.fromarray((rgb.permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+    args = argparse.Namespace(head="mlp", test_resolution=window, train_resolution=2 * window, overlap=0.5,
+                              batch_size=2, crf=False, crf_alpha=2.5, crf_max_megapixels=1.0)
+    plain, crf = literal_prediction(image, backbone, segment, cluster, window, window // 2, crf_alpha=2.5)
+    assert torch.equal(predict.predict_image(image, args, backbone, segment, cluster, torch.device("cpu")), plain)
+    args.crf = True
+    assert torch.equal(predict.predict_image(image, args, backbone, segment, cluster, torch.device("cpu")), crf)
+    assert plain.shape == (37, 61) and not torch.equal(plain, crf)
