@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/bootstrap.sh
+source scripts/ensure_browser.sh
 exec "$PY" -m pytest "$@"

@@ -43,11 +43,10 @@ def report(tmp_path_factory, toy_dirs, dino_ckpt):
 
 
 def browser():
-    for name in BROWSERS:
-        path = shutil.which(name)
-        if path:
-            return path
-    pytest.skip("headless Chromium not found (Debian: apt-get install chromium; .ci/run installs it)")
+    """The headless browser the report is rendered in; test.sh installs Chromium where it can."""
+    found = [path for path in map(shutil.which, BROWSERS) if path]
+    assert found, "no headless Chromium on PATH: install it (Debian: sudo apt-get install chromium), then rerun"
+    return found[0]
 
 
 def test_report_is_self_contained_with_every_section(report):
