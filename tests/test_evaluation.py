@@ -1,40 +1,25 @@
 """test.py's evaluation loop and predict.py's whole-picture recipe against literal formulations (SPEC §7).
 
 A stub backbone that is not flip-equivariant, a student head that differs from its EMA teacher,
-a batch of three and one of two (so the CRF of one batch is collected while the next is computed), the probe's CRF
-on: every pixel count of every metric must be the literal one.
+a batch of three and one of two (so the CRF of one batch is collected while the next is
+computed), the probe's CRF on: every pixel count of every metric must be the literal one.
 """
 
 import argparse
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
 import predict
 import test as test_stage
 from modules.segment import Cluster, SegmentMLP
+from tests._stub_backbone import PatchBackbone
 from utils.crf import CRFPool, dense_crf, unnormalize_to_uint8
 
 C, D, R, SIDE, PATCH = 4, 12, 6, 6, 4
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-class PatchBackbone(nn.Module):
-    """Tokens of 4x4 patches plus a per-column term (not flip-equivariant); ImageNet mean/std."""
-
-    mean, std = MEAN, STD
-
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Linear(3 * PATCH * PATCH, D)
-        self.column = nn.Parameter(torch.randn(SIDE, D))
-
-    def forward(self, img):
-        patches = img.unfold(2, PATCH, PATCH).unfold(3, PATCH, PATCH).permute(0, 2, 3, 1, 4, 5)
-        return (self.proj(patches.reshape(img.shape[0], SIDE, SIDE, -1)) + self.column).reshape(img.shape[0], -1, D)
+MEAN, STD = PatchBackbone.mean, PatchBackbone.std
 
 
 def literal_evaluation(batches, backbone, segment, cluster, crf_alpha):
@@ -75,7 +60,7 @@ def histogram(preds, labels):
 
 def test_evaluation_counts_what_a_literal_per_image_evaluation_counts():
     torch.manual_seed(0)
-    backbone = PatchBackbone().eval()
+    backbone = PatchBackbone(SIDE, D, PATCH).eval()
     segment = SegmentMLP(D, R, 8, C, dropout=0.0).eval()
     with torch.no_grad():
         for param in segment.head.parameters():  # the student moves away from the teacher
@@ -146,7 +131,7 @@ def literal_prediction(image, backbone, segment, cluster, window, stride, crf_al
 
 def test_predict_image_is_the_literal_whole_picture_recipe():
     torch.manual_seed(1)
-    backbone = PatchBackbone().eval()
+    backbone = PatchBackbone(SIDE, D, PATCH).eval()
     segment = SegmentMLP(D, R, 8, C, dropout=0.0).eval()
     with torch.no_grad():
         for param in segment.head.parameters():

@@ -63,6 +63,24 @@ def test_sliding_window_scores_average_the_windows_covering_each_pixel():
     assert scores.dtype == torch.float32
 
 
+def test_identity_scores_come_back_as_the_picture_in_batches_of_windows():
+    img = torch.rand(3, 64, 150)
+    calls = []
+
+    def identity(windows):
+        calls.append(windows.shape[0])
+        return windows
+
+    assert torch.allclose(sliding_window_scores(img, 64, 32, identity, batch_size=2), img, atol=1e-6)
+    assert calls == [2, 2]  # windows at x = 0, 32, 64 and 86 (flush with the edge), two per call
+
+
+def test_upsample_argmax_is_the_argmax_of_the_full_upsampled_scores():
+    scores = torch.randn(7, 9, 13)
+    full = F.interpolate(scores[None], size=(40, 50), mode="bilinear", align_corners=False)[0]
+    assert torch.equal(upsample_argmax(scores, (40, 50), chunk=3), full.argmax(0))
+
+
 def test_upsample_argmax_breaks_ties_towards_the_first_class_across_chunks():
     scores = torch.zeros(10, 3, 4)
     scores[1:8] = -1.0  # classes 0 and 8 (the first of the second chunk) tie everywhere
@@ -74,7 +92,7 @@ def test_upsample_argmax_breaks_ties_towards_the_first_class_across_chunks():
 def test_crf_size_keeps_pictures_up_to_the_budget_and_never_drops_a_side():
     assert crf_size(1000, 1000, 1_000_000) == (1000, 1000)  # exactly at the budget: kept
     assert crf_size(1000, 1001, 1_000_000) == (999, 1000)
-    assert crf_size(3000, 4000, 2_000_000) == (1224, 1632)
+    assert crf_size(3000, 4000, 2_000_000) == (1224, 1632) and crf_size(30, 40, 2_000_000) == (30, 40)
     # A thin picture: the short side stops at 1 pixel, the long one at the budget.
     assert crf_size(1, 10_000_000, 1_000_000) == (1, 1_000_000)
     assert crf_size(10_000_000, 1, 1_000_000) == (1_000_000, 1)

@@ -23,6 +23,7 @@ from modules.objectives import (
 )
 from modules.ops import modularity_loss
 from modules.segment import SegmentMLP, SegmentTR
+from tests._stub_backbone import PatchBackbone
 
 B, SIDE, D, R, E, C, K = 2, 8, 16, 8, 12, 5, 4
 CELL = 4
@@ -327,25 +328,9 @@ def test_update_bank_keeps_the_banks_random_half_with_the_given_generator():
         torch.testing.assert_close(got_t, want_t, rtol=0, atol=0)
 
 
-class PatchBackbone(nn.Module):
-    """Tokens of 4x4 patches: a linear map of the patch plus a term that depends on the
-    column, so that the backbone is not flip-equivariant."""
-
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Linear(3 * 16, D)
-        self.column = nn.Parameter(torch.randn(SIDE, D))
-
-    def forward(self, img):
-        batch = img.shape[0]
-        patches = img.unfold(2, 4, 4).unfold(3, 4, 4)  # [B, 3, h, w, 4, 4]
-        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(batch, SIDE, SIDE, 3 * 16)
-        return (self.proj(patches) + self.column).reshape(batch, SIDE * SIDE, D)
-
-
 def test_flip_tta_features_matches_the_spec():
     torch.manual_seed(0)
-    backbone = PatchBackbone()
+    backbone = PatchBackbone(SIDE, D)
     head = SegmentMLP(D, R, E, C).head_ema.eval()
     img = torch.randn(2, 3, 4 * SIDE, 4 * SIDE)
     u, tokens = flip_tta_features(backbone, head, img)

@@ -7,14 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import predict
 import test as test_stage
 from loader.datasets import read_image
 from loader.images import list_images, output_stems, to_display_rgb
-from modules.inference import crf_size, sliding_window_scores, upsample_argmax, window_starts
 from tests._released_heads import CLASSES, head_flags, write_released_heads
 from utils import cli
 from utils.errors import BadInputError
@@ -193,26 +191,6 @@ def test_mismatched_head_from_the_command_line_exits_2(tmp_path, dino_ckpt, rele
     lines = err.strip().splitlines()
     assert code == 2 and "Traceback" not in err
     assert "holds head=tr, width=48" in lines[-1] and "expected head=mlp" in lines[-1]
-
-
-def test_windows_cover_the_picture_and_scores_are_averaged():
-    assert window_starts(64, 64, 32) == [0]
-    assert window_starts(100, 64, 32) == [0, 32, 36]
-    with pytest.raises(ValueError):
-        window_starts(50, 64, 32)
-    img = torch.rand(3, 64, 150)
-    calls = []
-
-    def identity(windows):
-        calls.append(windows.shape[0])
-        return windows
-
-    assert torch.allclose(sliding_window_scores(img, 64, 32, identity, batch_size=2), img, atol=1e-6)
-    assert calls == [2, 2]  # windows at x = 0, 32, 64 and 86 (flush with the edge), two per call
-    scores = torch.randn(7, 9, 13)
-    full = torch.nn.functional.interpolate(scores[None], size=(40, 50), mode="bilinear", align_corners=False)[0]
-    assert torch.equal(upsample_argmax(scores, (40, 50), chunk=3), full.argmax(0))
-    assert crf_size(3000, 4000, 2_000_000) == (1224, 1632) and crf_size(30, 40, 2_000_000) == (30, 40)
 
 
 def test_list_images_takes_a_file_a_folder_or_a_glob(tmp_path):
