@@ -58,7 +58,8 @@ def main(args):
                 out = losses(img, label, ind, bank)
                 stage.step(out["loss"], [optimizer], params, grad_clip=args.grad_clip,
                            terms={k: out[k] for k in ("loss_front", "loss_linear")})
-                segment.update_teacher(args.ema_momentum)
+                # The reference's teacher shares the student's storage until its first update.
+                segment.update_teacher(args.ema_momentum, tied=stage.global_step == 1)
                 update_bank(bank, codebook, out["sampled_tokens"], out["teacher_proj"])
                 acc = 100.0 * float(out["n_correct"]) / max(1, float(out["n_counted"]))
                 stage.log(epoch=epoch, loss=out["loss"].item(), loss_front=out["loss_front"].item(),

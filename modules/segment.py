@@ -167,10 +167,16 @@ def ema_init(student: nn.Module, teacher: nn.Module) -> None:
 
 
 @torch.no_grad()
-def ema_update(student: nn.Module, teacher: nn.Module, momentum: float = 0.99) -> None:
-    """teacher <- momentum * teacher + (1 - momentum) * student, in place."""
+def ema_update(student: nn.Module, teacher: nn.Module, momentum: float = 0.99, tied: bool = False) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, in place.
+
+    ``tied``: the teacher still shares the student's values, as the reference's teacher shares the
+    student's storage from its initialisation until its first update (so the first update, after
+    the first optimiser step, gives momentum * student + (1 - momentum) * student).
+    """
     for student_param, teacher_param in zip(student.parameters(), teacher.parameters(), strict=True):
-        teacher_param.copy_(momentum * teacher_param + (1 - momentum) * student_param)
+        previous = student_param if tied else teacher_param
+        teacher_param.copy_(momentum * previous + (1 - momentum) * student_param)
 
 
 class SegmentBase(nn.Module):
@@ -196,10 +202,10 @@ class SegmentBase(nn.Module):
         ema_init(self.head, self.head_ema)
         ema_init(self.projection_head, self.projection_head_ema)
 
-    def update_teacher(self, momentum: float = 0.99) -> None:
-        """EMA step of head_ema and projection_head_ema towards the student."""
-        ema_update(self.head, self.head_ema, momentum)
-        ema_update(self.projection_head, self.projection_head_ema, momentum)
+    def update_teacher(self, momentum: float = 0.99, tied: bool = False) -> None:
+        """EMA step of head_ema and projection_head_ema towards the student (``tied``: see ``ema_update``)."""
+        ema_update(self.head, self.head_ema, momentum, tied)
+        ema_update(self.projection_head, self.projection_head_ema, momentum, tied)
 
 
 class SegmentMLP(SegmentBase):

@@ -1,3 +1,4 @@
+import copy
 import math
 from collections import OrderedDict
 
@@ -388,6 +389,35 @@ def test_ema_update_function_on_plain_modules():
     old = teacher.weight.clone()
     ema_update(student, teacher, momentum=0.75)
     assert torch.equal(teacher.weight, 0.75 * old + 0.25 * torch.ones(3, 4))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "tr"])
+def test_first_teacher_update_follows_the_tied_reference_teacher(kind):
+    """The reference's ``ema_init`` makes the teacher share the student's storage
+    (``param_ema.data = param.data``), so the optimiser's first step moves the teacher too, and its
+    first update averages the stepped student with itself; later updates average separate tensors."""
+    torch.manual_seed(0)
+    project = build(kind).train()
+    literal = copy.deepcopy(project)
+    for student, teacher in ((literal.head, literal.head_ema), (literal.projection_head, literal.projection_head_ema)):
+        for param, param_ema in zip(student.parameters(), teacher.parameters()):
+            param_ema.data = param.data  # the reference's tie
+    tokens = torch.randn(2, NQ, D)
+    for step in range(3):
+        for model in (project, literal):
+            optimizer = torch.optim.SGD([*model.head.parameters(), *model.projection_head.parameters()], lr=0.5)
+            torch.manual_seed(step)
+            model.projection_head(model.head(tokens)).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        project.update_teacher(0.9, tied=step == 0)
+        with torch.no_grad():
+            for student, teacher in ((literal.head, literal.head_ema),
+                                     (literal.projection_head, literal.projection_head_ema)):
+                for param, param_ema in zip(student.parameters(), teacher.parameters()):
+                    param_ema.data = 0.9 * param_ema.data + (1 - 0.9) * param.data  # the reference's update
+        for (name, ours), theirs in zip(project.named_parameters(), literal.parameters()):
+            assert torch.equal(ours, theirs), (step, name)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "tr"])

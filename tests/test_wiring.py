@@ -87,6 +87,8 @@ def test_stage2_bank_and_teacher_follow_their_flags(stage_runs):
     assert (bank.capacity, bank.keep_ratio) == (7, 0.25)
     assert len(stage_runs["update_bank"]) == 3 and len(bank) > 0  # filled once per step
     assert [call["momentum"] for call in stage_runs["update_teacher"]] == [0.9] * 3
+    # the reference's teacher shares the student's storage until its first update
+    assert [call["tied"] for call in stage_runs["update_teacher"]] == [True, False, False]
 
 
 def test_stage3_protocol_temperature_and_clipping(stage_runs):
