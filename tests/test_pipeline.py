@@ -219,6 +219,21 @@ def test_backbone_normalisation_reaches_the_dataset(tmp_path, toy_dirs):
     torch.testing.assert_close(item["img"], expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("drop_last, sizes", [("yes", [5, 5, 5]), ("no", [5, 5, 5, 1])])
+def test_drop_last_flag_keeps_or_skips_the_incomplete_batch(tmp_path, toy_dirs, dino_ckpt, drop_last, sizes):
+    from models.backbone import load_backbone
+    from utils.cli import train_loader
+    from utils.distributed import setup
+
+    args = train_mediator.parser().parse_args(flags(tmp_path, dino_ckpt, toy_dirs["train"],
+                                                    extra=["--batch_size", "5", "--drop_last", drop_last]))
+    loader, sampler = train_loader(args, setup("0", use_cpu=True), load_backbone(dino_ckpt))
+    sampler.set_epoch(0)
+    batches = [batch["ind"].tolist() for batch in loader]
+    assert [len(b) for b in batches] == sizes
+    assert len(set(sum(batches, []))) == sum(sizes)
+
+
 def test_run_sh_with_a_unicom_checkpoint(tmp_path, toy_dirs):
     """Issue acceptance: every stage and the test stage run with a Unicom-format checkpoint."""
     # Spaces in the checkpoint, output and data paths (run.sh quotes them).

@@ -125,9 +125,9 @@ def dataset(args, info, split, resolution, backbone):
 
 
 def train_loader(args, info, backbone):
-    """The training split at ``--train_resolution``: ``(loader, sampler)``, shuffled, full batches."""
+    """The training split at ``--train_resolution``: ``(loader, sampler)``, shuffled, ``--drop_last``."""
     train_set = dataset(args, info, "train", args.train_resolution, backbone)
-    return make_loader(train_set, info, args.batch_size, args.num_workers, shuffle=True, drop_last=True,
+    return make_loader(train_set, info, args.batch_size, args.num_workers, shuffle=True, drop_last=args.drop_last,
                        seed=args.seed)
 
 

@@ -141,6 +141,10 @@ def build_parser(description, stage):
                        help="gradient-norm clip of the segment parameters, 0 = none (default per stage, dataset and "
                             "head, SPEC §5-6)")
     optim.add_argument("--max_steps", type=positive_int, default=None, help="stop each epoch after this many steps")
+    if stage in TRAINING_STAGES:
+        optim.add_argument("--drop_last", type=str2bool, default=True,
+                           help="yes/no: skip each epoch's last incomplete batch; no trains on it too, as the "
+                                "reference does")
     optim.add_argument("--seed", type=int, default=0, help="random seed (offset by rank)")
     optim.add_argument("--amp", type=str2bool, default=None,
                        help="yes/no: mixed precision (default: yes on CUDA, no on CPU)")
