@@ -28,8 +28,9 @@ from multiprocessing import Pool
 import numpy as np
 from tqdm import tqdm
 
-from loader.datasets import (BENCHMARKS, CROP_TYPES, DATA_ERRORS, DatasetError, LabelDecoder, crop_ratios,
-                             cropped_dir, dataset_info, incomplete_marker, load_sample, source_dataset)
+from loader.datasets import (BENCHMARKS, CROP_TYPES, crop_ratios, cropped_dir, dataset_info, incomplete_marker,
+                             source_dataset)
+from loader.labels import DATA_ERRORS, DatasetError, LabelDecoder, load_sample
 from utils.atomic import atomic_save_image
 
 

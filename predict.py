@@ -17,7 +17,7 @@ Per input ``x.jpg`` (names keep the extension; a glob over several folders mirro
 ``x.jpg.overlay.png``; plus ``legend.png``. With ``--metrics`` (test.py's metrics.json) the
 clusters become their Hungarian-matched classes. Never writes into an input folder or over an
 existing file (unless ``--overwrite``). An unreadable picture is skipped with a warning; the
-exit code is then 3.
+exit code is then 4.
 """
 
 import json
@@ -29,25 +29,24 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from engine import cli
+from engine.build import load_trained
+from engine.config import build_parser, str2bool
 from loader.images import list_images, open_rgb, output_stems
-from loader.netloader import add_artifact_flags, load_trained_from_flags
 from loader.transforms import image_to_tensor
-from modules.inference import crf_size, resize_short_side, sliding_window_scores, upsample_argmax
-from modules.objectives import flip_tta_features, upsample
-from utils import cli
-from utils.config import build_parser, str2bool
+from modules.inference import (crf_size, flip_tta_features, resize_short_side, sliding_window_scores, upsample,
+                               upsample_argmax)
 from utils.crf import dense_crf
-from utils.errors import InputNotFoundError, InvalidInputError
+from utils.errors import EXIT_SKIPPED_INPUTS, InputNotFoundError, InvalidInputError, one_line
 from utils.visualize import colorize, dataset_colormap, overlay, save_legend, save_png
 
 NONE = 255
-SKIPPED_EXIT = 3
 SUFFIXES = (".png", ".color.png", ".overlay.png")
 LEGEND = "legend.png"
 
 
 def parser():
-    p = build_parser(__doc__.strip().splitlines()[0], stage="test")
+    p = build_parser(__doc__, stage="predict")
     g = p.add_argument_group("prediction")
     g.add_argument("--inputs", required=True, help="an image file, a folder of images, or a glob (quote it)")
     g.add_argument("--output", default="predictions", help="folder for the predicted maps (not an input folder)")
@@ -57,7 +56,6 @@ def parser():
     g.add_argument("--overlap", type=float, default=0.5, help="overlap of neighbouring windows, in [0, 1)")
     g.add_argument("--metrics", default=None, help="metrics.json from test.py: map clusters to matched classes")
     g.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
-    add_artifact_flags(p)
     return p
 
 
@@ -75,9 +73,9 @@ def load_matching(path, key):
     return torch.tensor(result[key]["assignment"]), list(result.get("class_names", []))
 
 
-def window_size(args):
-    """The TR head needs its training grid; the MLP head is evaluated at --test_resolution."""
-    return args.train_resolution if args.head == "tr" else args.test_resolution
+def window_size(cfg, segment):
+    """A head with a fixed grid (TR) sees its training resolution; the MLP head --test_resolution."""
+    return cfg.train_resolution if segment.fixed_grid else cfg.test_resolution
 
 
 def check_output(args, files, stems):
@@ -102,7 +100,7 @@ def check_output(args, files, stems):
 
 def predict_image(image, args, backbone, segment, cluster, device):
     """One displayed RGB PIL image -> int64 [H, W] cluster ids at its own size, on the CPU."""
-    window = window_size(args)
+    window = window_size(args, segment)
     stride = max(1, round(window * (1.0 - args.overlap)))
     img = image_to_tensor(image, backbone.mean, backbone.std).to(device)[None]
     small = resize_short_side(img, window)[0]
@@ -126,8 +124,9 @@ def predict_image(image, args, backbone, segment, cluster, device):
 
 def main(args):
     """Segments every input; returns the list of skipped files."""
-    info, backbone = cli.prepare(args, splits=())
-    device = info.device
+    run = cli.prepare(args, splits=())
+    backbone, device = run.backbone, run.device
+    args = run.cfg
     if not 0.0 <= args.overlap < 1.0:
         raise InvalidInputError(f"--overlap must be in [0, 1), got {args.overlap}")
     if args.n_classes >= NONE:
@@ -135,7 +134,7 @@ def main(args):
     files = list_images(args.inputs)
     stems = output_stems(files)
     targets = check_output(args, files, stems)
-    segment, cluster = load_trained_from_flags(args, backbone.embed_dim, device)
+    segment, cluster = load_trained(args, run.store, backbone.embed_dim, device)
     if args.metrics:
         assignment, names = load_matching(args.metrics, "cluster_crf" if args.crf else "cluster")
         names = names or [f"class {c}" for c in range(args.n_classes)]
@@ -151,7 +150,7 @@ def main(args):
             try:
                 image = open_rgb(path)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-                tqdm.write(f"warning: skipped {path}: {cli.one_line(err) or type(err).__name__}", file=sys.stderr)
+                tqdm.write(f"warning: skipped {path}: {one_line(err) or type(err).__name__}", file=sys.stderr)
                 skipped.append(path)
                 continue
             pred = predict_image(image, args, backbone, segment, cluster, device)
@@ -171,7 +170,7 @@ def main(args):
 
 def cli_main(args):
     if main(args):
-        sys.exit(SKIPPED_EXIT)
+        sys.exit(EXIT_SKIPPED_INPUTS)
 
 
 if __name__ == "__main__":

@@ -18,19 +18,20 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from engine import cli
+from engine.build import load_trained
+from engine.config import STAGE3_NOTES, build_parser, stage3_protocol, str2bool
+from engine.loop import atomic_write_text
+from engine.report import write_report
+from engine.store import ProvenanceWarning
+from loader.batches import make_loader
 from loader.datasets import dataset_info
-from loader.netloader import (ProvenanceWarning, add_artifact_flags, artifact_path, codebook_path,
-                              load_trained_from_flags, read_provenance, run_dir)
+from modules.inference import flip_tta_features, upsample
 from modules.kmeans import fit_kmeans, kmeans_assign
-from modules.objectives import flip_tta_features, upsample
 from modules.segment import image_to_tokens, tokens_to_image
-from utils import cli
-from utils.config import STAGE3_NOTES, build_parser, saved_stage3_protocol, stage3_protocol, str2bool
 from utils.crf import CRFPool, unnormalize_to_uint8
 from utils.errors import InvalidInputError
-from utils.engine import atomic_write_text, make_loader
 from utils.metrics import UnsupervisedMetrics
-from utils.report import write_report
 from utils.visualize import dataset_colormap, plot_confusion, save_iou_table, save_panel
 
 RANDOM_BACKBONE_NOTE = ("note: the backbone is random (ckpt empty): these numbers check the pipeline, not the "
@@ -38,7 +39,7 @@ RANDOM_BACKBONE_NOTE = ("note: the backbone is random (ckpt empty): these number
 
 
 def parser():
-    p = build_parser(__doc__.strip().splitlines()[0], stage="test")
+    p = build_parser(__doc__, stage="test")
     g = p.add_argument_group("evaluation")
     g.add_argument("--crf", type=str2bool, default=True, help="yes/no: also evaluate with dense-CRF post-processing")
     g.add_argument("--crf_workers", type=int, default=None,
@@ -52,14 +53,13 @@ def parser():
     g.add_argument("--kmeans_max_tokens", type=int, default=500_000,
                    help="k-means is fitted on all val tokens, or on this many sampled evenly over the images")
     g.add_argument("--save_images", type=int, default=8, help="panels written for the first N images")
-    add_artifact_flags(p)
     return p
 
 
-def class_names(args):
-    if args.dataset == "folder":
-        return [str(c) for c in range(args.n_classes)]
-    return list(dataset_info(args.dataset).class_names)
+def class_names(cfg):
+    if cfg.dataset == "folder":
+        return [str(c) for c in range(cfg.n_classes)]
+    return list(dataset_info(cfg.dataset).class_names)
 
 
 def fit_baselines(args, loader, backbone, segment, device):
@@ -144,23 +144,19 @@ def tqdm_bar(loader, desc):
     return tqdm(loader, desc=desc, dynamic_ncols=True, leave=False)
 
 
-def evaluated_stage3(args):
-    """How stage 3 trained the evaluated segment head: its own provenance record says; without
-    one, the run directory's ``config_fine_tuning.json`` for the artifact tree's head, and
-    ``unknown`` for a head given by path (e.g. a released one)."""
+def evaluated_stage3(store):
+    """How stage 3 trained the evaluated segment head, as its provenance record says (else ``unknown``)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ProvenanceWarning)  # the pre-flight check has reported it
-        record = read_provenance(artifact_path(args, "segment"))
+        record = store.record("segment")
     flags = record.get("flags", {}) if record is not None else {}
-    if flags.get("stage") == "fine_tuning" and "reference_stage3" in flags:
-        return stage3_protocol(flags["reference_stage3"])
-    return saved_stage3_protocol(run_dir(args)) if args.segment is None else stage3_protocol(None)
+    return stage3_protocol(flags.get("reference_stage3") if flags.get("stage") == "fine_tuning" else None)
 
 
-def summarise(args, metrics, used, names):
+def summarise(args, metrics, used, names, stage3):
     result = {"dataset": args.dataset, "head": args.head, "n_classes": args.n_classes,
               "backbone": args.ckpt or f"random {args.arch}", "test_resolution": args.test_resolution,
-              "stage3": evaluated_stage3(args)}
+              "stage3": stage3}
     for key, m in metrics.items():
         if m.histogram.sum() == 0:
             continue
@@ -174,7 +170,7 @@ def summarise(args, metrics, used, names):
     return result
 
 
-def write_outputs(args, result, metrics, kept, names, out_dir):
+def write_outputs(args, result, metrics, kept, names, out_dir, log_dirs):
     atomic_write_text(os.path.join(out_dir, "metrics.json"), json.dumps(result, indent=2))
     best = "cluster_crf" if "cluster_crf" in result else "cluster"
     save_iou_table(result[best]["iou"], names, os.path.join(out_dir, "iou.md"))
@@ -188,8 +184,8 @@ def write_outputs(args, result, metrics, kept, names, out_dir):
         panels.append(os.path.join(panel_dir, f"{i:04d}.png"))
         save_panel(panels[-1], image, gt, pred, crf_pred if crf_pred is not None else pred,
                    metrics[best].map(final), cmap)
-    write_report(os.path.join(out_dir, "report.html"), vars(args), result, os.path.join(out_dir, "confusion.png"),
-                 panels, [os.path.dirname(codebook_path(args)), out_dir])
+    write_report(os.path.join(out_dir, "report.html"), args.as_dict(), result, os.path.join(out_dir, "confusion.png"),
+                 panels, log_dirs)
 
 
 def results_table(result):
@@ -206,35 +202,35 @@ def results_table(result):
 
 
 def main(args):
-    info, backbone = cli.prepare(args)
-    device = info.device
-    if not info.is_main:
+    run = cli.prepare(args)
+    if not run.info.is_main:
         return
-    info = cli.single_process(info)
-    if args.dataset == "folder" and not args.label_dir:
+    run = cli.single_process(run)
+    cfg, store, device = run.cfg, run.store, run.device
+    if cfg.dataset == "folder" and not cfg.label_dir:
         raise InvalidInputError("test.py scores predictions against labels: give --label_dir, or segment unlabelled "
-                         "images with predict.py")
-    segment, cluster = load_trained_from_flags(args, backbone.embed_dim, device)
-    out_dir = run_dir(args)
-    cli.write_config(args, out_dir, "test")
+                                "images with predict.py")
+    segment, cluster = load_trained(cfg, store, run.backbone.embed_dim, device)
+    out_dir = store.run_dir
+    run.write_config("test", out_dir)
 
-    val_set = cli.dataset(args, info, "val", args.test_resolution, backbone)
-    loader, _ = make_loader(val_set, info, args.batch_size, args.num_workers, shuffle=False, drop_last=False)
-    names = class_names(args)
+    loader, _ = make_loader(run.dataset("val", cfg.test_resolution), run.info, cfg.batch_size, cfg.num_workers,
+                            shuffle=False, drop_last=False)
+    names = class_names(cfg)
     with torch.no_grad():
-        centroids = fit_baselines(args, loader, backbone, segment, device) if args.baseline == "kmeans" else {}
-        if args.crf:
-            with CRFPool(num_workers=args.crf_workers) as pool:
-                metrics, used, kept = evaluate(args, loader, backbone, segment, cluster, device, centroids, pool)
+        centroids = fit_baselines(cfg, loader, run.backbone, segment, device) if cfg.baseline == "kmeans" else {}
+        if cfg.crf:
+            with CRFPool(num_workers=cfg.crf_workers) as pool:
+                metrics, used, kept = evaluate(cfg, loader, run.backbone, segment, cluster, device, centroids, pool)
         else:
-            metrics, used, kept = evaluate(args, loader, backbone, segment, cluster, device, centroids, None)
+            metrics, used, kept = evaluate(cfg, loader, run.backbone, segment, cluster, device, centroids, None)
     if metrics["cluster"].histogram.sum() == 0:
         raise InvalidInputError("the val set has no labelled pixels (0 <= label < n_classes), so there is nothing to "
-                         "score; segment unlabelled images with predict.py")
-    result = summarise(args, metrics, used, names)
-    write_outputs(args, result, metrics, kept, names, out_dir)
+                                "score; segment unlabelled images with predict.py")
+    result = summarise(cfg, metrics, used, names, evaluated_stage3(store))
+    write_outputs(cfg, result, metrics, kept, names, out_dir, [store.mediator_dir, out_dir])
     print(results_table(result))
-    if not args.ckpt:
+    if not cfg.ckpt:
         print(RANDOM_BACKBONE_NOTE)
     print(f"metrics: {os.path.join(out_dir, 'metrics.json')}")
 

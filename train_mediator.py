@@ -8,67 +8,55 @@ import os
 import numpy as np
 import torch
 
-from loader.netloader import build_cluster, codebook_path, mediator_dir, provenance, save_artifact
+from engine import cli
+from engine.config import build_parser
+from engine.loop import fit
 from modules.objectives import mediator_loss
-from utils import cli
-from utils.config import build_parser
-from utils.checkpoint import TrainState
+from modules.segment import init_codebook
 from utils.distributed import barrier
-from utils.engine import Stage, fixed_batch_loss, step_schedules
 
 
 def parser():
-    p = build_parser(__doc__.strip().splitlines()[0], stage="mediator")
+    p = build_parser(__doc__, stage="mediator")
     p.add_argument("--overwrite", action="store_true", help="retrain even if the codebook exists")
     return p
 
 
 def main(args):
-    info, backbone = cli.prepare(args)
-    out_path = codebook_path(args)
-    if os.path.isfile(out_path) and not args.overwrite:
-        if info.is_main:
-            print(f"codebook {out_path} exists, skipping stage 1 (--overwrite to retrain)")
+    run = cli.prepare(args)
+    cfg, store = run.cfg, run.store
+    if os.path.isfile(store.path("codebook")) and not cfg.overwrite:
+        if run.info.is_main:
+            print(f"codebook {store.path('codebook')} exists, skipping stage 1 (--overwrite to retrain)")
         return
-    log_dir = mediator_dir(args)
-    if info.is_main:
-        cli.write_config(args, log_dir, "mediator")
-
-    loader, sampler = cli.train_loader(args, info, backbone)
-    cluster = build_cluster(args, backbone.embed_dim).to(info.device)
-    codebook = cluster.codebook  # uniform in [-1/K, 1/K]
-    optimizer = torch.optim.Adam([codebook], lr=args.lr * info.world_size)
+    run.write_config("mediator")
+    codebook = torch.nn.Parameter(init_codebook(cfg.num_codebook, run.backbone.embed_dim).to(run.device))
+    optimizer = torch.optim.Adam([codebook], lr=cfg.lr * run.info.world_size)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.2)
-    stage = Stage("mediator", info, log_dir, args.amp)
+    trainer = run.trainer(shared={"codebook": codebook, "optimizer": optimizer, "scheduler": scheduler})
+    tokens = run.tokens()
 
-    tokens_of = cli.token_source(args, info, backbone, "train", args.train_resolution)
+    def loss_of(batch):
+        with trainer.autocast():
+            return mediator_loss(codebook, tokens(batch.img, batch.ind), grid=cfg.grid, temp=cfg.modularity_temp)
 
-    def loss_of(img, ind):
-        with stage.autocast():
-            return mediator_loss(codebook, tokens_of(img, ind), grid=args.grid, temp=args.modularity_temp)
+    def train_step(epoch, batch):
+        loss = loss_of(batch)
+        trainer.step(loss, [optimizer], [codebook])
+        return {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
 
-    state = TrainState(stage, args, loader, sampler, shared={"cluster": cluster, "optimizer": optimizer,
-                                                             "scheduler": scheduler},
-                       fixed_loss=lambda img, label, ind: fixed_batch_loss(loss_of, img, ind))
-    state.resume(args.resume)
-    with state.interruptible():
-        for epoch in state.epochs():
-            for img, _, ind, bar in state.batches(epoch, "[mediator]"):
-                loss = loss_of(img, ind)
-                stage.step(loss, [optimizer], [codebook])
-                stage.log(epoch=epoch, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-            step_schedules([scheduler])
+    loader, sampler = run.train_loader()
+    trainer.resume(cfg.resume)
+    with trainer.interruptible():
+        start, end = fit(trainer, loader, sampler, train_step, loss_of, [scheduler], desc="[mediator]")
+        if run.info.is_main:
+            store.save("codebook", codebook.detach().float().cpu().numpy().astype(np.float32), run.flags())
+            print(f"[mediator] codebook {tuple(codebook.shape)} saved to {store.path('codebook')}; fixed-batch "
+                  f"modularity loss {start:.4f} -> {end:.4f}")
+        trainer.remove_states()
+    trainer.finish({"codebook": store.path("codebook"), **trainer.loss_summary("loss", start, end)}, ["loss"])
+    barrier(run.info)
 
-        start, end = state.fixed_batch_losses()
-        if info.is_main:
-            save_artifact(codebook.detach().float().cpu().numpy().astype(np.float32), out_path,
-                          provenance(args, "codebook"))
-            print(f"[mediator] codebook {tuple(codebook.shape)} saved to {out_path}; fixed-batch modularity loss "
-                  f"{start:.4f} -> {end:.4f}")
-        state.finish()
-    stage.finish({"codebook": out_path, **stage.loss_summary("loss", start, end)}, plot_keys=["loss"])
-    barrier(info)
 
 if __name__ == "__main__":
     cli.run(main, parser())

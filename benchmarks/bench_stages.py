@@ -43,8 +43,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from modules.bank import ConceptBank, front_door_loss  # noqa: E402
-from modules.ops import grid_sample_tokens, modularity_loss, vq_index  # noqa: E402
+from modules.bank import ConceptBank  # noqa: E402
+from modules.objectives import front_door_loss, modularity_loss  # noqa: E402
+from modules.ops import grid_sample_tokens, vq_index  # noqa: E402
 from modules.segment import HeadMLP, TokenProjection, linear_probe_loss, tokens_to_image  # noqa: E402
 from utils.crf import CRFPool, dense_crf  # noqa: E402
 

@@ -21,11 +21,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from loader.netloader import trainable  # noqa: E402
 from models.backbone import load_backbone  # noqa: E402
 from modules.bank import ConceptBank  # noqa: E402
-from modules.objectives import (  # noqa: E402
-    fine_tuning_step, flip_tta_features, front_door_step, mediator_loss, update_bank)
+from modules.inference import flip_tta_features  # noqa: E402
+from modules.objectives import fine_tuning_step, front_door_step, mediator_loss, update_bank  # noqa: E402
 from modules.segment import Cluster, SegmentMLP  # noqa: E402
 
 
@@ -139,14 +138,14 @@ def main(argv=None):
         segment = SegmentMLP(dim, 90, args.projection_dim, args.n_classes).to(device).train()
         segment.head, segment.projection_head = maybe_compile(segment.head), maybe_compile(segment.projection_head)
         bank = ConceptBank(args.num_codebook, args.projection_dim).to(device)
-        optimizer = torch.optim.Adam(trainable(segment), lr=1e-3)
+        optimizer = torch.optim.Adam([p for p in segment.parameters() if p.requires_grad], lr=1e-3)
 
         def stage2(step):
             img, label = train_batches[step]
             with torch.no_grad(), autocast():
                 tokens = backbone(img)
             with autocast():
-                out = front_door_step(segment, tokens, label, frozen, bank, "mlp", args.n_classes)
+                out = front_door_step(segment, tokens, label, frozen, bank, args.n_classes)
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             optimizer.step()

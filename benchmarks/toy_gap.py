@@ -31,29 +31,21 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from loader.netloader import (build_cluster, build_segment, cluster_path, load_codebook, load_into,  # noqa: E402
-                              segment_path)
+from engine import cli  # noqa: E402
+from engine.build import load_trained  # noqa: E402
+from engine.config import build_parser  # noqa: E402
+from loader.batches import make_loader  # noqa: E402
+from modules.inference import flip_tta_features, upsample  # noqa: E402
 from modules.kmeans import fit_kmeans  # noqa: E402
-from modules.objectives import flip_tta_features, upsample  # noqa: E402
-from modules.ops import grid_sample_tokens, modularity_loss, soft_comembership  # noqa: E402
-from utils import cli  # noqa: E402
-from utils.config import build_parser  # noqa: E402
-from utils.engine import make_loader  # noqa: E402
+from modules.objectives import modularity_loss, soft_comembership  # noqa: E402
+from modules.ops import grid_sample_tokens  # noqa: E402
 from utils.metrics import UnsupervisedMetrics  # noqa: E402
 
 
-def trained_segment(args, backbone):
-    codebook = load_codebook(args, backbone.embed_dim)
-    segment = load_into(build_segment(args, backbone.embed_dim), segment_path(args), "segment").eval()
-    if args.head == "tr":
-        segment.set_codebook(codebook)
-    cluster = load_into(build_cluster(args, backbone.embed_dim), cluster_path(args), "cluster")
-    return segment, cluster.cluster_probe.detach()
-
-
-def head_features(args, info, backbone, segment):
-    loader, _ = make_loader(cli.dataset(args, info, "val", args.test_resolution, backbone), info,
-                            args.batch_size, 0, shuffle=False, drop_last=False)
+def head_features(run, segment):
+    loader, _ = make_loader(run.dataset("val", run.cfg.test_resolution), run.info, run.cfg.batch_size, 0,
+                            shuffle=False, drop_last=False)
+    backbone = run.backbone
     feats, labels = [], []
     with torch.no_grad():
         for batch in loader:
@@ -62,9 +54,10 @@ def head_features(args, info, backbone, segment):
     return torch.cat(feats), torch.cat(labels)
 
 
-def centred_probe(args, info, backbone, segment):
+def centred_probe(run, segment):
     """Stage 3 again, on mean-centred head features: -> (probe [C, r], training mean [r])."""
-    loader, _ = cli.train_loader(args, info, backbone)
+    args, backbone = run.cfg, run.backbone
+    loader, _ = run.train_loader()
     with torch.no_grad():
         mean = torch.cat([segment.head_ema(backbone(b["img"])).flatten(0, 1) for b in loader]).mean(0)
     torch.manual_seed(args.seed)
@@ -115,21 +108,24 @@ def score(centroids, feats, labels, n_classes):
 
 def main(args):
     args.cpu = True
-    info, backbone = cli.prepare(args)
-    segment, probe = trained_segment(args, backbone)
-    feats, labels = head_features(args, info, backbone, segment)
+    run = cli.prepare(args)
+    args = run.cfg
+    segment, cluster = load_trained(args, run.store, run.backbone.embed_dim, run.device)
+    probe = cluster.cluster_probe.detach()
+    feats, labels = head_features(run, segment)
     sample = feats.flatten(2).transpose(1, 2).reshape(-1, feats.shape[1])
     centroids = {"probe": probe, "kmeans": fit_kmeans(sample, args.n_classes, seed=args.seed),
                  "oracle": class_means(feats, labels, args.n_classes)}
     result = {name: score(c, feats, labels, args.n_classes) for name, c in centroids.items()}
     if args.centred_probe:
-        probe, mean = centred_probe(args, info, backbone, segment)
+        probe, mean = centred_probe(run, segment)
         result["centred"] = score(probe, feats - mean[None, :, None, None], labels, args.n_classes)
     print(json.dumps(result, indent=1))
 
 
 def parser():
-    p = build_parser(__doc__.strip().splitlines()[0], stage="fine_tuning")
+    p = build_parser(__doc__, stage="fine_tuning")
+    p.add_argument("--test_resolution", type=int, default=320, help="evaluation size")
     p.add_argument("--centred_probe", action="store_true",
                    help="also train and score a cluster probe on mean-centred head features (an experiment)")
     return p

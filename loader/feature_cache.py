@@ -14,27 +14,23 @@ import os
 import numpy as np
 import torch
 
-from loader.netloader import atomic_np_save
-from utils.atomic import atomic_write_bytes
+from utils.atomic import atomic_np_save, atomic_write_bytes
 
 
-def cache_key(args, backbone, split, resolution, dtype):
-    """Everything that determines the tokens of one item, as a JSON-able dict."""
-    ckpt = os.path.abspath(args.ckpt) if args.ckpt else None
-    stat = os.stat(ckpt) if ckpt else None
-    return {"ckpt": ckpt, "ckpt_size": stat.st_size if stat else None,
-            "ckpt_mtime": stat.st_mtime if stat else None, "arch": None if ckpt else args.arch,
-            "family": backbone.family, "num_heads": backbone.num_heads, "dataset": args.dataset,
-            "data_dir": os.path.abspath(args.data_dir), "image_dir": args.image_dir, "split": split,
-            "resolution": resolution, "mean": list(backbone.mean), "std": list(backbone.std), "dtype": str(dtype)}
+def cache_dir(root, key):
+    """The folder of one configuration's tokens: ``root/<hash of key>``."""
+    return os.path.join(root, hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16])
 
 
 class FeatureCache:
-    """One folder of per-item token files for one configuration (see :func:`cache_key`)."""
+    """One folder of per-item token files for one configuration.
+
+    ``key``: everything that determines the tokens of an item (checkpoint, architecture,
+    dataset, split, resolution, normalisation, dtype) as a JSON-able dict.
+    """
 
     def __init__(self, root, key):
-        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        self.dir = os.path.join(root, digest)
+        self.dir = cache_dir(root, key)
         os.makedirs(self.dir, exist_ok=True)
         key_path = os.path.join(self.dir, "key.json")
         if not os.path.isfile(key_path):

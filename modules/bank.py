@@ -1,18 +1,10 @@
 """The concept bank of the front-door stage (SPEC §5): one FIFO of teacher projections per concept.
 
-The concept-wise contrastive loss that reads it lives with the other stage objectives in
-``modules/objectives.py``; ``front_door_loss`` is re-exported here, where the project's stable
-interface has always offered it (outside checks import it from ``modules.bank``).
+The concept-wise contrastive loss that reads it is ``modules.objectives.front_door_loss``.
 """
-
-from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
-
-from modules.objectives import front_door_loss
-
-__all__ = ["ConceptBank", "front_door_loss"]
 
 
 class ConceptBank(nn.Module):
@@ -45,7 +37,7 @@ class ConceptBank(nn.Module):
     def __len__(self) -> int:
         return int(self.counts.sum())
 
-    def _random_subset(self, concept_idx: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    def _random_subset(self, concept_idx: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Rows kept by one update: a uniformly random ⌊keep_ratio·n⌋ of the n rows of each concept.
 
         concept_idx: [M] -> LongTensor [L] of row indices, concept ascending, input order
@@ -69,7 +61,7 @@ class ConceptBank(nn.Module):
 
     @torch.no_grad()
     def update(
-        self, concept_idx: torch.Tensor, feats: torch.Tensor, generator: Optional[torch.Generator] = None
+        self, concept_idx: torch.Tensor, feats: torch.Tensor, generator: torch.Generator | None = None
     ) -> None:
         """Append a random ⌊keep_ratio·n⌋ of each concept's n vectors, dropping the oldest.
 
@@ -100,7 +92,7 @@ class ConceptBank(nn.Module):
         self.heads.copy_((self.heads + appended.clamp(max=self.capacity)) % self.capacity)
         self.counts.copy_((self.counts + appended).clamp(max=self.capacity))
 
-    def contents(self) -> Tuple[torch.Tensor, torch.Tensor]:
+    def contents(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every stored vector with its concept: concept ascending, oldest first within a concept.
 
         -> (feats [S, dim] raw, concept_idx LongTensor [S])
@@ -108,7 +100,7 @@ class ConceptBank(nn.Module):
         concepts, slot = self._filled()
         return self.storage[concepts, slot], concepts
 
-    def _filled(self) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _filled(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(concept [S], slot [S]) of every stored vector, concept ascending, oldest first."""
         concepts = torch.repeat_interleave(torch.arange(self.num_concepts, device=self.counts.device), self.counts)
         age = torch.arange(concepts.shape[0], device=concepts.device) - (self.counts.cumsum(0) - self.counts)[concepts]
@@ -144,7 +136,7 @@ class ConceptBank(nn.Module):
         self.counts.copy_(torch.bincount(concepts, minlength=self.num_concepts))
         self.heads.copy_(state["heads"].to(self.heads.device))
 
-    def slots(self) -> Tuple[torch.Tensor, torch.Tensor]:
+    def slots(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The storage itself, without a copy: every slot with its concept, -1 where empty.
 
         -> (feats [K·capacity, dim] raw, a view of the storage; concept_idx LongTensor
@@ -155,7 +147,7 @@ class ConceptBank(nn.Module):
         concepts = torch.arange(self.num_concepts, device=self.counts.device)[:, None].expand_as(filled)
         return self.storage.view(-1, self.dim), torch.where(filled, concepts, -1).reshape(-1)
 
-    def loss_keys(self) -> Tuple[torch.Tensor, torch.Tensor]:
+    def loss_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The bank as `front_door_loss` reads it most cheaply: `slots` (no copy) once at least
         half full, the compact `contents` before (fewer keys to score)."""
         if 2 * len(self) >= self.num_concepts * self.capacity:

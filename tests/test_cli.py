@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from loader.datasets import DatasetNotFoundError
-from utils import cli
+from engine import cli
+from loader.labels import DatasetNotFoundError
 from utils.errors import BadInputError, InvalidInputError, one_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def test_a_value_error_in_a_stage_shows_its_traceback(tmp_path):
     """A bug in the maths (here a ValueError from a shape check) is not disguised as bad input."""
     script = tmp_path / "buggy_stage.py"
     script.write_text(
-        "import torch\nfrom modules.ops import grid_sample_tokens\nfrom utils import cli\nimport argparse\n"
+        "import torch\nfrom modules.ops import grid_sample_tokens\nfrom engine import cli\nimport argparse\n"
         "def main(args):\n    grid_sample_tokens(torch.zeros(2, 3))\n"
         "p = argparse.ArgumentParser(); p.add_argument('--gpu', default='0')\ncli.run(main, p)\n")
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT,

@@ -190,20 +190,21 @@ class SynchronousPool(CRFPool):
 
 def test_evaluation_with_overlapped_crf_equals_the_synchronous_one(tmp_path, toy_dirs, dino_ckpt, monkeypatch):
     import test as test_stage
-    from loader.netloader import atomic_np_save, atomic_torch_save, codebook_path, segment_path
+    from engine.cli import artifact_store
     from modules.segment import Cluster, SegmentMLP
-    from tests._stage_flags import flags
+    from tests._stage_flags import flags, parse
+    from utils.atomic import atomic_np_save, atomic_torch_save
 
     def evaluate(pool_flags, linear_crf="yes"):
         # 8 images in batches of 3, panels for 4: the kept CRF maps span two batches.
         extra = ["--baseline", "none", "--save_images", "4", "--batch_size", "3", "--linear_crf", linear_crf]
-        args = test_stage.parser().parse_args(flags(tmp_path, dino_ckpt, toy_dirs["val"], "mlp", extra + pool_flags))
-        if not os.path.exists(codebook_path(args)):
+        args = parse(test_stage, flags(tmp_path, dino_ckpt, toy_dirs["val"], "mlp", extra + pool_flags))
+        store = artifact_store(args)
+        if not os.path.exists(store.path("codebook")):
             torch.manual_seed(0)
-            atomic_np_save(np.random.default_rng(0).standard_normal((16, 48)).astype(np.float32), codebook_path(args))
-            atomic_torch_save(SegmentMLP(48, 8, 16, 6).state_dict(), segment_path(args))
-            cluster_path = str(segment_path(args)).replace("segment_", "cluster_")
-            atomic_torch_save(Cluster(48, 8, 16, 6).state_dict(), cluster_path)
+            atomic_np_save(np.random.default_rng(0).standard_normal((16, 48)).astype(np.float32), store.path("codebook"))
+            atomic_torch_save(SegmentMLP(48, 8, 16, 6).state_dict(), store.path("segment"))
+            atomic_torch_save(Cluster(48, 8, 16, 6).state_dict(), store.path("cluster"))
         test_stage.main(args)
         run = next(tmp_path.rglob("metrics.json")).parent
         panels = {p.name: p.read_bytes() for p in sorted((run / "panels").glob("*.png"))}
@@ -213,13 +214,13 @@ def test_evaluation_with_overlapped_crf_equals_the_synchronous_one(tmp_path, toy
         patch.setattr(test_stage, "CRFPool", SynchronousPool)
         synchronous, sync_panels = evaluate([])
         without_linear_crf, _ = evaluate([], linear_crf="no")
-        flat_unary, _ = evaluate(["--crf_alpha", "0"], linear_crf="no")
+        flat_unary, _ = evaluate(["--crf_alpha", "1e-12"], linear_crf="no")
     overlapped, panels = evaluate(["--crf_workers", "2"])
     assert set(synchronous) >= {"cluster", "cluster_crf", "linear", "linear_crf"}
     assert overlapped == synchronous
     assert len(panels) == 4 and panels == sync_panels
     assert "linear_crf" not in without_linear_crf
     assert without_linear_crf["cluster_crf"] == synchronous["cluster_crf"]
-    # --crf_alpha reaches the CRF's unary (0: uniform scores) and nothing else.
+    # --crf_alpha reaches the CRF's unary (1e-12: uniform scores) and nothing else.
     assert flat_unary["cluster"] == synchronous["cluster"]
     assert flat_unary["cluster_crf"] != synchronous["cluster_crf"]

@@ -5,7 +5,7 @@ import torch
 
 import train_mediator
 from loader.feature_cache import FeatureCache, TokenSource
-from tests._stage_flags import dataset_dir, flags
+from tests._stage_flags import dataset_dir, flags, parse
 
 
 class CountingBackbone(torch.nn.Module):
@@ -39,7 +39,7 @@ def test_cached_stage_trains_exactly_like_uncached(tmp_path, toy_dirs, dino_ckpt
     for name, extra in (("plain", []), ("cached", ["--feature_cache", str(tmp_path / "cache")])):
         out = tmp_path / name
         argv = flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--epoch", "2", *extra], resolution=96)
-        train_mediator.main(train_mediator.parser().parse_args(argv))
+        train_mediator.main(parse(train_mediator, argv))
         codebooks.append(np.load(dataset_dir(out, toy_dirs["train"][0]) / "modularity" / "dino_tiny8" / "16" / "modular.npy"))
     np.testing.assert_array_equal(codebooks[0], codebooks[1])
     cached = list((tmp_path / "cache").rglob("*.npy"))

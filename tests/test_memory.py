@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 PROBE = """
 import json, resource, torch
-from modules.ops import modularity_loss
+from modules.objectives import modularity_loss
 g = torch.Generator().manual_seed(0)
 concepts = torch.empty(2048, 384).uniform_(-1 / 2048, 1 / 2048, generator=g).requires_grad_()
 feats = torch.randn(16, 100, 384, generator=g)

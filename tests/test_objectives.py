@@ -11,17 +11,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from modules.bank import ConceptBank, front_door_loss
+from modules.bank import ConceptBank
+from modules.inference import flip_tta_features, upsample
 from modules.objectives import (
     fine_tuning_step,
-    flip_tta_features,
+    front_door_loss,
     front_door_step,
     mediator_loss,
+    modularity_loss,
     probe_loss,
     update_bank,
-    upsample,
 )
-from modules.ops import modularity_loss
 from modules.segment import SegmentMLP, SegmentTR
 from tests._stub_backbone import PatchBackbone
 
@@ -111,7 +111,7 @@ def test_front_door_step_with_dropout_matches_the_recipe_under_the_same_seed(hea
     if head == "tr":
         segment.set_codebook(codebook)
     torch.manual_seed(21)
-    out = front_door_step(segment, tokens, label, codebook, None, head, C,
+    out = front_door_step(segment, tokens, label, codebook, None, C,
                           generator=torch.Generator().manual_seed(11))
     torch.manual_seed(21)
     want = front_door_recipe(segment, tokens, label, codebook, torch.zeros(0, E), torch.zeros(0, dtype=torch.long),
@@ -145,7 +145,7 @@ def test_front_door_step_matches_the_spec_recipe(head, with_bank):
     segment = make_segment(head)
     if head == "tr":
         segment.set_codebook(codebook)
-    out = front_door_step(segment, tokens, label, codebook, bank, head, C,
+    out = front_door_step(segment, tokens, label, codebook, bank, C,
                           generator=torch.Generator().manual_seed(11))
     out["loss"].backward()
     trained = ("head.", "projection_head.", "linear.")
@@ -163,7 +163,7 @@ def test_front_door_step_matches_the_spec_recipe(head, with_bank):
     torch.testing.assert_close(out["loss_front"], loss_front, **TOL)
     torch.testing.assert_close(out["loss_linear"], loss_linear, **TOL)
     torch.testing.assert_close(out["loss"], loss_front + loss_linear, **TOL)
-    assert (int(out["n_correct"]), int(out["n_counted"])) == (n_correct, n_counted)
+    assert (out["probe_acc"], out["n_counted"]) == (100.0 * int(n_correct) / int(n_counted), int(n_counted))
     torch.testing.assert_close(out["sampled_tokens"], sampled, rtol=0, atol=0)
     torch.testing.assert_close(out["teacher_proj"], z_bar, **TOL)
     assert not out["sampled_tokens"].requires_grad and not out["teacher_proj"].requires_grad
@@ -181,7 +181,7 @@ def test_front_door_step_with_the_default_generator_picks_one_grid(head):
     if head == "tr":
         segment.set_codebook(codebook)
     torch.manual_seed(11)
-    out = front_door_step(segment, tokens, label, codebook, None, head, C)
+    out = front_door_step(segment, tokens, label, codebook, None, C)
     torch.manual_seed(11)
     order = torch.randint(CELL * CELL, (B * (SIDE // CELL) ** 2,))
     torch.testing.assert_close(out["sampled_tokens"], pick(tokens, order), rtol=0, atol=0)
@@ -193,7 +193,7 @@ def test_front_door_step_with_the_default_generator_picks_one_grid(head):
 def test_front_door_step_without_grid_uses_every_token():
     codebook, tokens, label = make_batch()
     segment = make_segment("mlp")
-    out = front_door_step(segment, tokens, label, codebook, None, "mlp", C, grid=False)
+    out = front_door_step(segment, tokens, label, codebook, None, C, grid=False)
     torch.testing.assert_close(out["sampled_tokens"], tokens, rtol=0, atol=0)
     with torch.no_grad():
         z_bar = segment.projection_head_ema(segment.head_ema(tokens))
@@ -208,7 +208,7 @@ def test_front_door_step_passes_its_thresholds_and_temperature(setting):
     """pos=-1 makes every other token positive, neg=1.5 counts the token itself as a negative."""
     codebook, tokens, label = make_batch()
     segment = make_segment("mlp")
-    out = front_door_step(segment, tokens, label, codebook, None, "mlp", C, grid=False, **setting)
+    out = front_door_step(segment, tokens, label, codebook, None, C, grid=False, **setting)
     with torch.no_grad():
         z_bar = segment.projection_head_ema(segment.head_ema(tokens))
         z = segment.projection_head(segment.head(tokens))
@@ -223,10 +223,11 @@ def test_probe_loss_detach_switch(detach):
     codebook, tokens, label = make_batch()
     segment = make_segment("mlp")
     u = segment.head_ema(tokens)
-    loss, n_correct, n_counted = probe_loss(segment, u, label, C, detach=detach)
+    out = probe_loss(segment, u, label, C, detach=detach)
+    loss = out["loss_linear"]
     want, want_correct, want_counted = probe_recipe(segment, u, label)
     torch.testing.assert_close(loss, want, **TOL)
-    assert (int(n_correct), int(n_counted)) == (want_correct, want_counted)
+    assert (out["probe_acc"], out["n_counted"]) == (100.0 * int(want_correct) / int(want_counted), int(want_counted))
     loss.backward()
     teacher = [p.grad for p in segment.head_ema.parameters()]
     assert segment.linear.f.weight.grad.abs().sum() > 0
@@ -263,7 +264,7 @@ def test_fine_tuning_step_matches_the_spec_recipe(head, reference):
     torch.testing.assert_close(out["loss_mod"], loss_mod, **TOL)
     torch.testing.assert_close(out["loss_linear"], loss_linear, **TOL)
     torch.testing.assert_close(out["loss"], loss_mod + loss_linear, **TOL)
-    assert (int(out["n_correct"]), int(out["n_counted"])) == (n_correct, n_counted)
+    assert (out["probe_acc"], out["n_counted"]) == (100.0 * int(n_correct) / int(n_counted), int(n_counted))
     assert got.keys() == want.keys()
     assert any(name.startswith("head_ema.") for name in want) == reference
     for name in want:

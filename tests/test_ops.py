@@ -2,15 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules.ops import (
-    cosine_similarity_matrix,
-    grid_sample_tokens,
-    modularity_loss,
-    modularity_matrix,
-    soft_comembership,
-    vq,
-    vq_index,
-)
+from modules.objectives import modularity_loss, modularity_matrix, soft_comembership
+from modules.ops import cosine_similarity_matrix, grid_sample_tokens, vq, vq_index
 
 DTYPES = [torch.float32, torch.float64]
 TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-7), torch.float64: dict(rtol=1e-10, atol=1e-14)}

@@ -17,9 +17,10 @@ import predict
 import test as test_stage
 import train_front_door
 import train_mediator
-from loader.netloader import atomic_np_save, atomic_torch_save, codebook_path, segment_path
+from utils.atomic import atomic_np_save, atomic_torch_save
 from tests._backbone_fixtures import make_fake_checkpoint
-from tests._stage_flags import dataset_dir, flags
+from engine.cli import artifact_store
+from tests._stage_flags import dataset_dir, flags, for_script, parse
 from utils import atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,13 +54,13 @@ def test_all_stages_learn_and_write_artifacts(tmp_path, toy_dirs, dino_ckpt, hea
     # 96 px at patch 8: a 12x12 grid, 9 tokens per image after grid sampling; a larger learning
     # rate so that a dozen steps move the tiny model measurably.
     train = flags(out, dino_ckpt, toy_dirs["train"], head, ["--epoch", "3", "--lr", "5e-3"], resolution=96)
-    train_mediator.main(train_mediator.parser().parse_args(train))
-    train_front_door.main(train_front_door.parser().parse_args(train))
-    fine_tuning.main(fine_tuning.parser().parse_args(train))
+    train_mediator.main(parse(train_mediator, train))
+    train_front_door.main(parse(train_front_door, train))
+    fine_tuning.main(parse(fine_tuning, train))
     val = flags(out, dino_ckpt, toy_dirs["val"], head,
                 ["--save_images", "2", "--crf_workers", "0", "--linear_crf", "yes"], resolution=96,
                 trained_on=toy_dirs["train"])
-    test_stage.main(test_stage.parser().parse_args(val))
+    test_stage.main(parse(test_stage, val))
 
     art = dataset_dir(out, toy_dirs["train"][0]) / "dino_tiny8" / "16"
     codebook = np.load(dataset_dir(out, toy_dirs["train"][0]) / "modularity" / "dino_tiny8" / "16" / "modular.npy")
@@ -106,7 +107,7 @@ def test_all_stages_learn_and_write_artifacts(tmp_path, toy_dirs, dino_ckpt, hea
     # predict.py on a folder of plain images, clusters renamed with test.py's matching.
     preds = tmp_path / "pred"
     images = toy_dirs["val"][0]
-    predict.main(predict.parser().parse_args(
+    predict.main(parse(predict, 
         flags(out, dino_ckpt, toy_dirs["val"], head, ["--inputs", str(images), "--output", str(preds),
                                                        "--metrics", str(run / "metrics.json")], resolution=96,
               trained_on=toy_dirs["train"])))
@@ -138,14 +139,13 @@ def released_segment_state(dim, r, e, c):
 
 def test_test_stage_loads_released_layout(tmp_path, toy_dirs, dino_ckpt):
     out = tmp_path / "CAUSE"
-    args = test_stage.parser().parse_args(flags(out, dino_ckpt, toy_dirs["val"], "mlp",
+    args = parse(test_stage, flags(out, dino_ckpt, toy_dirs["val"], "mlp",
                                                 ["--crf", "no", "--baseline", "none", "--save_images", "0"]))
-    args.n_classes = 6
-    atomic_np_save(np.random.default_rng(0).standard_normal((16, 48)).astype(np.float32), codebook_path(args))
-    atomic_torch_save(released_segment_state(48, 8, 16, 6), segment_path(args))
+    store = artifact_store(args)
+    atomic_np_save(np.random.default_rng(0).standard_normal((16, 48)).astype(np.float32), store.path("codebook"))
+    atomic_torch_save(released_segment_state(48, 8, 16, 6), store.path("segment"))
     probe = torch.tensor([[1.0, 0, 0, 0, 0, 0, 0, 0], [0, 1.0, 0, 0, 0, 0, 0, 0]]).repeat(3, 1)
-    atomic_torch_save(OrderedDict(codebook=torch.zeros(16, 48), cluster_probe=probe),
-                      str(segment_path(args)).replace("segment_", "cluster_"))
+    atomic_torch_save(OrderedDict(codebook=torch.zeros(16, 48), cluster_probe=probe), store.path("cluster"))
     test_stage.main(args)
     metrics = json.loads((dataset_dir(out, toy_dirs["val"][0]) / "dino_tiny8" / "16" / "mlp" / "metrics.json").read_text())
     assert set(metrics) >= {"cluster", "linear"} and "cluster_crf" not in metrics
@@ -159,7 +159,8 @@ def run_script(*argv, env=None):
 
 
 def test_missing_artifact_and_dataset_are_one_line_errors(tmp_path, toy_dirs, dino_ckpt):
-    res = run_script("fine_tuning.py", *flags(tmp_path / "CAUSE", dino_ckpt, toy_dirs["train"]))
+    res = run_script("fine_tuning.py", *for_script("fine_tuning.py", flags(tmp_path / "CAUSE", dino_ckpt,
+                                                                            toy_dirs["train"])))
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "run train_mediator.py first" in res.stderr.strip().splitlines()[-1]
 
@@ -204,16 +205,18 @@ def test_two_process_stage1_matches_single_process(tmp_path, toy_dirs, dino_ckpt
 
 def test_backbone_normalisation_reaches_the_dataset(tmp_path, toy_dirs):
     from models.backbone import CLIP_MEAN, CLIP_STD, load_backbone
-    from utils.cli import dataset
+    from engine.cli import Run
+    from engine.config import resolve
     from utils.distributed import setup
 
     unicom = load_backbone(str(make_fake_checkpoint(tmp_path / "FP16-ViT-B-16.pt", "unicom", embed_dim=48,
                                                     depth=2, patch_size=16, img_size=64)))
     assert (unicom.family, unicom.mean, unicom.std) == ("unicom", tuple(CLIP_MEAN), tuple(CLIP_STD))
     images, labels = toy_dirs["val"]
-    args = test_stage.parser().parse_args(["--dataset", "folder", "--image_dir", str(images), "--label_dir",
+    args = parse(test_stage, ["--dataset", "folder", "--image_dir", str(images), "--label_dir",
                                            str(labels), "--n_classes", "6"])
-    item = dataset(args, setup("0", use_cpu=True), "val", 96, unicom)[0]
+    run = Run(resolve(args, 16, 6), setup("0", use_cpu=True), unicom, None)
+    item = run.dataset("val", 96)[0]
     raw = torch.from_numpy(np.array(Image.open(sorted(images.iterdir())[0]).convert("RGB"))).float() / 255
     expected = (raw.permute(2, 0, 1) - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
     torch.testing.assert_close(item["img"], expected, atol=1e-5, rtol=0)
@@ -221,13 +224,14 @@ def test_backbone_normalisation_reaches_the_dataset(tmp_path, toy_dirs):
 
 @pytest.mark.parametrize("drop_last, sizes", [("yes", [5, 5, 5]), ("no", [5, 5, 5, 1])])
 def test_drop_last_flag_keeps_or_skips_the_incomplete_batch(tmp_path, toy_dirs, dino_ckpt, drop_last, sizes):
+    from engine.cli import Run
+    from engine.config import resolve
     from models.backbone import load_backbone
-    from utils.cli import train_loader
     from utils.distributed import setup
 
-    args = train_mediator.parser().parse_args(flags(tmp_path, dino_ckpt, toy_dirs["train"],
-                                                    extra=["--batch_size", "5", "--drop_last", drop_last]))
-    loader, sampler = train_loader(args, setup("0", use_cpu=True), load_backbone(dino_ckpt))
+    args = parse(train_mediator, flags(tmp_path, dino_ckpt, toy_dirs["train"],
+                                       extra=["--batch_size", "5", "--drop_last", drop_last]))
+    loader, sampler = Run(resolve(args, 8, 6), setup("0", use_cpu=True), load_backbone(dino_ckpt), None).train_loader()
     sampler.set_epoch(0)
     batches = [batch["ind"].tolist() for batch in loader]
     assert [len(b) for b in batches] == sizes
@@ -235,17 +239,17 @@ def test_drop_last_flag_keeps_or_skips_the_incomplete_batch(tmp_path, toy_dirs, 
 
 
 def test_run_sh_with_a_unicom_checkpoint(tmp_path, toy_dirs):
-    """Issue acceptance: every stage and the test stage run with a Unicom-format checkpoint."""
+    """Every stage and the test stage run with a Unicom-format checkpoint."""
     # Spaces in the checkpoint, output and data paths (run.sh quotes them).
     ckpt = make_fake_checkpoint(tmp_path / "check points" / "FP16-ViT-B-16.pt", "unicom", embed_dim=48, depth=2,
                                 patch_size=16, img_size=64)
     images, labels = toy_dirs["train"]
     # 128 px: patch 16 then leaves 4 grid-sampled tokens per image (at 64 px, one: a NaN modularity loss).
-    extra = (f"--image_dir {images} --label_dir {labels} --n_classes 6 --num_codebook 16 --projection_dim 16 "
-             f"--reduced_dim 8 --batch_size 4 --num_workers 0 --train_resolution 128 --test_resolution 128 "
-             f"--max_steps 2 --epoch 1 --cpu")
+    extra = (f"--image_dir {images} --label_dir {labels} --n_classes 6 --num_codebook 16 --batch_size 4 "
+             f"--num_workers 0 --train_resolution 128 --cpu")
     env = {"dataset": "folder", "ckpt": str(ckpt), "out": str(tmp_path / "CAUSE out"), "extra": extra,
-           "test_flags": "--crf_workers 0 --save_images 1",
+           "head_flags": "--projection_dim 16 --reduced_dim 8", "train_flags": "--max_steps 2 --epoch 1",
+           "test_flags": "--crf_workers 0 --save_images 1 --test_resolution 128",
            "data_dir": str(tmp_path / "my data")}
     res = subprocess.run(["bash", "run.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, **env})
@@ -276,7 +280,7 @@ def test_ctrl_c_stops_a_stage_without_artifacts(tmp_path, toy_dirs, dino_ckpt):
 
     out = tmp_path / "CAUSE"
     argv = flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--epoch", "1000"])
-    proc = subprocess.Popen([sys.executable, "train_mediator.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "train_mediator.py", *for_script("train_mediator.py", argv)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     log = dataset_dir(out, toy_dirs["train"][0]) / "modularity" / "dino_tiny8" / "16" / "mediator.jsonl"
     deadline = time.time() + 120
@@ -295,7 +299,7 @@ def test_gpu_list_spawns_one_process_per_id(tmp_path, toy_dirs, dino_ckpt):
     out = tmp_path / "CAUSE"
     argv = flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--max_steps", "2"])
     argv[argv.index("--gpu") + 1] = "0,1"
-    res = run_script("train_mediator.py", *argv, "--port", "29533")
+    res = run_script("train_mediator.py", *for_script("train_mediator.py", argv), "--port", "29533")
     assert res.returncode == 0, res.stderr[-2000:]
     run = dataset_dir(out, toy_dirs["train"][0]) / "modularity" / "dino_tiny8" / "16"
     config = json.loads((run / "config_mediator.json").read_text())
@@ -304,5 +308,5 @@ def test_gpu_list_spawns_one_process_per_id(tmp_path, toy_dirs, dino_ckpt):
     assert len(records) == 2 and records[0]["lr"] == pytest.approx(2e-3)
 
     # A failing process stops the job with a non-zero exit and one line, not a hang.
-    res = run_script("fine_tuning.py", *argv, "--port", "29534")
+    res = run_script("fine_tuning.py", *for_script("fine_tuning.py", argv), "--port", "29534")
     assert res.returncode == 2 and "run train_front_door.py first" in res.stderr.strip().splitlines()[-1]

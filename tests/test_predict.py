@@ -11,11 +11,12 @@ from PIL import Image
 
 import predict
 import test as test_stage
-from loader.datasets import read_image
+from engine import cli
 from loader.images import list_images, output_stems, to_display_rgb
+from loader.labels import read_image
 from tests._released_heads import CLASSES, head_flags, write_released_heads
-from utils import cli
-from utils.errors import BadInputError
+from tests._stage_flags import parse
+from utils.errors import EXIT_SKIPPED_INPUTS, BadInputError
 
 EXIF_ORIENTATION = 0x0112
 
@@ -47,7 +48,7 @@ def write_odd_pictures(folder):
 
 
 def run_predict(ckpt, head, paths, inputs, output, *extra):
-    args = predict.parser().parse_args(head_flags(ckpt, head, paths, output.parent / "CAUSE")
+    args = parse(predict, head_flags(ckpt, head, paths, output.parent / "CAUSE")
                                        + ["--inputs", str(inputs), "--output", str(output), *extra])
     return predict.main(args)
 
@@ -142,7 +143,7 @@ def test_corrupt_file_is_skipped_by_name_and_the_exit_code_says_so(tmp_path, din
     (folder / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     code, out, err = run_cli(predict, head_flags(dino_ckpt, "mlp", released["mlp"], tmp_path / "CAUSE") + [
         "--inputs", str(folder), "--output", str(tmp_path / "out"), "--crf", "no"], capsys)
-    assert code == predict.SKIPPED_EXIT, err[-2000:]
+    assert code == EXIT_SKIPPED_INPUTS == 4, err[-2000:]
     warnings = [line for line in err.splitlines() if line.startswith("warning: skipped")]
     assert len(warnings) == 1 and str(folder / "b.png") in warnings[0]
     assert (tmp_path / "out" / "a.png.png").is_file() and (tmp_path / "out" / "c.png.png").is_file()
@@ -156,7 +157,7 @@ def test_released_heads_load_by_path_in_test_and_predict(tmp_path, toy_dirs, din
     flags = head_flags(dino_ckpt, "tr", released["tr"], out) + [
         "--image_dir", str(images), "--label_dir", str(labels), "--crf", "no", "--baseline", "none",
         "--save_images", "1"]
-    test_stage.main(test_stage.parser().parse_args(flags))
+    test_stage.main(parse(test_stage, flags))
     metrics_path = next(out.rglob("metrics.json"))
     metrics = json.loads(metrics_path.read_text())
     assert metrics["head"] == "tr" and 0 <= metrics["cluster"]["mIoU"] <= 100
@@ -178,7 +179,7 @@ def test_mismatched_head_is_one_line_naming_both_sides(tmp_path, dino_ckpt, rele
         "--inputs", str(tmp_path), "--output", str(tmp_path / "out")]
     Image.fromarray(gradient(64, 64)).save(tmp_path / "p.png")
     with pytest.raises(BadInputError) as err:  # the pre-flight check reads the file before any module is built
-        predict.main(predict.parser().parse_args(argv))
+        predict.main(parse(predict, argv))
     message = str(err.value)
     assert "\n" not in message and str(released["tr"]["segment"]) in message
     assert expected in message.split("; expected")[0] and "expected" in message

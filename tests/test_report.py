@@ -11,8 +11,8 @@ from PIL import Image
 
 import test as test_stage
 from tests._released_heads import head_flags, write_released_heads
-from tests._stage_flags import dataset_dir
-from utils.report import SECTIONS, STAGES, render_report
+from tests._stage_flags import dataset_dir, parse
+from engine.report import SECTIONS, STAGES, render_report
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 N_EXAMPLES = 2
@@ -35,7 +35,7 @@ def report(tmp_path_factory, toy_dirs, dino_ckpt):
     images, labels = toy_dirs["val"]
     data = dataset_dir(out, images)
     write_stage_logs(data / "dino_tiny8" / "16" / "mlp", data / "modularity" / "dino_tiny8" / "16")
-    test_stage.main(test_stage.parser().parse_args(head_flags(dino_ckpt, "mlp", paths, out) + [
+    test_stage.main(parse(test_stage, head_flags(dino_ckpt, "mlp", paths, out) + [
         "--image_dir", str(images), "--label_dir", str(labels), "--crf_workers", "0",
         "--save_images", str(N_EXAMPLES)]))
     run = data / "dino_tiny8" / "16" / "mlp"

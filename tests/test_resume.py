@@ -1,6 +1,5 @@
 """Resumable training: interrupted and resumed stages, non-finite guards, a killed rank."""
 
-import argparse
 import os
 import re
 import shutil
@@ -18,12 +17,11 @@ import torch
 import fine_tuning
 import train_front_door
 import train_mediator
-from utils import cli
-from utils.checkpoint import TrainState
+from engine import cli
+from engine.loop import Trainer, step_schedules
 from utils.distributed import setup
-from utils.engine import Stage, step_schedules
-from utils.errors import NonFiniteLossError
-from tests._stage_flags import dataset_dir, flags
+from utils.errors import NonFiniteLossError, WorkerFailedError
+from tests._stage_flags import dataset_dir, flags, for_script, parse
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +46,7 @@ def start(script, argv):
     # The same intra-op thread count as this process, so that CPU results are bit-identical.
     # SIGINT back to its default: a shell ignores it in background jobs, and Python would inherit that.
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    return subprocess.Popen([sys.executable, script, *argv], cwd=ROOT, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, script, *for_script(script, argv)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
@@ -69,8 +67,8 @@ def trained(tmp_path_factory, toy_dirs, dino_ckpt):
     """An output root with a stage-1 codebook and a short stage-2 segment."""
     out = tmp_path_factory.mktemp("resume") / "CAUSE"
     argv = flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--epoch", "1", "--max_steps", "2"])
-    train_mediator.main(train_mediator.parser().parse_args(argv))
-    train_front_door.main(train_front_door.parser().parse_args(argv))
+    train_mediator.main(parse(train_mediator, argv))
+    train_front_door.main(parse(train_front_door, argv))
     return out
 
 
@@ -84,7 +82,7 @@ def test_sigkilled_stage2_resumes_to_the_uninterrupted_artifact(tmp_path, traine
     out = copy_of(trained, tmp_path)
     argv = flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--epoch", "6", "--save_every", "1"])
     run, segment = artifacts(out, toy_dirs) / "mlp", artifacts(out, toy_dirs) / "segment_mlp.pth"
-    train_front_door.main(train_front_door.parser().parse_args(argv))
+    train_front_door.main(parse(train_front_door, argv))
     reference, reference_log = segment.read_bytes(), (run / "front_door.jsonl").read_text()
     shutil.copy(segment, tmp_path / "segment_ref.pth")
 
@@ -97,7 +95,7 @@ def test_sigkilled_stage2_resumes_to_the_uninterrupted_artifact(tmp_path, traine
     assert (run / "state_front_door.pt").is_file()
 
     capsys.readouterr()
-    train_front_door.main(train_front_door.parser().parse_args(argv + ["--resume", "auto"]))
+    train_front_door.main(parse(train_front_door, argv + ["--resume", "auto"]))
     assert "resuming from" in capsys.readouterr().err
     assert tensors_equal(segment, tmp_path / "segment_ref.pth")
     assert (run / "front_door.jsonl").read_text() == reference_log
@@ -109,7 +107,7 @@ def test_interrupted_stage3_keeps_the_old_artifacts_and_resumes(tmp_path, traine
     argv = flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--epoch", "5", "--save_every", "2"])
     run, segment, cluster = artifacts(out, toy_dirs) / "mlp", artifacts(out, toy_dirs) / "segment_mlp.pth", artifacts(out, toy_dirs) / "cluster_mlp.pth"
     stage2 = segment.read_bytes()
-    fine_tuning.main(fine_tuning.parser().parse_args(argv))
+    fine_tuning.main(parse(fine_tuning, argv))
     shutil.copy(segment, tmp_path / "segment_ref.pth")
     shutil.copy(cluster, tmp_path / "cluster_ref.pth")
     segment.write_bytes(stage2)  # stage 3 starts from the stage-2 segment again
@@ -125,7 +123,7 @@ def test_interrupted_stage3_keeps_the_old_artifacts_and_resumes(tmp_path, traine
     assert str(run / "state_fine_tuning.pt") in last and "--resume auto" in last
     assert segment.read_bytes() == stage2 and cluster.read_bytes() == before
 
-    fine_tuning.main(fine_tuning.parser().parse_args(argv + ["--resume", "yes"]))
+    fine_tuning.main(parse(fine_tuning, argv + ["--resume", "yes"]))
     assert tensors_equal(segment, tmp_path / "segment_ref.pth")
     assert tensors_equal(cluster, tmp_path / "cluster_ref.pth")
     assert not list(run.glob("state_*"))
@@ -150,40 +148,39 @@ def test_nan_loss_stops_the_stage_and_keeps_the_last_good_state(tmp_path, traine
 
     monkeypatch.setattr(train_front_door, "front_door_step", poisoned)
     with pytest.raises(SystemExit) as stop:
-        cli.run(train_front_door.main, train_front_door.parser(), argv)
+        cli.run(train_front_door.main, train_front_door.parser(), for_script(train_front_door, argv))
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == NonFiniteLossError.exit_code == 3 and "Traceback" not in "\n".join(err)
     assert err[-1].startswith("error: [front_door] non-finite loss at step 4: loss_front=nan loss_linear=")
     assert err[-1].endswith(f"last good state: {state_path} (step 3)")
     assert state_path.read_bytes() == good[0]
     saved = torch.load(state_path, weights_only=True)
-    assert saved["stage_state"]["global_step"] == 3
+    assert saved["bookkeeping"]["global_step"] == 3
     assert not (artifacts(out, toy_dirs) / "segment_mlp.pth").exists()
 
     # The state is only resumed with the flags it was saved with, and --resume yes needs one.
     monkeypatch.setattr(train_front_door, "front_door_step", real_step)
     with pytest.raises(SystemExit) as stop:
-        cli.run(train_front_door.main, train_front_door.parser(), argv + ["--resume", "auto", "--lr", "0.01"])
+        cli.run(train_front_door.main, train_front_door.parser(),
+                for_script(train_front_door, argv + ["--resume", "auto", "--lr", "0.01"]))
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and "--lr 0.001 -> 0.01" in err[-1] and "--resume no" in err[-1]
     other = flags(tmp_path / "other", dino_ckpt, toy_dirs["train"], "mlp", ["--resume", "yes"])
     with pytest.raises(SystemExit) as stop:
-        cli.run(train_mediator.main, train_mediator.parser(), other)
+        cli.run(train_mediator.main, train_mediator.parser(), for_script(train_mediator, other))
     assert stop.value.code == 2 and "no resumable state" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_a_state_with_non_finite_parameters_is_never_saved(tmp_path):
-    info = setup("0", use_cpu=True)
-    stage = Stage("toy", info, str(tmp_path), amp=False)
     model = torch.nn.Linear(3, 2)
-    args = argparse.Namespace(epoch=1, max_steps=None, save_every=1, seed=0)
-    state = TrainState(stage, args, loader=None, sampler=None, shared={"model": model})
-    state.save()
+    trainer = Trainer("toy", setup("0", use_cpu=True), str(tmp_path), epochs=1, max_steps=None, save_every=1,
+                      amp=False, flags={}, shared={"model": model})
+    trainer.save_state()
     saved = (tmp_path / "state_toy.pt").read_bytes()
     with torch.no_grad():
         model.weight[0, 0] = float("inf")
     with pytest.raises(NonFiniteLossError, match="non-finite parameters.*last good state: .*state_toy.pt"):
-        state.save()
+        trainer.save_state()
     assert (tmp_path / "state_toy.pt").read_bytes() == saved
 
 
@@ -209,7 +206,7 @@ def test_a_killed_rank_stops_the_job_and_resume_completes_it(tmp_path, trained, 
     assert time.time() - killed < 60
     # (after the killed rank's unfinished progress bar; a warning of multiprocessing's resource tracker about
     # the dead process's semaphores may follow)
-    assert proc.returncode == 1 and "Traceback" not in stderr
+    assert proc.returncode == WorkerFailedError.exit_code == 5 and "Traceback" not in stderr
     assert re.search(r"error: process \d of 2 was killed by SIGKILL; the other processes were stopped", stderr)
 
     argv[argv.index("--port") + 1] = free_port()

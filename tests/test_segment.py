@@ -443,7 +443,7 @@ def test_probe_on_detached_teacher_features_reaches_only_the_probe(kind):
     segment.head_ema.requires_grad_(True)
     tokens = torch.randn(2, NQ, D)
     label = torch.randint(-1, C, (2, 12, 12))
-    loss, _, _ = probe_loss(segment, segment.head_ema(tokens), label, C)
+    loss = probe_loss(segment, segment.head_ema(tokens), label, C)["loss_linear"]
     loss.backward()
     assert all(p.grad is not None for p in segment.linear.parameters())
     for module in (segment.head, segment.head_ema, segment.projection_head, segment.projection_head_ema):

@@ -12,8 +12,7 @@ import train_front_door
 import train_mediator
 from modules.objectives import fine_tuning_step
 from modules.segment import SegmentMLP, SegmentTR
-from tests._stage_flags import dataset_dir, flags
-from utils.config import saved_stage3_protocol
+from tests._stage_flags import dataset_dir, flags, parse
 
 
 def one_step_grads(segment, reference):
@@ -51,34 +50,33 @@ def test_reference_stage3_trains_the_teacher_head_and_label_free_does_not(make):
 def test_label_free_stage3_leaves_the_teacher_head_bit_identical(tmp_path, toy_dirs, dino_ckpt):
     out = tmp_path / "CAUSE"
     train = flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--epoch", "1", "--max_steps", "2"])
-    train_mediator.main(train_mediator.parser().parse_args(train))
-    train_front_door.main(train_front_door.parser().parse_args(train))
+    train_mediator.main(parse(train_mediator, train))
+    train_front_door.main(parse(train_front_door, train))
     path = dataset_dir(out, toy_dirs["train"][0]) / "dino_tiny8" / "16" / "segment_mlp.pth"
     stage2 = torch.load(path, weights_only=True)
     moved, copies = {}, {}
     for choice in ("no", "yes"):
         torch.save(stage2, path)
-        fine_tuning.main(fine_tuning.parser().parse_args(train + ["--reference_stage3", choice]))
+        fine_tuning.main(parse(fine_tuning, train + ["--reference_stage3", choice]))
         stage3 = torch.load(path, weights_only=True)
         moved[choice] = [k for k in stage2 if k.startswith("head_ema.") and not torch.equal(stage2[k], stage3[k])]
         assert not torch.equal(stage2["linear.f.weight"], stage3["linear.f.weight"])
         run = path.parent / "mlp"
         protocol = "label_free" if choice == "no" else "reference"
         assert json.loads((run / "fine_tuning_summary.json").read_text())["stage3"] == protocol
-        assert saved_stage3_protocol(str(run)) == json.loads((run / "fine_tuning_summary.json").read_text())["stage3"]
         # A copy of the heads elsewhere; the label-free segment keeps its provenance record.
         copies[choice] = tmp_path / choice
         copies[choice].mkdir()
         for name in ("segment_mlp.pth", "cluster_mlp.pth", "cluster_mlp.pth.json") + (
                 ("segment_mlp.pth.json",) if choice == "no" else ()):
             shutil.copy(path.parent / name, copies[choice] / name)
-    # test.py reports the protocol of the head it evaluates: the head's own provenance record wins over
-    # the run directory's config (now the reference run's); a head by path without one is "unknown".
+    # test.py reports the protocol of the head it evaluates, from the head's own provenance record;
+    # a head by path without one is "unknown".
     evaluate = flags(out, dino_ckpt, toy_dirs["val"], "mlp", ["--crf", "no", "--save_images", "0"],
                      trained_on=toy_dirs["train"])
     for by_path, expected in ((None, "reference"), ("no", "label_free"), ("yes", "unknown")):
         extra = [] if by_path is None else ["--segment", str(copies[by_path] / "segment_mlp.pth"),
                                             "--cluster", str(copies[by_path] / "cluster_mlp.pth")]
-        test_stage.main(test_stage.parser().parse_args(evaluate + extra))
+        test_stage.main(parse(test_stage, evaluate + extra))
         assert json.loads((path.parent / "mlp" / "metrics.json").read_text())["stage3"] == expected, by_path
     assert moved["no"] == [] and len(moved["yes"]) > 0

@@ -14,8 +14,8 @@ import train_front_door
 import train_mediator
 from modules.bank import ConceptBank
 from modules.segment import SegmentBase
-from utils.engine import Stage
-from tests._stage_flags import flags
+from engine.loop import Trainer
+from tests._stage_flags import flags, parse
 
 
 def spy(monkeypatch, owner, name):
@@ -50,21 +50,21 @@ def stage_runs(tmp_path_factory, toy_dirs, dino_ckpt):
 
     try:
         records["mediator_loss"] = spy(monkeypatch, train_mediator, "mediator_loss")
-        train_mediator.main(train_mediator.parser().parse_args(base + ["--modularity_temp", "0.25"]))
+        train_mediator.main(parse(train_mediator, base + ["--modularity_temp", "0.25"]))
 
         records["front_door_step"] = spy(monkeypatch, train_front_door, "front_door_step")
         records["update_bank"] = spy(monkeypatch, train_front_door, "update_bank")
         records["update_teacher"] = spy(monkeypatch, SegmentBase, "update_teacher")
-        records["stage2_step"] = spy(monkeypatch, Stage, "step")
+        records["stage2_step"] = spy(monkeypatch, Trainer, "step")
         monkeypatch.setattr(train_front_door, "ConceptBank", RecordedBank)
-        train_front_door.main(train_front_door.parser().parse_args(base + [
+        train_front_door.main(parse(train_front_door, base + [
             "--contrastive_temp", "0.2", "--pos_thresh", "0.4", "--neg_thresh", "0.05", "--bank_capacity", "7",
             "--bank_keep_ratio", "0.25", "--ema_momentum", "0.9", "--grad_clip", "0.7"]))
         monkeypatch.undo()
 
         records["fine_tuning_step"] = spy(monkeypatch, fine_tuning, "fine_tuning_step")
-        records["stage3_step"] = spy(monkeypatch, Stage, "step")
-        fine_tuning.main(fine_tuning.parser().parse_args(base + [
+        records["stage3_step"] = spy(monkeypatch, Trainer, "step")
+        fine_tuning.main(parse(fine_tuning, base + [
             "--modularity_temp", "0.3", "--reference_stage3", "no", "--grad_clip", "0.6"]))
     finally:
         monkeypatch.undo()

@@ -3,15 +3,22 @@
 A reader of the target sees the previous complete file or the new complete file, never a
 part of one: an error, Ctrl-C or SIGKILL during the write leaves the target as it was. A
 write that fails (disk full, read-only file system, no permission) is one line naming the
-path, and its temporary file is removed.
+path, and its temporary file is removed. Temporary files have the suffix ``.tmp<pid>``; those
+left by a killed process are removed by :func:`remove_stale_temporaries`.
 """
 
+import glob
+import hashlib
 import io
 import os
 
+import numpy as np
+import torch
 from PIL import Image
 
 from utils.errors import BadInputError
+
+TMP_SUFFIX = ".tmp"
 
 
 class OutputWriteError(BadInputError, OSError):
@@ -19,7 +26,7 @@ class OutputWriteError(BadInputError, OSError):
 
 
 def tmp_name(path):
-    return f"{path}.tmp{os.getpid()}"
+    return f"{path}{TMP_SUFFIX}{os.getpid()}"
 
 
 def _write_file(path, data):
@@ -28,7 +35,7 @@ def _write_file(path, data):
 
 
 def atomic_write_bytes(path, data):
-    """Write ``data`` (bytes) to ``path`` through a temporary file and a rename."""
+    """Write ``data`` (bytes) to ``path`` through a temporary file and a rename; returns its sha256."""
     tmp = tmp_name(path)
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -40,10 +47,50 @@ def atomic_write_bytes(path, data):
     finally:
         if os.path.lexists(tmp):
             os.remove(tmp)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _encoded(write):
+    buffer = io.BytesIO()
+    write(buffer)
+    return buffer.getvalue()
+
+
+def atomic_torch_save(obj, path):
+    """``torch.save`` in memory, then written atomically; returns the file's sha256."""
+    return atomic_write_bytes(path, _encoded(lambda f: torch.save(obj, f)))
+
+
+def atomic_np_save(array, path):
+    """``np.save`` in memory, then written atomically; returns the file's sha256."""
+    return atomic_write_bytes(path, _encoded(lambda f: np.save(f, array)))
 
 
 def atomic_save_image(array, path, image_format="PNG", **options):
     """Encode ``array`` ([H, W] or [H, W, 3] uint8) with Pillow in memory, then write it atomically."""
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format=image_format, **options)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, _encoded(lambda f: Image.fromarray(array).save(f, format=image_format, **options)))
+
+
+def pid_alive(pid):
+    """Whether process ``pid`` of this host still runs."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory):
+    """Remove the temporary files that processes of this host, now dead, left in ``directory``.
+
+    Returns the removed paths. A temporary file of a live process (a concurrent writer) is kept.
+    """
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(directory), f"*{TMP_SUFFIX}*")):
+        pid = path.rsplit(TMP_SUFFIX, 1)[1]
+        if pid.isdigit() and not pid_alive(int(pid)) and os.path.isfile(path):
+            os.remove(path)
+            removed.append(path)
+    return removed

@@ -12,7 +12,6 @@ import os
 import signal
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
@@ -135,10 +134,10 @@ class CRFJob:
 
     crf_pool: "CRFPool"
     tasks: list
-    worker_pool: Optional[object] = None  # the multiprocessing pool the batch went to
-    pending: Optional[object] = None  # its AsyncResult
-    error: Optional[BaseException] = None  # why the batch could not be submitted
-    outputs: Optional[list] = field(default=None, init=False, repr=False)
+    worker_pool: object | None = None  # the multiprocessing pool the batch went to
+    pending: object | None = None  # its AsyncResult
+    error: BaseException | None = None  # why the batch could not be submitted
+    outputs: list | None = field(default=None, init=False, repr=False)
 
     def result(self):
         if self.outputs is None:

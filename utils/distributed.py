@@ -15,8 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from utils.errors import (REPORTED_ERRORS, BadInputError, InvalidInputError, NonFiniteLossError, SpawnedBadInput,
-                          WorkerFailedError, one_line)
+from utils.errors import EXIT_CODES, REPORTED_ERRORS, InvalidInputError, SpawnedExit, WorkerFailedError, one_line
 
 DEFAULT_TIMEOUT_MIN = 10.0
 
@@ -130,8 +129,8 @@ def launch(main, args):
     try:
         mp.spawn(_spawned, args=(main, args, len(gpu_ids), args.port), nprocs=len(gpu_ids), join=True)
     except mp.ProcessExitedException as err:
-        if err.signal_name is None and err.exit_code in (BadInputError.exit_code, NonFiniteLossError.exit_code):
-            raise SpawnedBadInput(err.exit_code) from None
+        if err.signal_name is None and err.exit_code in EXIT_CODES and err.exit_code > 1:
+            raise SpawnedExit(err.exit_code) from None
         how = f"was killed by {err.signal_name}" if err.signal_name else f"exited with code {err.exit_code}"
         raise WorkerFailedError(f"process {err.error_index} of {len(gpu_ids)} {how}; the other processes were "
                                 f"stopped (a resumable state, if one was saved, continues with --resume auto)"

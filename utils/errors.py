@@ -1,13 +1,26 @@
-"""The project's bad-input exceptions.
+"""The project's stops, each with its own exit code (``EXIT_CODES``; the README lists them).
 
 Anything the user can fix (a missing path, an unreadable file, a wrong flag, an artifact of
-another run) is raised as a subclass of :class:`BadInputError`; the stage scripts print it as
-one line and exit with code 2. A run that stops for another reason the user should read
-(:class:`RunStoppedError`: a non-finite loss, a dead process) is reported the same way
-with its own exit code. Every other exception is a bug and keeps its traceback.
+another run) is a :class:`BadInputError`: one line, exit code 2. A run that stops for another
+reason the user should read (:class:`RunStoppedError`: a diverged loss, a dead process) is one
+line with its own code. Every other exception is a bug and keeps its traceback (exit code 1).
 The subclasses also derive from the matching built-in, so ``except FileNotFoundError`` and
 ``except ValueError`` still catch them.
 """
+
+EXIT_CODES = {
+    0: "success",
+    1: "unexpected error: a bug, reported with its traceback",
+    2: "bad input: a path, file, flag or artifact to fix, named in one line",
+    3: "training diverged: a non-finite loss or parameters; the last good resumable state is named",
+    4: "predict.py: some input pictures were unreadable and skipped (the others are written)",
+    5: "a process of a multi-process job died; the others were stopped",
+    130: "interrupted by Ctrl-C (SIGINT)",
+    143: "terminated by SIGTERM (e.g. a cluster pre-emption); the resumable state was saved",
+}
+EXIT_SKIPPED_INPUTS = 4
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 class BadInputError(Exception):
@@ -22,14 +35,6 @@ class InputNotFoundError(BadInputError, FileNotFoundError):
 
 class InvalidInputError(BadInputError, ValueError):
     """A flag, file or artifact that exists but cannot be used as it is."""
-
-
-class SpawnedBadInput(BadInputError):
-    """A spawned process stopped on bad input and has already printed its one-line error."""
-
-    def __init__(self, exit_code=2):
-        super().__init__()
-        self.exit_code = exit_code
 
 
 class RunStoppedError(Exception):
@@ -47,7 +52,15 @@ class NonFiniteLossError(RunStoppedError):
 class WorkerFailedError(RunStoppedError):
     """A process of a multi-process run died (killed, crashed); the others were stopped."""
 
-    exit_code = 1
+    exit_code = 5
+
+
+class SpawnedExit(Exception):
+    """A spawned process stopped and has already printed its own line; its exit code is passed on."""
+
+    def __init__(self, exit_code):
+        super().__init__(exit_code)
+        self.exit_code = exit_code
 
 
 REPORTED_ERRORS = (BadInputError, RunStoppedError)
@@ -65,8 +78,7 @@ def one_line(err):
     if len(lines) == 1:
         return lines[0]
     last = lines[-1]
-    prefix = f"{type(err).__module__}.{type(err).__name__}: "
-    for head in (prefix, f"{type(err).__name__}: "):
+    for head in (f"{type(err).__module__}.{type(err).__name__}: ", f"{type(err).__name__}: "):
         if last.startswith(head):
             return last[len(head):]
     return last

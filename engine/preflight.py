@@ -5,8 +5,6 @@ Each ``check_*`` function returns a list of problems, one line each (empty: all 
 stage prints them all and stops with exit code 2 before training anything.
 """
 
-import hashlib
-import json
 import os
 import shutil
 import sys
@@ -16,18 +14,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from engine.build import (build_segment, check_fits, describe_cluster, describe_segment, expected_cluster,
+                          expected_segment, feature_cache_key)
+from engine.store import PRODUCER, ArtifactMismatchError
 from loader.datasets import build_dataset
-from loader.feature_cache import cache_key
-from loader.netloader import (STAGE_SCRIPTS, ArtifactMismatchError, artifact_path, build_segment, check_fits,
-                              codebook_path, describe_cluster, describe_segment, expected_cluster, expected_segment,
-                              output_dir, provenance_problems, read_codebook, read_state)
+from loader.feature_cache import cache_dir
 from loader.toy import ensure_toy
+from modules.segment import SEGMENT_HEADS
 from utils.distributed import parse_gpu_ids, under_torchrun
 from utils.errors import BadInputError, InvalidInputError, one_line
 
-STAGE_SPLITS = {"mediator": ("train",), "front_door": ("train",), "fine_tuning": ("train",), "test": ("val",)}
+STAGE_SPLITS = {"mediator": ("train",), "front_door": ("train",), "fine_tuning": ("train",), "test": ("val",),
+                "predict": ()}
 UPSTREAM_ARTIFACTS = {"mediator": (), "front_door": ("codebook",), "fine_tuning": ("codebook", "segment"),
-                      "test": ("codebook", "segment", "cluster")}
+                      "test": ("codebook", "segment", "cluster"), "predict": ("codebook", "segment", "cluster")}
 SAMPLES_DECODED = 5
 GRID_CELL = 4
 MIN_TOKENS = 2
@@ -77,9 +77,9 @@ def _existing_ancestor(path):
     return path
 
 
-def check_output(args):
+def check_output(args, store):
     """The stage's output directory can be created and written (``--out`` is not a file)."""
-    target = os.path.abspath(output_dir(args))
+    target = os.path.abspath(store.output_dir(args.stage))
     existing = _existing_ancestor(target)
     if not os.path.isdir(existing):
         named = "--out " + args.out if existing == os.path.abspath(args.out) else existing
@@ -106,7 +106,7 @@ def check_geometry(args, patch_size):
     if args.dataset == "folder" and not 1 <= args.n_classes <= MAX_FOLDER_CLASSES:
         problems.append(f"--n_classes {args.n_classes} is out of range for --dataset folder: use 1 to "
                         f"{MAX_FOLDER_CLASSES} (label PNGs hold class ids 0..254, 255 = ignore)")
-    if args.stage == "test":
+    if args.stage in ("test", "predict"):
         if args.test_resolution < patch_size:
             problems.append(f"--test_resolution {args.test_resolution} is below one patch of {patch_size} px; "
                             f"use at least {patch_size}")
@@ -120,27 +120,30 @@ def check_geometry(args, patch_size):
     return problems
 
 
-def _build_split(args, split, resolution):
-    if args.dataset == "toy":
-        ensure_toy(args.data_dir)
-    return build_dataset(args.dataset, args.data_dir, split, resolution, n_classes=args.n_classes,
-                         image_dir=args.image_dir, label_dir=args.label_dir)
+def _build_split(cfg, split, resolution):
+    if cfg.dataset == "toy":
+        ensure_toy(cfg.data_dir)
+    return build_dataset(cfg.dataset, cfg.data_dir, split, resolution, n_classes=cfg.n_classes,
+                         image_dir=cfg.image_dir, label_dir=cfg.label_dir)
 
 
-def check_dataset(args, split, samples=SAMPLES_DECODED):
+def _split_resolution(cfg, split):
+    return cfg.test_resolution if split == "val" else cfg.train_resolution
+
+
+def check_dataset(cfg, split, samples=SAMPLES_DECODED):
     """The split's layout, and a sample of its images and labels spread over it decodes within range."""
-    resolution = args.test_resolution if split == "val" else args.train_resolution
-    if args.dataset == "folder" and not 1 <= args.n_classes <= MAX_FOLDER_CLASSES:
+    if cfg.dataset == "folder" and not 1 <= cfg.n_classes <= MAX_FOLDER_CLASSES:
         return []  # check_geometry reports it; labels cannot be checked against it
-    if args.stage == "test" and args.dataset == "folder" and not args.label_dir:
+    if cfg.stage == "test" and cfg.dataset == "folder" and not cfg.label_dir:
         return ["test.py scores predictions against labels: give --label_dir, or segment unlabelled images with "
                 "predict.py"]
     try:
-        data = _build_split(args, split, resolution)
+        data = _build_split(cfg, split, _split_resolution(cfg, split))
     except BadInputError as err:
         return [one_line(err)]
     if len(data) == 0:
-        return [f"the {split} split of {args.dataset} has no images"]
+        return [f"the {split} split of {cfg.dataset} has no images"]
     picks = sorted(set(np.linspace(0, len(data) - 1, min(samples, len(data))).round().astype(int).tolist()))
     problems = []
     for index in picks:
@@ -151,19 +154,18 @@ def check_dataset(args, split, samples=SAMPLES_DECODED):
     return problems
 
 
-def _codebook_problems(args, dim, fix):
-    path = artifact_path(args, "codebook")
+def _codebook_problems(cfg, store, dim, fix):
+    path = store.path("codebook")
     try:
-        codebook = read_codebook(path)
+        codebook = store.codebook()
     except BadInputError as err:
         return [one_line(err)]
-    problems = []
-    if codebook.shape != (args.num_codebook, dim):
-        problems.append(f"codebook {path} is {list(codebook.shape)} but this run needs [{args.num_codebook}, {dim}] "
-                        f"(--num_codebook, backbone width): {fix}")
-    elif not np.isfinite(codebook).all():
-        problems.append(f"codebook {path} holds NaN or infinite values: {fix}")
-    return problems
+    if codebook.shape != (cfg.num_codebook, dim):
+        return [f"codebook {path} is {list(codebook.shape)} but this run needs [{cfg.num_codebook}, {dim}] "
+                f"(--num_codebook, backbone width): {fix}"]
+    if not np.isfinite(codebook).all():
+        return [f"codebook {path} holds NaN or infinite values: {fix}"]
+    return []
 
 
 def _fit_problems(path, held, expected):
@@ -175,80 +177,83 @@ def _fit_problems(path, held, expected):
     return []
 
 
-def _segment_problems(args, dim):
-    path = artifact_path(args, "segment")
-    other = "tr" if args.head == "mlp" else "mlp"
+def _segment_problems(cfg, store, dim):
+    path = store.path("segment")
+    other = next(name for name in SEGMENT_HEADS if name != cfg.head)
     other_path = os.path.join(os.path.dirname(path), f"segment_{other}.pth")
     if not os.path.isfile(path) and os.path.isfile(other_path):
         return [f"segment weights {path} not found, but segment_{other}.pth is there: did you mean --head {other}? "
-                f"(else run {STAGE_SCRIPTS['segment']} --head {args.head})"]
+                f"(else run {PRODUCER['segment']} --head {cfg.head})"]
     try:
-        state = read_state(path, "segment", given=bool(getattr(args, "segment", None)))
+        state = store.state("segment")
     except BadInputError as err:
         return [one_line(err)]
-    return _fit_problems(path, describe_segment(state), expected_segment(args, dim))
+    return _fit_problems(path, describe_segment(state), expected_segment(cfg, dim))
 
 
-def _cluster_problems(args, dim):
-    path = artifact_path(args, "cluster")
+def _cluster_problems(cfg, store, dim):
+    path = store.path("cluster")
     try:
-        state = read_state(path, "cluster", given=bool(getattr(args, "cluster", None)))
+        state = store.state("cluster")
     except BadInputError as err:
         return [one_line(err)]
     if set(state) != {"codebook", "cluster_probe"}:
-        return [f"{path} holds {sorted(state)[:4]}, not codebook and cluster_probe: rerun {STAGE_SCRIPTS['cluster']}"]
-    return _fit_problems(path, describe_cluster(state), expected_cluster(args, dim))
+        return [f"{path} holds {sorted(state)[:4]}, not codebook and cluster_probe: rerun {PRODUCER['cluster']}"]
+    return _fit_problems(path, describe_cluster(state), expected_cluster(cfg, dim))
 
 
-def check_artifacts(args, dim):
+def needed_artifacts(cfg):
+    """The earlier stages' artifacts this stage reads (evaluation reads the codebook only for the TR head)."""
+    evaluation = cfg.stage in ("test", "predict")
+    return [kind for kind in UPSTREAM_ARTIFACTS[cfg.stage]
+            if not (evaluation and kind == "codebook" and not SEGMENT_HEADS[cfg.head].needs_codebook)]
+
+
+def check_artifacts(cfg, store, dim):
     """Earlier stages' artifacts: present, readable, of this run's shapes, and trained from what this run uses."""
-    if args.stage == "mediator":
-        if not os.path.isfile(codebook_path(args)) or getattr(args, "overwrite", False):
+    if cfg.stage == "mediator":
+        if not os.path.isfile(store.path("codebook")) or getattr(cfg, "overwrite", False):
             return []
-        fix = "train_mediator.py --overwrite retrains it"
-        problems = _codebook_problems(args, dim, fix)
-        return problems + [f"{p} (or --overwrite)" for p in provenance_problems(args, "codebook")]
-    shape_checks = {"codebook": lambda: _codebook_problems(args, dim, "rerun train_mediator.py --overwrite"),
-                    "segment": lambda: _segment_problems(args, dim), "cluster": lambda: _cluster_problems(args, dim)}
-    # Evaluation needs the codebook only for the TR head's queries.
-    needed = [k for k in UPSTREAM_ARTIFACTS[args.stage] if not (args.stage == "test" and k == "codebook"
-                                                                 and args.head == "mlp")]
-    for kind in needed:
+        problems = _codebook_problems(cfg, store, dim, "train_mediator.py --overwrite retrains it")
+        return problems + [f"{p} (or --overwrite)" for p in store.problems("codebook")]
+    shape_checks = {"codebook": lambda: _codebook_problems(cfg, store, dim, "rerun train_mediator.py --overwrite"),
+                    "segment": lambda: _segment_problems(cfg, store, dim),
+                    "cluster": lambda: _cluster_problems(cfg, store, dim)}
+    for kind in needed_artifacts(cfg):
         found = shape_checks[kind]()
-        if os.path.isfile(artifact_path(args, kind)):
-            found = found or provenance_problems(args, kind)
+        if os.path.isfile(store.path(kind)):
+            found = found or store.problems(kind)
         if found:
             return found  # the later artifacts are retrained once this one is fixed
     return []
 
 
-def _artifact_bytes(args, dim):
-    codebook = args.num_codebook * dim * 4
-    if args.stage == "mediator":
+def _artifact_bytes(cfg, dim):
+    codebook = cfg.num_codebook * dim * 4
+    if cfg.stage == "mediator":
         return codebook
-    if args.stage == "test":
+    if cfg.stage in ("test", "predict"):
         return 0
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # empty layers of a bad --n_classes are reported by check_geometry
-        segment = sum(t.numel() for t in build_segment(args, dim).state_dict().values()) * 4
-    if args.stage == "front_door":
+        segment = sum(t.numel() for t in build_segment(cfg, dim).state_dict().values()) * 4
+    if cfg.stage == "front_door":
         return segment
-    return segment + codebook + args.n_classes * args.reduced_dim * 4
+    return segment + codebook + cfg.n_classes * cfg.reduced_dim * 4
 
 
-def _feature_cache_bytes(args, backbone):
+def _feature_cache_bytes(run):
     """Bytes the feature cache still needs for the training split (cached items are not counted)."""
-    dtype = torch.float16 if args.amp and torch.cuda.is_available() and not args.cpu else torch.float32
-    key = cache_key(args, backbone, "train", args.train_resolution, dtype)
-    cache_dir = os.path.join(args.feature_cache,
-                             hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16])
+    cfg, backbone = run.cfg, run.backbone
+    key = feature_cache_key(cfg, backbone)
+    directory = cache_dir(cfg.feature_cache, key)
     try:
-        items = len(_build_split(args, "train", args.train_resolution))
+        items = len(_build_split(cfg, "train", cfg.train_resolution))
     except BadInputError:
         return 0
-    cached = len([f for f in os.listdir(cache_dir) if f.endswith(".npy")]) if os.path.isdir(cache_dir) else 0
-    tokens = (args.train_resolution // backbone.patch_size) ** 2
-    return max(0, items - cached) * (tokens * backbone.embed_dim * (2 if dtype == torch.float16 else 4) + 128)
+    cached = len([f for f in os.listdir(directory) if f.endswith(".npy")]) if os.path.isdir(directory) else 0
+    tokens = (cfg.train_resolution // backbone.patch_size) ** 2
+    return max(0, items - cached) * (tokens * backbone.embed_dim * (2 if "16" in key["dtype"] else 4) + 128)
 
 
 def _size(n):
@@ -259,14 +264,15 @@ def _size(n):
     return f"{n:.1f} TiB"
 
 
-def check_disk(args, backbone):
+def check_disk(run):
     """Free space for this stage's artifacts (written next to the old ones, then renamed) and the feature cache."""
-    needs = {}
-    out = _existing_ancestor(output_dir(args))
-    needs[out] = 2 * _artifact_bytes(args, backbone.embed_dim) + DISK_MARGIN
-    if args.feature_cache and args.stage != "test":
-        cache = _existing_ancestor(args.feature_cache)
-        needs[cache] = needs.get(cache, 0) + _feature_cache_bytes(args, backbone)
+    cfg = run.cfg
+    feature_cache = getattr(cfg, "feature_cache", None)
+    needs = {_existing_ancestor(run.store.output_dir(cfg.stage)): 2 * _artifact_bytes(cfg, run.backbone.embed_dim)
+             + DISK_MARGIN}
+    if feature_cache:
+        cache = _existing_ancestor(feature_cache)
+        needs[cache] = needs.get(cache, 0) + _feature_cache_bytes(run)
     by_device = {}
     for path, need in needs.items():
         device = os.stat(path).st_dev
@@ -277,43 +283,46 @@ def check_disk(args, backbone):
         free = shutil.disk_usage(path).free
         if free < need:
             problems.append(f"{path} has {_size(free)} free but this stage needs about {_size(need)} "
-                            f"(artifacts, logs{', feature cache' if args.feature_cache else ''}): free some space "
+                            f"(artifacts, logs{', feature cache' if feature_cache else ''}): free some space "
                             f"or choose another --out/--feature_cache")
     return problems
 
 
-def run_checks(args, backbone, splits=None):
+def run_checks(run, splits=None):
     """All problems of this run, one line each; warnings (e.g. released heads without provenance) are printed."""
-    splits = STAGE_SPLITS[args.stage] if splits is None else splits
+    cfg, backbone = run.cfg, run.backbone
+    splits = STAGE_SPLITS[cfg.stage] if splits is None else splits
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        problems = check_devices(args) + check_output(args) + check_geometry(args, backbone.patch_size)
+        output = check_output(cfg, run.store)
+        problems = check_devices(cfg) + output + check_geometry(cfg, backbone.patch_size)
         for split in splits:
-            problems += check_dataset(args, split)
-        problems += check_artifacts(args, backbone.embed_dim)
-        if not check_output(args):
-            problems += check_disk(args, backbone)
+            problems += check_dataset(cfg, split)
+        problems += check_artifacts(cfg, run.store, backbone.embed_dim)
+        if not output:
+            problems += check_disk(run)
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
     return problems
 
 
-def summary(args, backbone, splits=None):
+def summary(run, splits=None):
     """The short report of a passing ``--check``."""
-    splits = STAGE_SPLITS[args.stage] if splits is None else splits
-    lines = [f"check {args.stage} ({args.dataset}, head {args.head}): OK",
-             f"  backbone: {backbone.family}, width {backbone.embed_dim}, patch {backbone.patch_size}",
-             f"  resolution: train {args.train_resolution}, test {args.test_resolution}, "
-             f"{sampled_tokens(args.train_resolution, backbone.patch_size, args.grid)} sampled tokens per image"]
+    cfg, backbone, store = run.cfg, run.backbone, run.store
+    splits = STAGE_SPLITS[cfg.stage] if splits is None else splits
+    head = f", head {cfg.head}" if hasattr(cfg, "head") else ""
+    lines = [f"check {cfg.stage} ({cfg.dataset}{head}): OK",
+             f"  backbone: {backbone.family}, width {backbone.embed_dim}, patch {backbone.patch_size}"]
+    if hasattr(cfg, "grid"):
+        lines.append(f"  resolution: train {cfg.train_resolution}, "
+                     f"{sampled_tokens(cfg.train_resolution, backbone.patch_size, cfg.grid)} sampled tokens per image")
+    else:
+        lines.append(f"  resolution: test {cfg.test_resolution}")
     for split in splits:
-        resolution = args.test_resolution if split == "val" else args.train_resolution
-        count = len(_build_split(args, split, resolution))
+        count = len(_build_split(cfg, split, _split_resolution(cfg, split)))
         lines.append(f"  {split}: {count} images, {min(SAMPLES_DECODED, count)} decoded")
-    # Evaluation needs the codebook only for the TR head's queries.
-    needed = [k for k in UPSTREAM_ARTIFACTS[args.stage] if not (args.stage == "test" and k == "codebook"
-                                                                 and args.head == "mlp")]
-    for kind in needed:
-        lines.append(f"  {kind}: {artifact_path(args, kind)}")
-    out = _existing_ancestor(output_dir(args))
-    lines.append(f"  output: {output_dir(args)} ({_size(shutil.disk_usage(out).free)} free)")
+    for kind in needed_artifacts(cfg):
+        lines.append(f"  {kind}: {store.path(kind)}")
+    out = _existing_ancestor(store.output_dir(cfg.stage))
+    lines.append(f"  output: {store.output_dir(cfg.stage)} ({_size(shutil.disk_usage(out).free)} free)")
     return lines

@@ -18,7 +18,7 @@ import tempfile
 from matplotlib.figure import Figure
 
 from utils.atomic import atomic_write_bytes
-from utils.config import STAGE3_NOTES
+from engine.config import STAGE3_NOTES
 from utils.visualize import plot_losses
 
 SECTIONS = ("config", "metrics", "iou", "confusion", "losses", "examples")
