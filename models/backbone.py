@@ -9,25 +9,39 @@ tokens of the last block after the final norm:
 
     img[B, 3, H, W] -> tokens[B, (H/p) * (W/p), D]   (row-major over the h x w grid)
 
-Each family keeps its official position-embedding interpolation, so features at any input
-size divisible by `p` equal those of the authors' code.
+Each family keeps its official position-embedding interpolation (`models.positions`), so
+features at any input size divisible by `p` equal those of the authors' code. Reading the
+files and telling the families apart lives in `models.checkpoints`.
 """
 import functools
 import math
 import os
-import pickle
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
 
 import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from utils.errors import InputNotFoundError, InvalidInputError
+from models.checkpoints import (
+    FAMILIES,
+    LAYOUTS,
+    VIT_KEYS,
+    UnknownCheckpointError,
+    ViTShape,
+    describe_keys,
+    detect_family,
+    extract_backbone,
+    infer_shape,
+    read_checkpoint,
+)
+from models.positions import (
+    interpolate_position_embedding,
+    position_rule,
+    sincos_2d_position_embedding,
+)
+from utils.errors import InvalidInputError
 
 __all__ = [
     "FAMILIES",
@@ -36,6 +50,7 @@ __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "DEFAULT_ARCH",
+    "RANDOM_SEED",
     "UnknownCheckpointError",
     "RandomBackboneWarning",
     "FrozenViT",
@@ -48,7 +63,6 @@ __all__ = [
     "interpolate_position_embedding",
 ]
 
-FAMILIES = ("dino", "dinov2", "ibot", "msn", "mae", "mocov3", "unicom")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -57,336 +71,8 @@ DEFAULT_ARCH = "vit_tiny_patch16_224"
 RANDOM_SEED = 0
 
 
-class UnknownCheckpointError(InvalidInputError):
-    """The checkpoint file cannot be read or matches no supported backbone family."""
-
-
 class RandomBackboneWarning(UserWarning):
     """The backbone has random weights: its features carry no semantics."""
-
-
-# Position embeddings. Every rule maps the patch part of the table, [1, M*M, D] for the
-# checkpoint's M x M grid, to the target h x w grid, [1, h*w, D], row-major.
-
-def _table_to_grid(table: torch.Tensor) -> torch.Tensor:
-    """table: [1, M*M, D] -> grid: [1, D, M, M]."""
-    side = math.isqrt(table.shape[1])
-    return table.reshape(1, side, side, table.shape[2]).permute(0, 3, 1, 2)
-
-
-def _grid_to_table(grid: torch.Tensor) -> torch.Tensor:
-    """grid: [1, D, h, w] -> table: [1, h*w, D]."""
-    return grid.permute(0, 2, 3, 1).reshape(1, grid.shape[2] * grid.shape[3], grid.shape[1])
-
-
-def interpolate_offset(table: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """DINO, iBOT, MAE (as CAUSE uses it), DINOv2 without registers.
-
-    Bicubic, no antialias, scale factors ((h + 0.1) / M, (w + 0.1) / M): the 0.1 offset
-    moves the sampling positions, so `size=(h, w)` would not give the same table.
-    table: [1, M*M, D] -> [1, h*w, D]
-    """
-    side = math.isqrt(table.shape[1])
-    grid = F.interpolate(
-        _table_to_grid(table),
-        scale_factor=((h + 0.1) / side, (w + 0.1) / side),
-        mode="bicubic",
-    )
-    return _grid_to_table(grid)
-
-
-def interpolate_msn(table: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """MSN: bicubic, no offset, one factor sqrt(h*w / M^2) for square grids.
-
-    Non-square grids (which the official code does not support) use h/M and w/M per axis.
-    The output size is forced to (h, w): for some sizes (e.g. M = 14, h = w = 29) the
-    official factor floors to h - 1 and its code fails; the sampling positions stay those
-    of the official factor, which equal those of `size=(h, w)` up to the rounding of the
-    factor.
-    table: [1, M*M, D] -> [1, h*w, D]
-    """
-    side = math.isqrt(table.shape[1])
-    if h == w:
-        scale_h = scale_w = math.sqrt(h * w / side ** 2)
-    else:
-        scale_h, scale_w = h / side, w / side
-    grid = torch.ops.aten.upsample_bicubic2d.default(
-        _table_to_grid(table), [h, w], False, scale_h, scale_w
-    )
-    return _grid_to_table(grid)
-
-
-def interpolate_antialias(table: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """DINOv2 with registers: bicubic to size (h, w) with antialias.
-
-    table: [1, M*M, D] -> [1, h*w, D]
-    """
-    grid = F.interpolate(_table_to_grid(table), size=(h, w), mode="bicubic", antialias=True)
-    return _grid_to_table(grid)
-
-
-def interpolate_size(table: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Unicom (our rule; its forward has no resize): bicubic to size (h, w), no antialias.
-
-    table: [1, M*M, D] -> [1, h*w, D]
-    """
-    grid = F.interpolate(
-        _table_to_grid(table), size=(h, w), mode="bicubic", align_corners=False
-    )
-    return _grid_to_table(grid)
-
-
-def sincos_2d_position_embedding(
-    h: int, w: int, dim: int, temperature: float = 10000.0
-) -> torch.Tensor:
-    """MoCo v3's fixed 2-D sin-cos table for an h x w grid, without the CLS slot.
-
-    Keeps the official `meshgrid(grid_w, grid_h)` ("ij") order: flat token m gets the pair
-    (m // h, m % h), and the channels are [sin(w), cos(w), sin(h), cos(h)], D/4 each (with
-    row-major tokens of a square grid, the "w" quarter therefore encodes the row).
-    -> [1, h*w, dim]
-    """
-    if dim % 4:
-        raise ValueError(f"2-D sin-cos position embedding needs a width divisible by 4, got {dim}")
-    grid_w, grid_h = torch.meshgrid(
-        torch.arange(w, dtype=torch.float32),
-        torch.arange(h, dtype=torch.float32),
-        indexing="ij",
-    )
-    pos_dim = dim // 4
-    omega = 1.0 / temperature ** (torch.arange(pos_dim, dtype=torch.float32) / pos_dim)
-    out_w = torch.einsum("m,d->md", grid_w.flatten(), omega)
-    out_h = torch.einsum("m,d->md", grid_h.flatten(), omega)
-    table = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)
-    return table[None]
-
-
-def interpolate_sincos(table: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """MoCo v3: the table is not resampled but regenerated for the h x w grid.
-
-    table: [1, M*M, D] -> [1, h*w, D]
-    """
-    return sincos_2d_position_embedding(h, w, table.shape[2]).to(table)
-
-
-_POSITION_RULES: Dict[str, Callable[[torch.Tensor, int, int], torch.Tensor]] = {
-    "offset": interpolate_offset,
-    "msn": interpolate_msn,
-    "antialias": interpolate_antialias,
-    "size": interpolate_size,
-    "sincos": interpolate_sincos,
-}
-
-
-def position_rule(family: str, num_registers: int) -> str:
-    """Name of the family's position-embedding rule (a key of `_POSITION_RULES`)."""
-    if family == "dinov2":
-        return "antialias" if num_registers else "offset"
-    return {"msn": "msn", "mocov3": "sincos", "unicom": "size"}.get(family, "offset")
-
-
-def interpolate_position_embedding(
-    table: torch.Tensor, h: int, w: int, rule: str
-) -> torch.Tensor:
-    """Patch position table of the native M x M grid for an h x w grid by `rule`.
-
-    No interpolation at the native grid. table: [1, M*M, D] -> [1, h*w, D]
-    """
-    side = math.isqrt(table.shape[1])
-    if (h, w) == (side, side):
-        return table
-    return _POSITION_RULES[rule](table, h, w)
-
-
-# Checkpoint files.
-
-@dataclass(frozen=True)
-class _Layout:
-    """Where a family keeps its backbone weights inside the file."""
-
-    container: Optional[str]  # top-level key holding the state dict; None: the file is it
-    prefix: str  # key prefix of the backbone inside the container
-    drop: Tuple[str, ...]  # inner key prefixes that are not the backbone
-    description: str
-
-
-_LAYOUTS = {
-    "dino": _Layout(None, "", (), "a plain state dict with cls_token"),
-    "dinov2": _Layout(None, "", ("mask_token",), "a plain state dict (layer scale, mask_token)"),
-    "unicom": _Layout(None, "", ("feature.",), "a plain fp16 state dict without cls_token"),
-    "mae": _Layout("model", "", ("mask_token", "decoder_"), 'a dict with the ViT under "model"'),
-    "ibot": _Layout("state_dict", "", ("masked_embed",), 'a dict with the ViT under "state_dict"'),
-    "msn": _Layout(
-        "target_encoder", "module.", ("fc.",), 'a dict with "module.*" under "target_encoder"'
-    ),
-    "mocov3": _Layout(
-        "state_dict",
-        "module.base_encoder.",
-        ("head.",),
-        'a dict with "module.base_encoder.*" under "state_dict"',
-    ),
-}
-
-_VIT_KEYS = ("patch_embed.proj.weight", "pos_embed", "blocks.0.attn.qkv.weight", "norm.weight")
-
-
-def read_checkpoint(path) -> object:
-    """Load a checkpoint file on the CPU."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise InputNotFoundError(f"checkpoint not found: {path}")
-    if os.path.getsize(path) == 0:
-        raise UnknownCheckpointError(f"{path}: not a readable PyTorch checkpoint (the file is empty)")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if not head.startswith((b"PK", b"\x80")):
-        raise UnknownCheckpointError(f"{path}: not a readable PyTorch checkpoint (neither a zip archive nor a pickle; it "
-                                     f"begins with {head!r})")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass
-    except Exception as exc:  # truncated archives, text files: any failure to read the user's file is bad input
-        raise UnknownCheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or not a weights file "
-                                     f"({_first_line(exc)})") from None
-    # Training outputs of the official repositories also pickle non-tensor objects (an
-    # argparse Namespace, numpy scalars) that the weights-only unpickler refuses. The file is
-    # one the user chose to load as a backbone, so it is unpickled in full.
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise UnknownCheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or not a weights file "
-                                     f"({_first_line(exc)})") from None
-
-
-def _first_line(exc: Exception) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:160]
-
-
-def _is_vit(state_dict: Dict[str, torch.Tensor]) -> bool:
-    return all(key in state_dict for key in _VIT_KEYS)
-
-
-def _extract(raw: object, family: str) -> Optional[Dict[str, torch.Tensor]]:
-    """The family's backbone state dict from a loaded file, or None if it does not fit."""
-    layout = _LAYOUTS[family]
-    if not isinstance(raw, dict):
-        return None
-    inner = raw if layout.container is None else raw.get(layout.container)
-    if not isinstance(inner, dict):
-        return None
-    if layout.prefix:
-        inner = {
-            key[len(layout.prefix):]: value
-            for key, value in inner.items()
-            if isinstance(key, str) and key.startswith(layout.prefix)
-        }
-    state_dict = {
-        key: value
-        for key, value in inner.items()
-        if isinstance(key, str) and not key.startswith(layout.drop)
-    }
-    if not _is_vit(state_dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
-        return None
-    return state_dict
-
-
-def _plain_family(state_dict: Dict[str, torch.Tensor]) -> str:
-    """dino, dinov2 or unicom for a plain state dict (they share no container)."""
-    if "cls_token" not in state_dict:
-        return "unicom"
-    if "mask_token" in state_dict or "register_tokens" in state_dict:
-        return "dinov2"
-    if "blocks.0.ls1.gamma" in state_dict:
-        return "dinov2"
-    return "dino"
-
-
-def detect_family(raw: object) -> Optional[str]:
-    """Family of a loaded checkpoint from its container and keys, or None."""
-    if not isinstance(raw, dict):
-        return None
-    if _extract(raw, "msn") is not None:
-        return "msn"
-    if _extract(raw, "mocov3") is not None:
-        return "mocov3"
-    if _extract(raw, "ibot") is not None:
-        return "ibot"
-    if _extract(raw, "mae") is not None:
-        return "mae"
-    plain = _extract(raw, "dino")
-    return None if plain is None else _plain_family(plain)
-
-
-def _describe_keys(raw: object, limit: int = 8) -> str:
-    """A short list of the top-level keys and those of the first nested dict."""
-    if not isinstance(raw, dict):
-        return f"a {type(raw).__name__}, not a dict"
-
-    def head(keys):
-        keys = [str(key) for key in keys]
-        more = f", ... ({len(keys)} keys)" if len(keys) > limit else ""
-        return "[" + ", ".join(keys[:limit]) + more + "]"
-
-    text = f"top-level keys {head(raw.keys())}"
-    for key, value in raw.items():
-        if isinstance(value, dict):
-            text += f"; keys under {key!r}: {head(value.keys())}"
-            break
-    return text
-
-
-# Architecture.
-
-@dataclass(frozen=True)
-class ViTShape:
-    """What the weights tell about the architecture."""
-
-    embed_dim: int
-    depth: int
-    patch_size: int
-    grid_size: int  # side M of the checkpoint's patch grid
-    mlp_ratio: float
-    num_registers: int
-    class_token: bool
-    qkv_bias: bool
-    layer_scale: bool
-
-
-def infer_shape(state_dict: Dict[str, torch.Tensor], path: str) -> ViTShape:
-    """Architecture of a ViT state dict from its tensor shapes."""
-    proj = state_dict["patch_embed.proj.weight"]
-    if proj.ndim != 4 or proj.shape[2] != proj.shape[3]:
-        raise UnknownCheckpointError(
-            f"{path}: patch_embed.proj.weight has shape {tuple(proj.shape)}, expected [D, 3, p, p]"
-        )
-    embed_dim, patch_size = proj.shape[0], proj.shape[3]
-    depth = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
-    if "blocks.0.mlp.fc1.weight" not in state_dict:
-        blocks0 = sorted(key for key in state_dict if key.startswith("blocks.0."))
-        raise UnknownCheckpointError(
-            f"{path}: unsupported block layout (no mlp.fc1); block 0 holds {blocks0}"
-        )
-    class_token = "cls_token" in state_dict
-    num_patches = state_dict["pos_embed"].shape[1] - int(class_token)
-    grid_size = math.isqrt(num_patches)
-    if grid_size * grid_size != num_patches:
-        raise UnknownCheckpointError(
-            f"{path}: pos_embed holds {num_patches} patch positions, not a square grid"
-        )
-    registers = state_dict.get("register_tokens")
-    return ViTShape(
-        embed_dim=embed_dim,
-        depth=depth,
-        patch_size=patch_size,
-        grid_size=grid_size,
-        mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
-        num_registers=0 if registers is None else registers.shape[1],
-        class_token=class_token,
-        qkv_bias="blocks.0.attn.qkv.bias" in state_dict,
-        layer_scale="blocks.0.ls1.gamma" in state_dict,
-    )
 
 
 def default_num_heads(family: str, embed_dim: int) -> int:
@@ -429,7 +115,7 @@ def build_vit(shape: ViTShape, family: str, num_heads: int) -> VisionTransformer
     return vit
 
 
-def to_timm_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def to_timm_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Backbone keys to timm names (only DINOv2's registers differ), tensors in fp32."""
     renamed = {}
     for key, value in state_dict.items():
@@ -452,8 +138,8 @@ class FrozenViT(nn.Module):
         vit: VisionTransformer,
         family: str,
         position_rule: str,
-        mean: Tuple[float, float, float],
-        std: Tuple[float, float, float],
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
     ):
         super().__init__()
         self.vit = vit
@@ -504,7 +190,7 @@ class FrozenViT(nn.Module):
         return x[:, self.num_prefix_tokens:]
 
 
-def _random_backbone(arch: str, num_heads: Optional[int], seed: int) -> FrozenViT:
+def _random_backbone(arch: str, num_heads: int | None, seed: int) -> FrozenViT:
     """A timm ViT with seeded random weights; the global RNG is left untouched."""
     overrides = {} if num_heads is None else {"num_heads": num_heads}
     with torch.random.fork_rng(devices=[]):
@@ -541,9 +227,9 @@ def _random_backbone(arch: str, num_heads: Optional[int], seed: int) -> FrozenVi
 
 def load_backbone(
     ckpt,
-    family: Optional[str] = None,
-    arch: Optional[str] = None,
-    num_heads: Optional[int] = None,
+    family: str | None = None,
+    arch: str | None = None,
+    num_heads: int | None = None,
     *,
     seed: int = RANDOM_SEED,
 ) -> FrozenViT:
@@ -569,13 +255,13 @@ def load_backbone(
         if family is None:
             raise UnknownCheckpointError(
                 f"{path}: matches no backbone family ({', '.join(FAMILIES)}); "
-                f"found {_describe_keys(raw)}"
+                f"found {describe_keys(raw)}"
             )
-    state_dict = _extract(raw, family)
+    state_dict = extract_backbone(raw, family)
     if state_dict is None:
         raise UnknownCheckpointError(
-            f"{path}: not a {family} checkpoint (expected {_LAYOUTS[family].description} "
-            f"holding {', '.join(_VIT_KEYS)}); found {_describe_keys(raw)}"
+            f"{path}: not a {family} checkpoint (expected {LAYOUTS[family].description} "
+            f"holding {', '.join(VIT_KEYS)}); found {describe_keys(raw)}"
         )
     shape = infer_shape(state_dict, path)
     heads = default_num_heads(family, shape.embed_dim) if num_heads is None else num_heads
@@ -595,7 +281,7 @@ def load_backbone(
     return FrozenViT(vit, family, position_rule(family, shape.num_registers), mean, std)
 
 
-def checkpoint_stem(ckpt, arch: Optional[str] = None) -> str:
+def checkpoint_stem(ckpt, arch: str | None = None) -> str:
     """Name of a backbone for artifact folders: the file name without its extension
     (".pth.tar" counts as one), or "random_<arch>" without a checkpoint."""
     if ckpt is None:
