@@ -1,17 +1,19 @@
 """Frozen ViT backbones built with timm from official self-supervised checkpoints.
 
-`load_backbone` reads a checkpoint file as its authors publish it (DINO, DINOv2 with or
-without registers, iBOT, MSN, MAE, MoCo v3, Unicom), tells the family from the container
-and the keys, reads width, depth, patch size, MLP width, registers and layer scale from the
-tensor shapes, builds the matching timm `VisionTransformer` and loads the weights with
-`strict=True`. The returned module is frozen and maps normalised images to the patch
-tokens of the last block after the final norm:
+`load_backbone` reads a checkpoint as its authors publish it (DINO, DINOv2 with or without
+registers, iBOT, MSN, MAE, MoCo v3, Unicom, DINOv3 in Meta's or Hugging Face's layout; `.pth` or
+`.safetensors`), tells the family from the container and the keys, reads width, depth, patch
+size, MLP width, registers and layer scale from the tensor shapes, builds the matching timm model
+and loads the weights strictly. A timm state dict of any ViT loads by its timm name (`arch`). The
+returned module is frozen and maps normalised images to the patch tokens of the last block after
+the final norm:
 
     img[B, 3, H, W] -> tokens[B, (H/p) * (W/p), D]   (row-major over the h x w grid)
 
-Each family keeps its official position-embedding interpolation (`models.positions`), so
-features at any input size divisible by `p` equal those of the authors' code. Reading the
-files and telling the families apart lives in `models.checkpoints`.
+Each family keeps its official position handling (`models.positions`; RoPE for DINOv3, in
+`models.dinov3`), so features at any input size divisible by `p` equal those of the authors'
+code. Reading files is `models.files`, family detection `models.checkpoints`, input
+normalisation `models.normalisation`.
 """
 import functools
 import math
@@ -22,25 +24,20 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn as nn
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
 from models.checkpoints import (
-    FAMILIES,
-    LAYOUTS,
-    VIT_KEYS,
-    UnknownCheckpointError,
-    ViTShape,
-    describe_keys,
-    detect_family,
-    extract_backbone,
-    infer_shape,
-    read_checkpoint,
+    FAMILIES, LAYOUTS, META_KEYS, VIT_KEYS, ViTShape, describe_keys, detect_family, dinov3_missing_keys,
+    extract_backbone, infer_shape, state_dict_mismatch, timm_state_dict,
 )
-from models.positions import (
-    interpolate_position_embedding,
-    position_rule,
-    sincos_2d_position_embedding,
+from models.dinov3 import dinov3_num_heads, load_dinov3
+from models.files import HF_WEIGHTS, UnknownCheckpointError, checkpoint_files, read_checkpoint, read_hf_config
+from models.normalisation import (
+    CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, NORMALISATIONS, SAT_MEAN, SAT_STD,
+    NormalisationHintWarning, normalisation_hint, resolve_normalisation,
 )
+from models.positions import interpolate_position_embedding, position_rule, sincos_2d_position_embedding
 from utils.errors import InvalidInputError
 
 __all__ = [
@@ -49,26 +46,31 @@ __all__ = [
     "IMAGENET_STD",
     "CLIP_MEAN",
     "CLIP_STD",
+    "SAT_MEAN",
+    "SAT_STD",
+    "NORMALISATIONS",
     "DEFAULT_ARCH",
     "RANDOM_SEED",
     "UnknownCheckpointError",
     "RandomBackboneWarning",
+    "NormalisationHintWarning",
     "FrozenViT",
     "load_backbone",
     "checkpoint_stem",
+    "checkpoint_files",
     "default_num_heads",
     "read_checkpoint",
     "detect_family",
+    "resolve_normalisation",
+    "normalisation_hint",
     "sincos_2d_position_embedding",
     "interpolate_position_embedding",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_ARCH = "vit_tiny_patch16_224"
 RANDOM_SEED = 0
+# Position rules whose forward is timm's own: RoPE (DINOv3) and a timm architecture loaded by name.
+TIMM_FORWARD_RULES = ("rope", "timm")
 
 
 class RandomBackboneWarning(UserWarning):
@@ -78,9 +80,11 @@ class RandomBackboneWarning(UserWarning):
 def default_num_heads(family: str, embed_dim: int) -> int:
     """Heads of the official model (the weights do not show them).
 
-    DINO, DINOv2, iBOT, MSN, MAE: 64 channels per head. MoCo v3 and Unicom: 12 below width
-    1024 (their ViT-S and ViT-B alike), 16 from 1024.
+    DINO, DINOv2, iBOT, MSN, MAE, DINOv3: 64 channels per head (DINOv3 7B: 128). MoCo v3 and
+    Unicom: 12 below width 1024 (their ViT-S and ViT-B alike), 16 from 1024.
     """
+    if family == "dinov3":
+        return dinov3_num_heads(embed_dim)
     if family in ("mocov3", "unicom"):
         return 12 if embed_dim < 1024 else 16
     return max(1, embed_dim // 64)
@@ -130,30 +134,36 @@ class FrozenViT(nn.Module):
     """A frozen timm ViT that returns the final-norm patch tokens of normalised images.
 
     Attributes: `patch_size`, `embed_dim`, `num_heads`, `num_registers`, `grid_size` (native
-    patch grid side), `family`, `mean` / `std` (the input normalisation it expects).
+    patch grid side of the position table; None with RoPE), `family`, `position_rule`, `arch`
+    (the timm name, for a model loaded by name), `mean` / `std` (the input normalisation it expects).
     """
 
     def __init__(
         self,
-        vit: VisionTransformer,
+        vit: nn.Module,
         family: str,
         position_rule: str,
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
+        arch: str | None = None,
     ):
         super().__init__()
         self.vit = vit
         self.family = family
         self.position_rule = position_rule
+        self.arch = arch
         self.mean = tuple(mean)
         self.std = tuple(std)
         self.patch_size = int(vit.patch_embed.patch_size[0])
         self.embed_dim = int(vit.embed_dim)
         self.num_heads = int(vit.blocks[0].attn.num_heads)
-        self.num_registers = int(vit.num_reg_tokens)
-        self.has_class_token = bool(vit.has_class_token)
-        self.num_prefix_tokens = int(self.has_class_token) + self.num_registers
-        self.grid_size = math.isqrt(vit.pos_embed.shape[1] - int(self.has_class_token))
+        self.has_class_token = getattr(vit, "cls_token", None) is not None
+        self.num_prefix_tokens = int(vit.num_prefix_tokens)
+        self.num_registers = self.num_prefix_tokens - int(self.has_class_token)
+        if position_rule not in TIMM_FORWARD_RULES:
+            self.grid_size = math.isqrt(vit.pos_embed.shape[1] - int(self.has_class_token))
+        else:
+            self.grid_size = None if vit.pos_embed is None else int(vit.patch_embed.grid_size[0])
         for param in self.parameters():
             param.requires_grad_(False)
         super().train(False)
@@ -176,6 +186,8 @@ class FrozenViT(nn.Module):
                 f"input size {height}x{width} is not a multiple of the patch size {p} "
                 f"of this {self.family} backbone"
             )
+        if self.position_rule in TIMM_FORWARD_RULES:
+            return self.vit.forward_features(img)[:, self.num_prefix_tokens:]
         h, w = height // p, width // p
         x = self.vit.patch_embed(img).reshape(batch, h * w, self.embed_dim)
         x = x + self.patch_position_embedding(h, w)
@@ -190,31 +202,32 @@ class FrozenViT(nn.Module):
         return x[:, self.num_prefix_tokens:]
 
 
+# timm models by name.
+
+def _create_timm(arch: str, num_heads: int | None) -> nn.Module:
+    """timm.create_model without pretrained weights or classifier, for any input size."""
+    overrides = {} if num_heads is None else {"num_heads": num_heads}
+    try:
+        return timm.create_model(
+            arch, pretrained=False, num_classes=0, global_pool="", dynamic_img_size=True, **overrides
+        )
+    except RuntimeError as exc:
+        raise InvalidInputError(f"unknown timm architecture {arch!r} ({exc})") from exc
+    except TypeError as exc:  # models without the ViT arguments (dynamic_img_size, num_heads)
+        raise InvalidInputError(f"{arch!r} is not a timm ViT ({exc})") from exc
+
+
 def _random_backbone(arch: str, num_heads: int | None, seed: int) -> FrozenViT:
     """A timm ViT with seeded random weights; the global RNG is left untouched."""
-    overrides = {} if num_heads is None else {"num_heads": num_heads}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        try:
-            vit = timm.create_model(
-                arch,
-                pretrained=False,
-                num_classes=0,
-                global_pool="",
-                dynamic_img_size=True,
-                **overrides,
-            )
-        except RuntimeError as exc:
-            raise InvalidInputError(f"unknown timm architecture {arch!r} ({exc})") from exc
-    if (
-        not isinstance(vit, VisionTransformer)
-        or not vit.has_class_token
-        or vit.num_reg_tokens
-        or vit.no_embed_class
-    ):
+        vit = _create_timm(arch, num_heads)
+    plain = (isinstance(vit, VisionTransformer) and vit.has_class_token and not vit.num_reg_tokens
+             and not vit.no_embed_class)
+    if not plain and not isinstance(vit, Eva):
         raise InvalidInputError(
-            f"{arch!r} is not a plain timm VisionTransformer with a CLS token "
-            "(e.g. vit_tiny_patch16_224, vit_small_patch16_224)"
+            f"{arch!r} is neither a plain timm VisionTransformer with a CLS token "
+            "(e.g. vit_tiny_patch16_224, vit_small_patch16_224) nor an Eva (e.g. vit_small_patch16_dinov3)"
         )
     warnings.warn(
         f"no backbone checkpoint given: {arch} has random weights (seed {seed}), "
@@ -222,47 +235,44 @@ def _random_backbone(arch: str, num_heads: int | None, seed: int) -> FrozenViT:
         RandomBackboneWarning,
         stacklevel=3,
     )
-    return FrozenViT(vit, "random", "offset", IMAGENET_MEAN, IMAGENET_STD)
+    return FrozenViT(vit, "random", "offset" if plain else "timm", IMAGENET_MEAN, IMAGENET_STD, arch=arch)
 
 
-def load_backbone(
-    ckpt,
-    family: str | None = None,
-    arch: str | None = None,
-    num_heads: int | None = None,
-    *,
-    seed: int = RANDOM_SEED,
-) -> FrozenViT:
-    """Frozen, eval-mode ViT from an official checkpoint file.
+def _fit_timm(raw: object, arch: str, num_heads: int | None) -> tuple[FrozenViT | None, str]:
+    """The timm model `arch` holding the file's weights (strictly), or None and why it does not fit."""
+    state_dict = timm_state_dict(raw)
+    if state_dict is None:
+        return None, "not a state dict of tensors"
+    with torch.random.fork_rng(devices=[]):
+        vit = _create_timm(arch, num_heads)
+    if not isinstance(vit, (VisionTransformer, Eva)):
+        raise InvalidInputError(f"{arch!r} is not a timm ViT (VisionTransformer or Eva)")
+    mismatch = state_dict_mismatch(state_dict, {key: value.shape for key, value in vit.state_dict().items()})
+    if mismatch:
+        return None, mismatch
+    vit.load_state_dict(to_timm_state_dict(state_dict), strict=True)
+    config = getattr(vit, "pretrained_cfg", None) or {}
+    mean, std = tuple(config.get("mean", IMAGENET_MEAN)), tuple(config.get("std", IMAGENET_STD))
+    return FrozenViT(vit.eval(), "timm", "timm", mean, std, arch=arch), ""
 
-    ckpt: path of the file, or None for random weights of the timm architecture `arch`
-      (default `vit_tiny_patch16_224`, seeded by `seed`; warns with RandomBackboneWarning).
-    family: one of FAMILIES, or None to detect it from the container and the keys.
-    num_heads: overrides the family's head count (SPEC section 0: the reference ran DINO
-      ViT-S with 12 heads).
-    Returns a FrozenViT: forward(img[B, 3, H, W]) -> tokens[B, (H/p)*(W/p), D].
-    """
-    if ckpt is None:
-        return _random_backbone(arch or DEFAULT_ARCH, num_heads, seed)
-    if family is not None and family not in FAMILIES:
-        raise InvalidInputError(
-            f"unknown backbone family {family!r}; expected one of {', '.join(FAMILIES)}"
-        )
-    path = os.fspath(ckpt)
-    raw = read_checkpoint(path)
-    if family is None:
-        family = detect_family(raw)
-        if family is None:
-            raise UnknownCheckpointError(
-                f"{path}: matches no backbone family ({', '.join(FAMILIES)}); "
-                f"found {describe_keys(raw)}"
-            )
+
+# Checkpoints.
+
+def _family_backbone(raw: object, path: str, family: str, num_heads: int | None) -> FrozenViT:
+    """The `family` backbone of a loaded file, or UnknownCheckpointError if it does not fit."""
     state_dict = extract_backbone(raw, family)
     if state_dict is None:
+        if family == "dinov3":
+            expected = (f"Meta's plain state dict holding {', '.join(META_KEYS)}, "
+                        "or a transformers DINOv3ViTModel state dict")
+        else:
+            expected = f"{LAYOUTS[family].description} holding {', '.join(VIT_KEYS)}"
         raise UnknownCheckpointError(
-            f"{path}: not a {family} checkpoint (expected {LAYOUTS[family].description} "
-            f"holding {', '.join(VIT_KEYS)}); found {describe_keys(raw)}"
+            f"{path}: not a {family} checkpoint (expected {expected}); found {describe_keys(raw)}"
         )
+    if family == "dinov3":
+        vit = load_dinov3(state_dict, path, num_heads, read_hf_config(path))
+        return FrozenViT(vit, family, "rope", IMAGENET_MEAN, IMAGENET_STD)
     shape = infer_shape(state_dict, path)
     heads = default_num_heads(family, shape.embed_dim) if num_heads is None else num_heads
     if heads < 1 or shape.embed_dim % heads:
@@ -281,12 +291,87 @@ def load_backbone(
     return FrozenViT(vit, family, position_rule(family, shape.num_registers), mean, std)
 
 
+def _checkpoint_backbone(path: str, family: str | None, arch: str | None, num_heads: int | None) -> FrozenViT:
+    """The official family first (given, or told by the keys), then the timm architecture `arch`."""
+    if family is not None and family not in FAMILIES + ("timm",):
+        raise InvalidInputError(
+            f"unknown backbone family {family!r}; expected one of {', '.join(FAMILIES)} (or timm, with arch)"
+        )
+    if family == "timm" and arch is None:
+        raise InvalidInputError("family timm loads a timm state dict by its architecture name: give arch")
+    raw = read_checkpoint(path)
+    families = ", ".join(FAMILIES)
+    detected = family or detect_family(raw)
+    if detected in (None, "timm"):
+        missing = dinov3_missing_keys(raw)
+        if missing and family is None:
+            raise UnknownCheckpointError(f"{path}: a DINOv3 checkpoint, but it lacks {missing}; "
+                                         f"found {describe_keys(raw)}")
+        if arch is None:
+            raise UnknownCheckpointError(
+                f"{path}: matches no backbone family ({families}); found {describe_keys(raw)}")
+        backbone, reason = _fit_timm(raw, arch, num_heads)
+        if backbone is None:
+            what = (f"not a state dict of the timm architecture {arch!r} ({reason})" if family else
+                    f"fits neither the timm architecture {arch!r} ({reason}) nor any backbone family ({families})")
+            raise UnknownCheckpointError(f"{path}: {what}; found {describe_keys(raw)}")
+        return backbone
+    try:
+        return _family_backbone(raw, path, detected, num_heads)
+    except UnknownCheckpointError:
+        if family is not None or arch is None:
+            raise
+        backbone, _ = _fit_timm(raw, arch, num_heads)
+        if backbone is None:
+            raise
+        return backbone
+
+
+def load_backbone(
+    ckpt,
+    family: str | None = None,
+    arch: str | None = None,
+    num_heads: int | None = None,
+    *,
+    norm=None,
+    seed: int = RANDOM_SEED,
+) -> FrozenViT:
+    """Frozen, eval-mode ViT from an official checkpoint file or a timm state dict.
+
+    ckpt: path of the file (`.pth`, `.pt`, `.safetensors`, ...) or of a Hugging Face model folder,
+      or None for random weights of the timm architecture `arch` (default `vit_tiny_patch16_224`,
+      seeded by `seed`; warns with RandomBackboneWarning).
+    family: one of FAMILIES, or None to detect it from the container and the keys; "timm" loads
+      the file as a state dict of the timm model `arch`.
+    arch: a timm model name; with a checkpoint, used when the file matches no family.
+    num_heads: overrides the family's head count (SPEC section 0: the reference ran DINO
+      ViT-S with 12 heads).
+    norm: input normalisation, None for the weights' own (ImageNet; CLIP for Unicom; timm's
+      for a model by name), "imagenet", "sat", "clip" or six numbers (mean, std). A checkpoint
+      named like a satellite (SAT-493M) file without `norm` warns with NormalisationHintWarning.
+    Returns a FrozenViT: forward(img[B, 3, H, W]) -> tokens[B, (H/p)*(W/p), D].
+    """
+    if ckpt is None:
+        backbone = _random_backbone(arch or DEFAULT_ARCH, num_heads, seed)
+    else:
+        backbone = _checkpoint_backbone(os.fspath(ckpt), family, arch, num_heads)
+    backbone.mean, backbone.std = resolve_normalisation(norm, (backbone.mean, backbone.std))
+    hint = normalisation_hint(ckpt, norm, backbone.mean)
+    if hint is not None:
+        warnings.warn(hint, NormalisationHintWarning, stacklevel=2)
+    return backbone
+
+
 def checkpoint_stem(ckpt, arch: str | None = None) -> str:
     """Name of a backbone for artifact folders: the file name without its extension
-    (".pth.tar" counts as one), or "random_<arch>" without a checkpoint."""
+    (".pth.tar" counts as one), the folder's name for a Hugging Face folder or its
+    model.safetensors, or "random_<arch>" without a checkpoint."""
     if ckpt is None:
         return f"random_{arch or DEFAULT_ARCH}"
-    name = Path(os.fspath(ckpt)).name
+    path = Path(os.path.abspath(os.fspath(ckpt)))
+    if os.path.isdir(path) or path.name == HF_WEIGHTS:
+        return path.name if os.path.isdir(path) else path.parent.name
+    name = path.name
     if name.endswith(".tar"):
         name = name[: -len(".tar")]
     return Path(name).stem
