@@ -1,33 +1,44 @@
 """Frozen ViT backbones built with timm from official self-supervised checkpoints.
 
-`load_backbone` reads a checkpoint file as its authors publish it (DINO, DINOv2 with or
-without registers, iBOT, MSN, MAE, MoCo v3, Unicom), tells the family from the container
-and the keys, reads width, depth, patch size, MLP width, registers and layer scale from the
-tensor shapes, builds the matching timm `VisionTransformer` and loads the weights with
-`strict=True`. The returned module is frozen and maps normalised images to the patch
-tokens of the last block after the final norm:
+`load_backbone` reads a checkpoint as its authors publish it (DINO, DINOv2 with or without
+registers, iBOT, MSN, MAE, MoCo v3, Unicom, DINOv3 in Meta's or Hugging Face's layout; `.pth` or
+`.safetensors`), tells the family from the container and the keys, reads width, depth, patch
+size, MLP width, registers and layer scale from the tensor shapes, builds the matching timm model
+and loads the weights strictly. A timm state dict of any ViT loads by its timm name (`arch`). The
+returned module is frozen and maps normalised images to the patch tokens of the last block after
+the final norm:
 
     img[B, 3, H, W] -> tokens[B, (H/p) * (W/p), D]   (row-major over the h x w grid)
 
-Each family keeps its official position-embedding interpolation, so features at any input
-size divisible by `p` equal those of the authors' code.
+Each family keeps its official position handling (`models.positions`; RoPE for DINOv3, in
+`models.dinov3`), so features at any input size divisible by `p` equal those of the authors'
+code. Reading files is `models.files`, family detection `models.checkpoints`, input
+normalisation `models.normalisation`.
 """
 import functools
 import math
 import os
-import pickle
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
 
 import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
-from utils.errors import InputNotFoundError, InvalidInputError
+from models.checkpoints import (
+    FAMILIES, LAYOUTS, META_KEYS, VIT_KEYS, ViTShape, describe_keys, detect_family, dinov3_missing_keys,
+    extract_backbone, infer_shape, state_dict_mismatch, timm_state_dict,
+)
+from models.dinov3 import dinov3_num_heads, load_dinov3
+from models.files import HF_WEIGHTS, UnknownCheckpointError, checkpoint_files, read_checkpoint, read_hf_config
+from models.normalisation import (
+    CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, NORMALISATIONS, SAT_MEAN, SAT_STD,
+    NormalisationHintWarning, normalisation_hint, resolve_normalisation,
+)
+from models.positions import interpolate_position_embedding, position_rule, sincos_2d_position_embedding
+from utils.errors import InvalidInputError
 
 __all__ = [
     "FAMILIES",
@@ -35,366 +46,45 @@ __all__ = [
     "IMAGENET_STD",
     "CLIP_MEAN",
     "CLIP_STD",
+    "SAT_MEAN",
+    "SAT_STD",
+    "NORMALISATIONS",
     "DEFAULT_ARCH",
+    "RANDOM_SEED",
     "UnknownCheckpointError",
     "RandomBackboneWarning",
+    "NormalisationHintWarning",
     "FrozenViT",
     "load_backbone",
     "checkpoint_stem",
+    "checkpoint_files",
     "default_num_heads",
     "read_checkpoint",
     "detect_family",
+    "resolve_normalisation",
+    "normalisation_hint",
     "sincos_2d_position_embedding",
     "interpolate_position_embedding",
 ]
 
-FAMILIES = ("dino", "dinov2", "ibot", "msn", "mae", "mocov3", "unicom")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_ARCH = "vit_tiny_patch16_224"
 RANDOM_SEED = 0
-
-
-class UnknownCheckpointError(InvalidInputError):
-    """The checkpoint file cannot be read or matches no supported backbone family."""
+# Position rules whose forward is timm's own: RoPE (DINOv3) and a timm architecture loaded by name.
+TIMM_FORWARD_RULES = ("rope", "timm")
 
 
 class RandomBackboneWarning(UserWarning):
     """The backbone has random weights: its features carry no semantics."""
 
 
-# Position embeddings. Every rule maps the patch part of the table, [1, M*M, D] for the
-# checkpoint's M x M grid, to the target h x w grid, [1, h*w, D], row-major.
-
-def _table_to_grid(table: torch.Tensor) -> torch.Tensor:
-    """table: [1, M*M, D] -> grid: [1, D, M, M]."""
-    side = math.isqrt(table.shape[1])
-    return table.reshape(1, side, side, table.shape[2]).permute(0, 3, 1, 2)
-
-
-def _grid_to_table(grid: torch.Tensor) -> torch.Tensor:
-    """grid: [1, D, h, w] -> table: [1, h*w, D]."""
-    return grid.permute(0, 2, 3, 1).reshape(1, grid.shape[2] * grid.shape[3], grid.shape[1])
-
-
-def interpolate_offset(table: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """DINO, iBOT, MAE (as CAUSE uses it), DINOv2 without registers.
-
-    Bicubic, no antialias, scale factors ((h + 0.1) / M, (w + 0.1) / M): the 0.1 offset
-    moves the sampling positions, so `size=(h, w)` would not give the same table.
-    table: [1, M*M, D] -> [1, h*w, D]
-    """
-    side = math.isqrt(table.shape[1])
-    grid = F.interpolate(
-        _table_to_grid(table),
-        scale_factor=((h + 0.1) / side, (w + 0.1) / side),
-        mode="bicubic",
-    )
-    return _grid_to_table(grid)
-
-
-def interpolate_msn(table: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """MSN: bicubic, no offset, one factor sqrt(h*w / M^2) for square grids.
-
-    Non-square grids (which the official code does not support) use h/M and w/M per axis.
-    The output size is forced to (h, w): for some sizes (e.g. M = 14, h = w = 29) the
-    official factor floors to h - 1 and its code fails; the sampling positions stay those
-    of the official factor, which equal those of `size=(h, w)` up to the rounding of the
-    factor.
-    table: [1, M*M, D] -> [1, h*w, D]
-    """
-    side = math.isqrt(table.shape[1])
-    if h == w:
-        scale_h = scale_w = math.sqrt(h * w / side ** 2)
-    else:
-        scale_h, scale_w = h / side, w / side
-    grid = torch.ops.aten.upsample_bicubic2d.default(
-        _table_to_grid(table), [h, w], False, scale_h, scale_w
-    )
-    return _grid_to_table(grid)
-
-
-def interpolate_antialias(table: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """DINOv2 with registers: bicubic to size (h, w) with antialias.
-
-    table: [1, M*M, D] -> [1, h*w, D]
-    """
-    grid = F.interpolate(_table_to_grid(table), size=(h, w), mode="bicubic", antialias=True)
-    return _grid_to_table(grid)
-
-
-def interpolate_size(table: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Unicom (our rule; its forward has no resize): bicubic to size (h, w), no antialias.
-
-    table: [1, M*M, D] -> [1, h*w, D]
-    """
-    grid = F.interpolate(
-        _table_to_grid(table), size=(h, w), mode="bicubic", align_corners=False
-    )
-    return _grid_to_table(grid)
-
-
-def sincos_2d_position_embedding(
-    h: int, w: int, dim: int, temperature: float = 10000.0
-) -> torch.Tensor:
-    """MoCo v3's fixed 2-D sin-cos table for an h x w grid, without the CLS slot.
-
-    Keeps the official `meshgrid(grid_w, grid_h)` ("ij") order: flat token m gets the pair
-    (m // h, m % h), and the channels are [sin(w), cos(w), sin(h), cos(h)], D/4 each (with
-    row-major tokens of a square grid, the "w" quarter therefore encodes the row).
-    -> [1, h*w, dim]
-    """
-    if dim % 4:
-        raise ValueError(f"2-D sin-cos position embedding needs a width divisible by 4, got {dim}")
-    grid_w, grid_h = torch.meshgrid(
-        torch.arange(w, dtype=torch.float32),
-        torch.arange(h, dtype=torch.float32),
-        indexing="ij",
-    )
-    pos_dim = dim // 4
-    omega = 1.0 / temperature ** (torch.arange(pos_dim, dtype=torch.float32) / pos_dim)
-    out_w = torch.einsum("m,d->md", grid_w.flatten(), omega)
-    out_h = torch.einsum("m,d->md", grid_h.flatten(), omega)
-    table = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)
-    return table[None]
-
-
-def interpolate_sincos(table: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """MoCo v3: the table is not resampled but regenerated for the h x w grid.
-
-    table: [1, M*M, D] -> [1, h*w, D]
-    """
-    return sincos_2d_position_embedding(h, w, table.shape[2]).to(table)
-
-
-_POSITION_RULES: Dict[str, Callable[[torch.Tensor, int, int], torch.Tensor]] = {
-    "offset": interpolate_offset,
-    "msn": interpolate_msn,
-    "antialias": interpolate_antialias,
-    "size": interpolate_size,
-    "sincos": interpolate_sincos,
-}
-
-
-def position_rule(family: str, num_registers: int) -> str:
-    """Name of the family's position-embedding rule (a key of `_POSITION_RULES`)."""
-    if family == "dinov2":
-        return "antialias" if num_registers else "offset"
-    return {"msn": "msn", "mocov3": "sincos", "unicom": "size"}.get(family, "offset")
-
-
-def interpolate_position_embedding(
-    table: torch.Tensor, h: int, w: int, rule: str
-) -> torch.Tensor:
-    """Patch position table of the native M x M grid for an h x w grid by `rule`.
-
-    No interpolation at the native grid. table: [1, M*M, D] -> [1, h*w, D]
-    """
-    side = math.isqrt(table.shape[1])
-    if (h, w) == (side, side):
-        return table
-    return _POSITION_RULES[rule](table, h, w)
-
-
-# Checkpoint files.
-
-@dataclass(frozen=True)
-class _Layout:
-    """Where a family keeps its backbone weights inside the file."""
-
-    container: Optional[str]  # top-level key holding the state dict; None: the file is it
-    prefix: str  # key prefix of the backbone inside the container
-    drop: Tuple[str, ...]  # inner key prefixes that are not the backbone
-    description: str
-
-
-_LAYOUTS = {
-    "dino": _Layout(None, "", (), "a plain state dict with cls_token"),
-    "dinov2": _Layout(None, "", ("mask_token",), "a plain state dict (layer scale, mask_token)"),
-    "unicom": _Layout(None, "", ("feature.",), "a plain fp16 state dict without cls_token"),
-    "mae": _Layout("model", "", ("mask_token", "decoder_"), 'a dict with the ViT under "model"'),
-    "ibot": _Layout("state_dict", "", ("masked_embed",), 'a dict with the ViT under "state_dict"'),
-    "msn": _Layout(
-        "target_encoder", "module.", ("fc.",), 'a dict with "module.*" under "target_encoder"'
-    ),
-    "mocov3": _Layout(
-        "state_dict",
-        "module.base_encoder.",
-        ("head.",),
-        'a dict with "module.base_encoder.*" under "state_dict"',
-    ),
-}
-
-_VIT_KEYS = ("patch_embed.proj.weight", "pos_embed", "blocks.0.attn.qkv.weight", "norm.weight")
-
-
-def read_checkpoint(path) -> object:
-    """Load a checkpoint file on the CPU."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise InputNotFoundError(f"checkpoint not found: {path}")
-    if os.path.getsize(path) == 0:
-        raise UnknownCheckpointError(f"{path}: not a readable PyTorch checkpoint (the file is empty)")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if not head.startswith((b"PK", b"\x80")):
-        raise UnknownCheckpointError(f"{path}: not a readable PyTorch checkpoint (neither a zip archive nor a pickle; it "
-                                     f"begins with {head!r})")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass
-    except Exception as exc:  # truncated archives, text files: any failure to read the user's file is bad input
-        raise UnknownCheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or not a weights file "
-                                     f"({_first_line(exc)})") from None
-    # Training outputs of the official repositories also pickle non-tensor objects (an
-    # argparse Namespace, numpy scalars) that the weights-only unpickler refuses. The file is
-    # one the user chose to load as a backbone, so it is unpickled in full.
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise UnknownCheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or not a weights file "
-                                     f"({_first_line(exc)})") from None
-
-
-def _first_line(exc: Exception) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:160]
-
-
-def _is_vit(state_dict: Dict[str, torch.Tensor]) -> bool:
-    return all(key in state_dict for key in _VIT_KEYS)
-
-
-def _extract(raw: object, family: str) -> Optional[Dict[str, torch.Tensor]]:
-    """The family's backbone state dict from a loaded file, or None if it does not fit."""
-    layout = _LAYOUTS[family]
-    if not isinstance(raw, dict):
-        return None
-    inner = raw if layout.container is None else raw.get(layout.container)
-    if not isinstance(inner, dict):
-        return None
-    if layout.prefix:
-        inner = {
-            key[len(layout.prefix):]: value
-            for key, value in inner.items()
-            if isinstance(key, str) and key.startswith(layout.prefix)
-        }
-    state_dict = {
-        key: value
-        for key, value in inner.items()
-        if isinstance(key, str) and not key.startswith(layout.drop)
-    }
-    if not _is_vit(state_dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
-        return None
-    return state_dict
-
-
-def _plain_family(state_dict: Dict[str, torch.Tensor]) -> str:
-    """dino, dinov2 or unicom for a plain state dict (they share no container)."""
-    if "cls_token" not in state_dict:
-        return "unicom"
-    if "mask_token" in state_dict or "register_tokens" in state_dict:
-        return "dinov2"
-    if "blocks.0.ls1.gamma" in state_dict:
-        return "dinov2"
-    return "dino"
-
-
-def detect_family(raw: object) -> Optional[str]:
-    """Family of a loaded checkpoint from its container and keys, or None."""
-    if not isinstance(raw, dict):
-        return None
-    if _extract(raw, "msn") is not None:
-        return "msn"
-    if _extract(raw, "mocov3") is not None:
-        return "mocov3"
-    if _extract(raw, "ibot") is not None:
-        return "ibot"
-    if _extract(raw, "mae") is not None:
-        return "mae"
-    plain = _extract(raw, "dino")
-    return None if plain is None else _plain_family(plain)
-
-
-def _describe_keys(raw: object, limit: int = 8) -> str:
-    """A short list of the top-level keys and those of the first nested dict."""
-    if not isinstance(raw, dict):
-        return f"a {type(raw).__name__}, not a dict"
-
-    def head(keys):
-        keys = [str(key) for key in keys]
-        more = f", ... ({len(keys)} keys)" if len(keys) > limit else ""
-        return "[" + ", ".join(keys[:limit]) + more + "]"
-
-    text = f"top-level keys {head(raw.keys())}"
-    for key, value in raw.items():
-        if isinstance(value, dict):
-            text += f"; keys under {key!r}: {head(value.keys())}"
-            break
-    return text
-
-
-# Architecture.
-
-@dataclass(frozen=True)
-class ViTShape:
-    """What the weights tell about the architecture."""
-
-    embed_dim: int
-    depth: int
-    patch_size: int
-    grid_size: int  # side M of the checkpoint's patch grid
-    mlp_ratio: float
-    num_registers: int
-    class_token: bool
-    qkv_bias: bool
-    layer_scale: bool
-
-
-def infer_shape(state_dict: Dict[str, torch.Tensor], path: str) -> ViTShape:
-    """Architecture of a ViT state dict from its tensor shapes."""
-    proj = state_dict["patch_embed.proj.weight"]
-    if proj.ndim != 4 or proj.shape[2] != proj.shape[3]:
-        raise UnknownCheckpointError(
-            f"{path}: patch_embed.proj.weight has shape {tuple(proj.shape)}, expected [D, 3, p, p]"
-        )
-    embed_dim, patch_size = proj.shape[0], proj.shape[3]
-    depth = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
-    if "blocks.0.mlp.fc1.weight" not in state_dict:
-        blocks0 = sorted(key for key in state_dict if key.startswith("blocks.0."))
-        raise UnknownCheckpointError(
-            f"{path}: unsupported block layout (no mlp.fc1); block 0 holds {blocks0}"
-        )
-    class_token = "cls_token" in state_dict
-    num_patches = state_dict["pos_embed"].shape[1] - int(class_token)
-    grid_size = math.isqrt(num_patches)
-    if grid_size * grid_size != num_patches:
-        raise UnknownCheckpointError(
-            f"{path}: pos_embed holds {num_patches} patch positions, not a square grid"
-        )
-    registers = state_dict.get("register_tokens")
-    return ViTShape(
-        embed_dim=embed_dim,
-        depth=depth,
-        patch_size=patch_size,
-        grid_size=grid_size,
-        mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
-        num_registers=0 if registers is None else registers.shape[1],
-        class_token=class_token,
-        qkv_bias="blocks.0.attn.qkv.bias" in state_dict,
-        layer_scale="blocks.0.ls1.gamma" in state_dict,
-    )
-
-
 def default_num_heads(family: str, embed_dim: int) -> int:
     """Heads of the official model (the weights do not show them).
 
-    DINO, DINOv2, iBOT, MSN, MAE: 64 channels per head. MoCo v3 and Unicom: 12 below width
-    1024 (their ViT-S and ViT-B alike), 16 from 1024.
+    DINO, DINOv2, iBOT, MSN, MAE, DINOv3: 64 channels per head (DINOv3 7B: 128). MoCo v3 and
+    Unicom: 12 below width 1024 (their ViT-S and ViT-B alike), 16 from 1024.
     """
+    if family == "dinov3":
+        return dinov3_num_heads(embed_dim)
     if family in ("mocov3", "unicom"):
         return 12 if embed_dim < 1024 else 16
     return max(1, embed_dim // 64)
@@ -429,7 +119,7 @@ def build_vit(shape: ViTShape, family: str, num_heads: int) -> VisionTransformer
     return vit
 
 
-def to_timm_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def to_timm_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Backbone keys to timm names (only DINOv2's registers differ), tensors in fp32."""
     renamed = {}
     for key, value in state_dict.items():
@@ -444,30 +134,36 @@ class FrozenViT(nn.Module):
     """A frozen timm ViT that returns the final-norm patch tokens of normalised images.
 
     Attributes: `patch_size`, `embed_dim`, `num_heads`, `num_registers`, `grid_size` (native
-    patch grid side), `family`, `mean` / `std` (the input normalisation it expects).
+    patch grid side of the position table; None with RoPE), `family`, `position_rule`, `arch`
+    (the timm name, for a model loaded by name), `mean` / `std` (the input normalisation it expects).
     """
 
     def __init__(
         self,
-        vit: VisionTransformer,
+        vit: nn.Module,
         family: str,
         position_rule: str,
-        mean: Tuple[float, float, float],
-        std: Tuple[float, float, float],
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        arch: str | None = None,
     ):
         super().__init__()
         self.vit = vit
         self.family = family
         self.position_rule = position_rule
+        self.arch = arch
         self.mean = tuple(mean)
         self.std = tuple(std)
         self.patch_size = int(vit.patch_embed.patch_size[0])
         self.embed_dim = int(vit.embed_dim)
         self.num_heads = int(vit.blocks[0].attn.num_heads)
-        self.num_registers = int(vit.num_reg_tokens)
-        self.has_class_token = bool(vit.has_class_token)
-        self.num_prefix_tokens = int(self.has_class_token) + self.num_registers
-        self.grid_size = math.isqrt(vit.pos_embed.shape[1] - int(self.has_class_token))
+        self.has_class_token = getattr(vit, "cls_token", None) is not None
+        self.num_prefix_tokens = int(vit.num_prefix_tokens)
+        self.num_registers = self.num_prefix_tokens - int(self.has_class_token)
+        if position_rule not in TIMM_FORWARD_RULES:
+            self.grid_size = math.isqrt(vit.pos_embed.shape[1] - int(self.has_class_token))
+        else:
+            self.grid_size = None if vit.pos_embed is None else int(vit.patch_embed.grid_size[0])
         for param in self.parameters():
             param.requires_grad_(False)
         super().train(False)
@@ -490,6 +186,8 @@ class FrozenViT(nn.Module):
                 f"input size {height}x{width} is not a multiple of the patch size {p} "
                 f"of this {self.family} backbone"
             )
+        if self.position_rule in TIMM_FORWARD_RULES:
+            return self.vit.forward_features(img)[:, self.num_prefix_tokens:]
         h, w = height // p, width // p
         x = self.vit.patch_embed(img).reshape(batch, h * w, self.embed_dim)
         x = x + self.patch_position_embedding(h, w)
@@ -504,31 +202,32 @@ class FrozenViT(nn.Module):
         return x[:, self.num_prefix_tokens:]
 
 
-def _random_backbone(arch: str, num_heads: Optional[int], seed: int) -> FrozenViT:
-    """A timm ViT with seeded random weights; the global RNG is left untouched."""
+# timm models by name.
+
+def _create_timm(arch: str, num_heads: int | None) -> nn.Module:
+    """timm.create_model without pretrained weights or classifier, for any input size."""
     overrides = {} if num_heads is None else {"num_heads": num_heads}
+    try:
+        return timm.create_model(
+            arch, pretrained=False, num_classes=0, global_pool="", dynamic_img_size=True, **overrides
+        )
+    except RuntimeError as exc:
+        raise InvalidInputError(f"unknown timm architecture {arch!r} ({exc})") from exc
+    except TypeError as exc:  # models without the ViT arguments (dynamic_img_size, num_heads)
+        raise InvalidInputError(f"{arch!r} is not a timm ViT ({exc})") from exc
+
+
+def _random_backbone(arch: str, num_heads: int | None, seed: int) -> FrozenViT:
+    """A timm ViT with seeded random weights; the global RNG is left untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        try:
-            vit = timm.create_model(
-                arch,
-                pretrained=False,
-                num_classes=0,
-                global_pool="",
-                dynamic_img_size=True,
-                **overrides,
-            )
-        except RuntimeError as exc:
-            raise InvalidInputError(f"unknown timm architecture {arch!r} ({exc})") from exc
-    if (
-        not isinstance(vit, VisionTransformer)
-        or not vit.has_class_token
-        or vit.num_reg_tokens
-        or vit.no_embed_class
-    ):
+        vit = _create_timm(arch, num_heads)
+    plain = (isinstance(vit, VisionTransformer) and vit.has_class_token and not vit.num_reg_tokens
+             and not vit.no_embed_class)
+    if not plain and not isinstance(vit, Eva):
         raise InvalidInputError(
-            f"{arch!r} is not a plain timm VisionTransformer with a CLS token "
-            "(e.g. vit_tiny_patch16_224, vit_small_patch16_224)"
+            f"{arch!r} is neither a plain timm VisionTransformer with a CLS token "
+            "(e.g. vit_tiny_patch16_224, vit_small_patch16_224) nor an Eva (e.g. vit_small_patch16_dinov3)"
         )
     warnings.warn(
         f"no backbone checkpoint given: {arch} has random weights (seed {seed}), "
@@ -536,47 +235,44 @@ def _random_backbone(arch: str, num_heads: Optional[int], seed: int) -> FrozenVi
         RandomBackboneWarning,
         stacklevel=3,
     )
-    return FrozenViT(vit, "random", "offset", IMAGENET_MEAN, IMAGENET_STD)
+    return FrozenViT(vit, "random", "offset" if plain else "timm", IMAGENET_MEAN, IMAGENET_STD, arch=arch)
 
 
-def load_backbone(
-    ckpt,
-    family: Optional[str] = None,
-    arch: Optional[str] = None,
-    num_heads: Optional[int] = None,
-    *,
-    seed: int = RANDOM_SEED,
-) -> FrozenViT:
-    """Frozen, eval-mode ViT from an official checkpoint file.
-
-    ckpt: path of the file, or None for random weights of the timm architecture `arch`
-      (default `vit_tiny_patch16_224`, seeded by `seed`; warns with RandomBackboneWarning).
-    family: one of FAMILIES, or None to detect it from the container and the keys.
-    num_heads: overrides the family's head count (SPEC section 0: the reference ran DINO
-      ViT-S with 12 heads).
-    Returns a FrozenViT: forward(img[B, 3, H, W]) -> tokens[B, (H/p)*(W/p), D].
-    """
-    if ckpt is None:
-        return _random_backbone(arch or DEFAULT_ARCH, num_heads, seed)
-    if family is not None and family not in FAMILIES:
-        raise InvalidInputError(
-            f"unknown backbone family {family!r}; expected one of {', '.join(FAMILIES)}"
-        )
-    path = os.fspath(ckpt)
-    raw = read_checkpoint(path)
-    if family is None:
-        family = detect_family(raw)
-        if family is None:
-            raise UnknownCheckpointError(
-                f"{path}: matches no backbone family ({', '.join(FAMILIES)}); "
-                f"found {_describe_keys(raw)}"
-            )
-    state_dict = _extract(raw, family)
+def _fit_timm(raw: object, arch: str, num_heads: int | None) -> tuple[FrozenViT | None, str]:
+    """The timm model `arch` holding the file's weights (strictly), or None and why it does not fit."""
+    state_dict = timm_state_dict(raw)
     if state_dict is None:
+        return None, "not a state dict of tensors"
+    with torch.random.fork_rng(devices=[]):
+        vit = _create_timm(arch, num_heads)
+    if not isinstance(vit, (VisionTransformer, Eva)):
+        raise InvalidInputError(f"{arch!r} is not a timm ViT (VisionTransformer or Eva)")
+    mismatch = state_dict_mismatch(state_dict, {key: value.shape for key, value in vit.state_dict().items()})
+    if mismatch:
+        return None, mismatch
+    vit.load_state_dict(to_timm_state_dict(state_dict), strict=True)
+    config = getattr(vit, "pretrained_cfg", None) or {}
+    mean, std = tuple(config.get("mean", IMAGENET_MEAN)), tuple(config.get("std", IMAGENET_STD))
+    return FrozenViT(vit.eval(), "timm", "timm", mean, std, arch=arch), ""
+
+
+# Checkpoints.
+
+def _family_backbone(raw: object, path: str, family: str, num_heads: int | None) -> FrozenViT:
+    """The `family` backbone of a loaded file, or UnknownCheckpointError if it does not fit."""
+    state_dict = extract_backbone(raw, family)
+    if state_dict is None:
+        if family == "dinov3":
+            expected = (f"Meta's plain state dict holding {', '.join(META_KEYS)}, "
+                        "or a transformers DINOv3ViTModel state dict")
+        else:
+            expected = f"{LAYOUTS[family].description} holding {', '.join(VIT_KEYS)}"
         raise UnknownCheckpointError(
-            f"{path}: not a {family} checkpoint (expected {_LAYOUTS[family].description} "
-            f"holding {', '.join(_VIT_KEYS)}); found {_describe_keys(raw)}"
+            f"{path}: not a {family} checkpoint (expected {expected}); found {describe_keys(raw)}"
         )
+    if family == "dinov3":
+        vit = load_dinov3(state_dict, path, num_heads, read_hf_config(path))
+        return FrozenViT(vit, family, "rope", IMAGENET_MEAN, IMAGENET_STD)
     shape = infer_shape(state_dict, path)
     heads = default_num_heads(family, shape.embed_dim) if num_heads is None else num_heads
     if heads < 1 or shape.embed_dim % heads:
@@ -595,12 +291,87 @@ def load_backbone(
     return FrozenViT(vit, family, position_rule(family, shape.num_registers), mean, std)
 
 
-def checkpoint_stem(ckpt, arch: Optional[str] = None) -> str:
+def _checkpoint_backbone(path: str, family: str | None, arch: str | None, num_heads: int | None) -> FrozenViT:
+    """The official family first (given, or told by the keys), then the timm architecture `arch`."""
+    if family is not None and family not in FAMILIES + ("timm",):
+        raise InvalidInputError(
+            f"unknown backbone family {family!r}; expected one of {', '.join(FAMILIES)} (or timm, with arch)"
+        )
+    if family == "timm" and arch is None:
+        raise InvalidInputError("family timm loads a timm state dict by its architecture name: give arch")
+    raw = read_checkpoint(path)
+    families = ", ".join(FAMILIES)
+    detected = family or detect_family(raw)
+    if detected in (None, "timm"):
+        missing = dinov3_missing_keys(raw)
+        if missing and family is None:
+            raise UnknownCheckpointError(f"{path}: a DINOv3 checkpoint, but it lacks {missing}; "
+                                         f"found {describe_keys(raw)}")
+        if arch is None:
+            raise UnknownCheckpointError(
+                f"{path}: matches no backbone family ({families}); found {describe_keys(raw)}")
+        backbone, reason = _fit_timm(raw, arch, num_heads)
+        if backbone is None:
+            what = (f"not a state dict of the timm architecture {arch!r} ({reason})" if family else
+                    f"fits neither the timm architecture {arch!r} ({reason}) nor any backbone family ({families})")
+            raise UnknownCheckpointError(f"{path}: {what}; found {describe_keys(raw)}")
+        return backbone
+    try:
+        return _family_backbone(raw, path, detected, num_heads)
+    except UnknownCheckpointError:
+        if family is not None or arch is None:
+            raise
+        backbone, _ = _fit_timm(raw, arch, num_heads)
+        if backbone is None:
+            raise
+        return backbone
+
+
+def load_backbone(
+    ckpt,
+    family: str | None = None,
+    arch: str | None = None,
+    num_heads: int | None = None,
+    *,
+    norm=None,
+    seed: int = RANDOM_SEED,
+) -> FrozenViT:
+    """Frozen, eval-mode ViT from an official checkpoint file or a timm state dict.
+
+    ckpt: path of the file (`.pth`, `.pt`, `.safetensors`, ...) or of a Hugging Face model folder,
+      or None for random weights of the timm architecture `arch` (default `vit_tiny_patch16_224`,
+      seeded by `seed`; warns with RandomBackboneWarning).
+    family: one of FAMILIES, or None to detect it from the container and the keys; "timm" loads
+      the file as a state dict of the timm model `arch`.
+    arch: a timm model name; with a checkpoint, used when the file matches no family.
+    num_heads: overrides the family's head count (SPEC section 0: the reference ran DINO
+      ViT-S with 12 heads).
+    norm: input normalisation, None for the weights' own (ImageNet; CLIP for Unicom; timm's
+      for a model by name), "imagenet", "sat", "clip" or six numbers (mean, std). A checkpoint
+      named like a satellite (SAT-493M) file without `norm` warns with NormalisationHintWarning.
+    Returns a FrozenViT: forward(img[B, 3, H, W]) -> tokens[B, (H/p)*(W/p), D].
+    """
+    if ckpt is None:
+        backbone = _random_backbone(arch or DEFAULT_ARCH, num_heads, seed)
+    else:
+        backbone = _checkpoint_backbone(os.fspath(ckpt), family, arch, num_heads)
+    backbone.mean, backbone.std = resolve_normalisation(norm, (backbone.mean, backbone.std))
+    hint = normalisation_hint(ckpt, norm, backbone.mean)
+    if hint is not None:
+        warnings.warn(hint, NormalisationHintWarning, stacklevel=2)
+    return backbone
+
+
+def checkpoint_stem(ckpt, arch: str | None = None) -> str:
     """Name of a backbone for artifact folders: the file name without its extension
-    (".pth.tar" counts as one), or "random_<arch>" without a checkpoint."""
+    (".pth.tar" counts as one), the folder's name for a Hugging Face folder or its
+    model.safetensors, or "random_<arch>" without a checkpoint."""
     if ckpt is None:
         return f"random_{arch or DEFAULT_ARCH}"
-    name = Path(os.fspath(ckpt)).name
+    path = Path(os.path.abspath(os.fspath(ckpt)))
+    if os.path.isdir(path) or path.name == HF_WEIGHTS:
+        return path.name if os.path.isdir(path) else path.parent.name
+    name = path.name
     if name.endswith(".tar"):
         name = name[: -len(".tar")]
     return Path(name).stem

@@ -2,10 +2,13 @@
 
 `make_fake_checkpoint` writes what the authors' code would save for a (tiny) ViT, with
 random tensors scaled so that every part of the network (position table, CLS, registers,
-layer scale) visibly changes the output tokens.
+layer scale) visibly changes the output tokens. The DINOv3 helpers build tiny models with
+timm's own DINOv3 definitions and write them in Meta's and in Hugging Face's layout.
 """
 import argparse
+import json
 import math
+import re
 from pathlib import Path
 from typing import Dict
 
@@ -199,3 +202,118 @@ def make_fake_checkpoint(path, family: str, **sizes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(make_checkpoint_object(family, **sizes), path)
     return path
+
+
+# DINOv3: tiny models built with timm's own DINOv3 definitions, written in Meta's and Hugging Face's layouts.
+
+def make_dinov3_timm(arch: str = "vit_small_patch16_dinov3", embed_dim: int = 128, num_heads: int = 2,
+                     depth: int = 2, seed: int = 0, **overrides):
+    """A tiny timm DINOv3 (Eva, 4 registers) from one of timm's DINOv3 definitions (e.g.
+    vit_small_plus_patch16_dinov3 for SwiGLU), with random weights that all visibly matter."""
+    import timm
+
+    with torch.random.fork_rng(devices=[]):
+        model = timm.create_model(arch, pretrained=False, num_classes=0, global_pool="", embed_dim=embed_dim,
+                                  num_heads=num_heads, depth=depth, **overrides)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            if name.endswith(("gamma_1", "gamma_2")):
+                param.copy_(0.5 + 0.2 * noise)
+            elif "norm" in name and name.endswith("weight"):
+                param.copy_(1.0 + 0.1 * noise)
+            elif name.endswith("weight"):
+                param.copy_(noise / math.sqrt(param[0].numel()))
+            else:
+                param.copy_((0.5 if "token" in name else 0.1) * noise)
+    return model.eval()
+
+
+def timm_dinov3_to_meta(model, masked_key_bias: bool = True, seed: int = 1) -> Dict[str, torch.Tensor]:
+    """Meta's key layout of a timm DINOv3: storage_tokens, rope_embed.periods, attn.qkv.bias with a
+    random key part that bias_mask zeroes (as Meta's LinearKMaskedBias does), mask_token, w1/w2/w3."""
+    gen = torch.Generator().manual_seed(seed)
+    d = model.embed_dim
+    swiglu = hasattr(model.blocks[0].mlp, "fc1_g")
+    out = {"mask_token": torch.zeros(1, d), "rope_embed.periods": model.rope.periods.clone()}
+    for key, value in model.state_dict().items():
+        match = re.match(r"blocks\.(\d+)\.attn\.([qv])_bias$", key)
+        if match:
+            if match.group(2) == "q":
+                key_bias = torch.randn(d, generator=gen)
+                block = f"blocks.{match.group(1)}.attn.qkv"
+                v_bias = model.state_dict()[f"blocks.{match.group(1)}.attn.v_bias"]
+                out[f"{block}.bias"] = torch.cat([value, key_bias, v_bias])
+                if masked_key_bias:
+                    out[f"{block}.bias_mask"] = torch.cat([torch.ones(d), torch.zeros(d), torch.ones(d)])
+            continue
+        key = key.replace("reg_token", "storage_tokens").replace("gamma_1", "ls1.gamma")
+        key = key.replace("gamma_2", "ls2.gamma").replace("mlp.fc1_g.", "mlp.w1.").replace("mlp.fc1_x.", "mlp.w2.")
+        if swiglu:
+            key = key.replace("mlp.fc2.", "mlp.w3.")
+        out[key] = value.clone()
+    return out
+
+
+def meta_dinov3_to_hf(meta: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """transformers' DINOv3ViTModel layout of Meta's tensors (q, k, v split; no key bias)."""
+    d = meta["cls_token"].shape[-1]
+    out = {
+        "embeddings.cls_token": meta["cls_token"],
+        "embeddings.mask_token": meta["mask_token"].reshape(1, 1, d),
+        "embeddings.register_tokens": meta["storage_tokens"],
+        "embeddings.patch_embeddings.weight": meta["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.bias": meta["patch_embed.proj.bias"],
+        "norm.weight": meta["norm.weight"],
+        "norm.bias": meta["norm.bias"],
+    }
+    gated = "blocks.0.mlp.w1.weight" in meta
+    mlp = {"w1": "gate_proj", "w2": "up_proj", "w3": "down_proj"} if gated else {"fc1": "up_proj", "fc2": "down_proj"}
+    depth = len({key.split(".")[1] for key in meta if key.startswith("blocks.")})
+    for i in range(depth):
+        src, dst = f"blocks.{i}.", f"layer.{i}."
+        for part in ("norm1", "norm2"):
+            out[f"{dst}{part}.weight"], out[f"{dst}{part}.bias"] = meta[f"{src}{part}.weight"], meta[f"{src}{part}.bias"]
+        for j, name in enumerate("qkv"):
+            out[f"{dst}attention.{name}_proj.weight"] = meta[f"{src}attn.qkv.weight"][j * d:(j + 1) * d]
+        if f"{src}attn.qkv.bias" in meta:
+            out[f"{dst}attention.q_proj.bias"] = meta[f"{src}attn.qkv.bias"][:d]
+            out[f"{dst}attention.v_proj.bias"] = meta[f"{src}attn.qkv.bias"][2 * d:]
+        out[f"{dst}attention.o_proj.weight"] = meta[f"{src}attn.proj.weight"]
+        out[f"{dst}attention.o_proj.bias"] = meta[f"{src}attn.proj.bias"]
+        out[f"{dst}layer_scale1.lambda1"] = meta[f"{src}ls1.gamma"]
+        out[f"{dst}layer_scale2.lambda1"] = meta[f"{src}ls2.gamma"]
+        for ours, theirs in mlp.items():
+            out[f"{dst}mlp.{theirs}.weight"] = meta[f"{src}mlp.{ours}.weight"]
+            out[f"{dst}mlp.{theirs}.bias"] = meta[f"{src}mlp.{ours}.bias"]
+    return {key: value.contiguous() for key, value in out.items()}
+
+
+def hf_dinov3_config(meta: Dict[str, torch.Tensor], num_heads: int) -> dict:
+    """The config.json transformers writes beside the weights (the fields DINOv3ViTModel reads)."""
+    gated = "blocks.0.mlp.w1.weight" in meta
+    hidden = meta["blocks.0.mlp.w1.weight" if gated else "blocks.0.mlp.fc1.weight"].shape[0]
+    qkv_bias = "blocks.0.attn.qkv.bias" in meta
+    return {
+        "architectures": ["DINOv3ViTModel"], "model_type": "dinov3_vit",
+        "hidden_size": meta["cls_token"].shape[-1], "num_attention_heads": num_heads,
+        "num_hidden_layers": len({key.split(".")[1] for key in meta if key.startswith("blocks.")}),
+        "intermediate_size": hidden, "use_gated_mlp": gated, "hidden_act": "silu" if gated else "gelu",
+        "layer_norm_eps": 1e-5, "rope_theta": 100.0, "num_register_tokens": meta["storage_tokens"].shape[1],
+        "patch_size": meta["patch_embed.proj.weight"].shape[-1], "image_size": 224, "num_channels": 3,
+        "query_bias": qkv_bias, "key_bias": False, "value_bias": qkv_bias, "proj_bias": True, "mlp_bias": True,
+        "layerscale_value": 1.0, "pos_embed_rescale": 2.0,
+    }
+
+
+def save_hf_dinov3(folder, meta: Dict[str, torch.Tensor], num_heads: int, config: bool = True) -> Path:
+    """A Hugging Face model folder: model.safetensors (+ config.json); returns the folder."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(meta_dinov3_to_hf(meta), str(folder / "model.safetensors"))
+    if config:
+        (folder / "config.json").write_text(json.dumps(hf_dinov3_config(meta, num_heads), indent=2))
+    return folder
