@@ -28,14 +28,20 @@ from multiprocessing import Pool
 import numpy as np
 from tqdm import tqdm
 
-from loader.datasets import (BENCHMARKS, CROP_TYPES, crop_ratios, cropped_dir, dataset_info, incomplete_marker,
-                             source_dataset)
+from loader.datasets import (
+    BENCHMARKS,
+    CROP_TYPES,
+    crop_ratios,
+    cropped_dir,
+    dataset_info,
+    incomplete_marker,
+    source_dataset,
+)
 from loader.labels import DATA_ERRORS, DatasetError, LabelDecoder, load_sample
 from utils.atomic import atomic_save_image
 
 
-def crop_boxes(height: int, width: int, ratios: tuple[float, ...],
-               ten: bool) -> list[tuple[int, int, int, int, bool]]:
+def crop_boxes(height: int, width: int, ratios: tuple[float, ...], ten: bool) -> list[tuple[int, int, int, int, bool]]:
     """(top, left, crop height, crop width, flipped) of every crop, in output order.
 
     ``flipped`` boxes are positions on the horizontally flipped image.
@@ -55,7 +61,7 @@ def crop_array(array: np.ndarray, box: tuple[int, int, int, int, bool]) -> np.nd
     top, left, h, w, flipped = box
     if flipped:
         array = array[:, ::-1]
-    return np.ascontiguousarray(array[top:top + h, left:left + w])
+    return np.ascontiguousarray(array[top : top + h, left : left + w])
 
 
 @dataclass(frozen=True)
@@ -74,8 +80,10 @@ class CropWriter:
 
     def outputs(self, index: int) -> list[tuple[str, str]]:
         first = index * self.crops_per_image
-        return [(os.path.join(self.image_dir, f"{i}.jpg"), os.path.join(self.label_dir, f"{i}.png"))
-                for i in range(first, first + self.crops_per_image)]
+        return [
+            (os.path.join(self.image_dir, f"{i}.jpg"), os.path.join(self.label_dir, f"{i}.png"))
+            for i in range(first, first + self.crops_per_image)
+        ]
 
     def __call__(self, job: tuple[int, str, str]) -> int:
         """job: (image index, image path, label path) -> number of crops written."""
@@ -89,8 +97,9 @@ class CropWriter:
         stored = (label + 1).astype(np.uint8)
         boxes = crop_boxes(image.height, image.width, self.ratios, self.ten)
         if min(min(box[2], box[3]) for box in boxes) < 1:
-            raise DatasetError(f"image {image_path} ({image.width}x{image.height}) is too small to crop "
-                               f"at ratio {min(self.ratios)}")
+            raise DatasetError(
+                f"image {image_path} ({image.width}x{image.height}) is too small to crop at ratio {min(self.ratios)}"
+            )
         for k in todo:
             atomic_save_image(crop_array(pixels, boxes[k]), outputs[k][0], "JPEG")
             atomic_save_image(crop_array(stored, boxes[k]), outputs[k][1], "PNG")
@@ -102,8 +111,15 @@ def ignore_sigint():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def crop_dataset(dataset: str, data_dir: str, crop_type: str | None = None, crop_ratio: float = 0.5,
-                 split: str = "train", num_workers: int = 0, progress: bool = True) -> tuple[str, int, int]:
+def crop_dataset(
+    dataset: str,
+    data_dir: str,
+    crop_type: str | None = None,
+    crop_ratio: float = 0.5,
+    split: str = "train",
+    num_workers: int = 0,
+    progress: bool = True,
+) -> tuple[str, int, int]:
     """Writes the crop set; -> (its directory, crops written now, crops in total)."""
     info = dataset_info(dataset)
     if dataset not in BENCHMARKS:
@@ -116,8 +132,13 @@ def crop_dataset(dataset: str, data_dir: str, crop_type: str | None = None, crop
         raise DatasetError(f"crop ratio must be in (0, 1], got {crop_ratio}")
     source = source_dataset(dataset, data_dir, split)
     crop_root = cropped_dir(dataset, data_dir, crop_type, crop_ratio)
-    writer = CropWriter(source.decoder, ratios, crop_type != "five",
-                        os.path.join(crop_root, "img", split), os.path.join(crop_root, "label", split))
+    writer = CropWriter(
+        source.decoder,
+        ratios,
+        crop_type != "five",
+        os.path.join(crop_root, "img", split),
+        os.path.join(crop_root, "label", split),
+    )
     os.makedirs(writer.image_dir, exist_ok=True)
     os.makedirs(writer.label_dir, exist_ok=True)
     marker = incomplete_marker(crop_root, split)
@@ -141,20 +162,37 @@ def crop_dataset(dataset: str, data_dir: str, crop_type: str | None = None, crop
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Pre-compute the training crops of a benchmark dataset "
-                                                 "(five / double / super crops, as the CAUSE reference).")
+    parser = argparse.ArgumentParser(
+        description="Pre-compute the training crops of a benchmark dataset "
+        "(five / double / super crops, as the CAUSE reference)."
+    )
     parser.add_argument("--dataset", required=True, choices=BENCHMARKS, help="benchmark to crop")
-    parser.add_argument("--data_dir", required=True,
-                        help="dataset root holding cocostuff/, cityscapes/ or pascalvoc/ (see README, Datasets)")
-    parser.add_argument("--crop_type", default=None, choices=CROP_TYPES,
-                        help="five: 5 crops at --crop_ratio; double: ten-crop at 0.5 and 0.8; super: ten-crop at "
-                             "0.3..0.7 (default: the dataset's, five for cocostuff27/cityscapes, double for "
-                             "coco81/coco171, super for pascalvoc)")
-    parser.add_argument("--crop_ratio", default=0.5, type=float,
-                        help="crop size as a fraction of the image height and width (five only; default 0.5)")
+    parser.add_argument(
+        "--data_dir",
+        required=True,
+        help="dataset root holding cocostuff/, cityscapes/ or pascalvoc/ (see README, Datasets)",
+    )
+    parser.add_argument(
+        "--crop_type",
+        default=None,
+        choices=CROP_TYPES,
+        help="five: 5 crops at --crop_ratio; double: ten-crop at 0.5 and 0.8; super: ten-crop at "
+        "0.3..0.7 (default: the dataset's, five for cocostuff27/cityscapes, double for "
+        "coco81/coco171, super for pascalvoc)",
+    )
+    parser.add_argument(
+        "--crop_ratio",
+        default=0.5,
+        type=float,
+        help="crop size as a fraction of the image height and width (five only; default 0.5)",
+    )
     parser.add_argument("--split", default="train", help="split to crop (default train, what training reads)")
-    parser.add_argument("--num_workers", default=min(4, os.cpu_count() or 1), type=int,
-                        help="worker processes (0: crop in this process); default min(4, CPUs)")
+    parser.add_argument(
+        "--num_workers",
+        default=min(4, os.cpu_count() or 1),
+        type=int,
+        help="worker processes (0: crop in this process); default min(4, CPUs)",
+    )
     return parser
 
 
@@ -165,14 +203,17 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        crop_root, written, total = crop_dataset(args.dataset, args.data_dir, args.crop_type, args.crop_ratio,
-                                                 args.split, args.num_workers)
+        crop_root, written, total = crop_dataset(
+            args.dataset, args.data_dir, args.crop_type, args.crop_ratio, args.split, args.num_workers
+        )
     except (*DATA_ERRORS, OSError) as err:
         print(f"crop_dataset.py: error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("crop_dataset.py: interrupted; the crops written so far are complete, rerun the same command to "
-              "finish", file=sys.stderr)
+        print(
+            "crop_dataset.py: interrupted; the crops written so far are complete, rerun the same command to finish",
+            file=sys.stderr,
+        )
         sys.exit(130)
     print(f"{total} crops in {crop_root} ({written} written now, {total - written} already there)")
 

@@ -37,44 +37,82 @@ def main(args):
     lr = cfg.lr * run.info.world_size
     optimizer_segment = torch.optim.Adam(segment_params, lr=lr, weight_decay=cfg.weight_decay)
     optimizer_cluster = torch.optim.Adam([cluster.cluster_probe], lr=lr)
-    schedulers = [torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-                  for opt in (optimizer_segment, optimizer_cluster)]
-    trainer = run.trainer(shared={"segment": segment, "cluster": cluster, "optimizer_segment": optimizer_segment,
-                                  "optimizer_cluster": optimizer_cluster, "scheduler_segment": schedulers[0],
-                                  "scheduler_cluster": schedulers[1]})
+    schedulers = [
+        torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5) for opt in (optimizer_segment, optimizer_cluster)
+    ]
+    trainer = run.trainer(
+        shared={
+            "segment": segment,
+            "cluster": cluster,
+            "optimizer_segment": optimizer_segment,
+            "optimizer_cluster": optimizer_cluster,
+            "scheduler_segment": schedulers[0],
+            "scheduler_cluster": schedulers[1],
+        }
+    )
     tokens = run.tokens()
 
     def losses(batch):
         with trainer.autocast():
-            return fine_tuning_step(segment, cluster.cluster_probe, tokens(batch.img, batch.ind), batch.label,
-                                    cfg.n_classes, grid=cfg.grid, reference=cfg.reference_stage3,
-                                    temp=cfg.modularity_temp)
+            return fine_tuning_step(
+                segment,
+                cluster.cluster_probe,
+                tokens(batch.img, batch.ind),
+                batch.label,
+                cfg.n_classes,
+                grid=cfg.grid,
+                reference=cfg.reference_stage3,
+                temp=cfg.modularity_temp,
+            )
 
     def train_step(epoch, batch):
         out = losses(batch)
-        trainer.step(out["loss"], [optimizer_segment, optimizer_cluster], segment_params + [cluster.cluster_probe],
-                     grad_clip=cfg.grad_clip, clip_params=segment_params,
-                     terms={k: out[k] for k in ("loss_mod", "loss_linear")})
-        return {"loss": out["loss"].item(), "loss_mod": out["loss_mod"].item(),
-                "loss_linear": out["loss_linear"].item(), "probe_acc": out["probe_acc"],
-                "lr": optimizer_cluster.param_groups[0]["lr"]}
+        trainer.step(
+            out["loss"],
+            [optimizer_segment, optimizer_cluster],
+            segment_params + [cluster.cluster_probe],
+            grad_clip=cfg.grad_clip,
+            clip_params=segment_params,
+            terms={k: out[k] for k in ("loss_mod", "loss_linear")},
+        )
+        return {
+            "loss": out["loss"].item(),
+            "loss_mod": out["loss_mod"].item(),
+            "loss_linear": out["loss_linear"].item(),
+            "probe_acc": out["probe_acc"],
+            "lr": optimizer_cluster.param_groups[0]["lr"],
+        }
 
     loader, sampler = run.train_loader()
     trainer.resume(cfg.resume)
     segment.train()
     with trainer.interruptible():
-        start, end = fit(trainer, loader, sampler, train_step, lambda batch: losses(batch)["loss_mod"], schedulers,
-                         desc=f"[fine-tuning {cfg.head}]")
+        start, end = fit(
+            trainer,
+            loader,
+            sampler,
+            train_step,
+            lambda batch: losses(batch)["loss_mod"],
+            schedulers,
+            desc=f"[fine-tuning {cfg.head}]",
+        )
         if run.info.is_main:
             store.save("segment", segment.state_dict(), run.flags())
             store.save("cluster", cluster.state_dict(), run.flags())
         trainer.remove_states()
     protocol = stage3_protocol(cfg.reference_stage3)
-    summary = {"segment": store.path("segment"), "cluster": store.path("cluster"), "stage3": protocol,
-               **trainer.loss_summary("loss_mod", start, end), "probe_acc_last": trainer.records[-1]["probe_acc"]}
+    summary = {
+        "segment": store.path("segment"),
+        "cluster": store.path("cluster"),
+        "stage3": protocol,
+        **trainer.loss_summary("loss_mod", start, end),
+        "probe_acc_last": trainer.records[-1]["probe_acc"],
+    }
     if run.info.is_main:
-        print(f"[fine-tuning {cfg.head}] saved {store.path('cluster')}; fixed-batch modularity loss "
-              f"{summary['fixed_batch_loss_mod_start']:.4f} -> {summary['fixed_batch_loss_mod_end']:.4f}")
+        print(
+            f"[fine-tuning {cfg.head}] saved {store.path('cluster')}; fixed-batch modularity loss "
+            f"{summary['fixed_batch_loss_mod_start']:.4f} -> {summary['fixed_batch_loss_mod_end']:.4f}"
+        )
         print(f"[fine-tuning {cfg.head}] {STAGE3_NOTES[protocol]}")
     trainer.finish(summary, ["loss_mod", "loss_linear", "probe_acc"])
 

@@ -34,8 +34,14 @@ from engine.build import load_trained
 from engine.config import build_parser, str2bool
 from loader.images import list_images, open_rgb, output_stems
 from loader.transforms import image_to_tensor
-from modules.inference import (crf_size, flip_tta_features, resize_short_side, sliding_window_scores, upsample,
-                               upsample_argmax)
+from modules.inference import (
+    crf_size,
+    flip_tta_features,
+    resize_short_side,
+    sliding_window_scores,
+    upsample,
+    upsample_argmax,
+)
 from utils.crf import dense_crf
 from utils.errors import EXIT_SKIPPED_INPUTS, InputNotFoundError, InvalidInputError, one_line
 from utils.visualize import colorize, dataset_colormap, overlay, save_legend, save_png
@@ -51,8 +57,12 @@ def parser():
     g.add_argument("--inputs", required=True, help="an image file, a folder of images, or a glob (quote it)")
     g.add_argument("--output", default="predictions", help="folder for the predicted maps (not an input folder)")
     g.add_argument("--crf", type=str2bool, default=True, help="yes/no: dense-CRF post-processing")
-    g.add_argument("--crf_max_megapixels", type=float, default=1.0,
-                   help="the CRF runs on a copy scaled down to this many megapixels when the picture is larger")
+    g.add_argument(
+        "--crf_max_megapixels",
+        type=float,
+        default=1.0,
+        help="the CRF runs on a copy scaled down to this many megapixels when the picture is larger",
+    )
     g.add_argument("--overlap", type=float, default=0.5, help="overlap of neighbouring windows, in [0, 1)")
     g.add_argument("--metrics", default=None, help="metrics.json from test.py: map clusters to matched classes")
     g.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
@@ -85,16 +95,20 @@ def check_output(args, files, stems):
     if os.path.isdir(args.inputs):
         input_dirs.add(os.path.realpath(args.inputs))
     if out in input_dirs:
-        raise InvalidInputError(f"--output {args.output} is an input folder; predict.py never writes beside your images: "
-                         f"choose another --output")
+        raise InvalidInputError(
+            f"--output {args.output} is an input folder; predict.py never writes beside your images: "
+            f"choose another --output"
+        )
     targets = [[os.path.join(args.output, stem + suffix) for suffix in SUFFIXES] for stem in stems]
     existing = [t for group in targets for t in group if os.path.lexists(t)]
     legend = os.path.join(args.output, LEGEND)
     if os.path.lexists(legend):
         existing.append(legend)
     if existing and not args.overwrite:
-        raise InvalidInputError(f"{len(existing)} output file(s) already exist, e.g. {existing[0]}; pass --overwrite to "
-                         f"replace them or choose another --output")
+        raise InvalidInputError(
+            f"{len(existing)} output file(s) already exist, e.g. {existing[0]}; pass --overwrite to "
+            f"replace them or choose another --output"
+        )
     return targets
 
 
@@ -145,8 +159,9 @@ def main(args):
     cmap = dataset_colormap(args.dataset, args.n_classes)
     skipped = []
     with torch.no_grad():
-        for path, (ids_path, color_path, overlay_path) in tqdm(list(zip(files, targets)), desc="[predict]",
-                                                               dynamic_ncols=True, unit="image"):
+        for path, (ids_path, color_path, overlay_path) in tqdm(
+            list(zip(files, targets)), desc="[predict]", dynamic_ncols=True, unit="image"
+        ):
             try:
                 image = open_rgb(path)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
@@ -163,8 +178,10 @@ def main(args):
             save_png(overlay_path, overlay(np.asarray(image), colored), compress_level=1)  # a photo: zlib gains little
     save_legend(os.path.join(args.output, LEGEND), names, cmap, title=title)
     written = len(files) - len(skipped)
-    print(f"{written} of {len(files)} images segmented into {args.output}"
-          + (f"; {len(skipped)} unreadable file(s) skipped" if skipped else ""))
+    print(
+        f"{written} of {len(files)} images segmented into {args.output}"
+        + (f"; {len(skipped)} unreadable file(s) skipped" if skipped else "")
+    )
     return skipped
 
 

@@ -34,24 +34,39 @@ from utils.errors import InvalidInputError
 from utils.metrics import UnsupervisedMetrics
 from utils.visualize import dataset_colormap, plot_confusion, save_iou_table, save_panel
 
-RANDOM_BACKBONE_NOTE = ("note: the backbone is random (ckpt empty): these numbers check the pipeline, not the "
-                        "method; set ckpt= to an official checkpoint for real results")
+RANDOM_BACKBONE_NOTE = (
+    "note: the backbone is random (ckpt empty): these numbers check the pipeline, not the "
+    "method; set ckpt= to an official checkpoint for real results"
+)
 
 
 def parser():
     p = build_parser(__doc__, stage="test")
     g = p.add_argument_group("evaluation")
     g.add_argument("--crf", type=str2bool, default=True, help="yes/no: also evaluate with dense-CRF post-processing")
-    g.add_argument("--crf_workers", type=int, default=None,
-                   help="CRF process-pool size (default: CPU count; 0 = serial)")
-    g.add_argument("--linear_crf", type=str2bool, default=False,
-                   help="yes/no: also apply the CRF to the linear probe's prediction (linear_crf in metrics.json). "
-                        "Default no: the published CAUSE protocol reports the unsupervised result with CRF and the "
-                        "linear probe without it")
-    g.add_argument("--baseline", choices=["kmeans", "none"], default="kmeans",
-                   help="k-means (faiss, C clusters) on the frozen backbone tokens and on the head features")
-    g.add_argument("--kmeans_max_tokens", type=int, default=500_000,
-                   help="k-means is fitted on all val tokens, or on this many sampled evenly over the images")
+    g.add_argument(
+        "--crf_workers", type=int, default=None, help="CRF process-pool size (default: CPU count; 0 = serial)"
+    )
+    g.add_argument(
+        "--linear_crf",
+        type=str2bool,
+        default=False,
+        help="yes/no: also apply the CRF to the linear probe's prediction (linear_crf in metrics.json). "
+        "Default no: the published CAUSE protocol reports the unsupervised result with CRF and the "
+        "linear probe without it",
+    )
+    g.add_argument(
+        "--baseline",
+        choices=["kmeans", "none"],
+        default="kmeans",
+        help="k-means (faiss, C clusters) on the frozen backbone tokens and on the head features",
+    )
+    g.add_argument(
+        "--kmeans_max_tokens",
+        type=int,
+        default=500_000,
+        help="k-means is fitted on all val tokens, or on this many sampled evenly over the images",
+    )
     g.add_argument("--save_images", type=int, default=8, help="panels written for the first N images")
     return p
 
@@ -95,10 +110,10 @@ def evaluate(args, loader, backbone, segment, cluster, device, centroids, crf_po
 
     def finish_crf(job, label, first_kept, end_kept):
         both = job.result().argmax(1).to(device)
-        crf_pred = both[:label.shape[0]]
+        crf_pred = both[: label.shape[0]]
         metrics["cluster_crf"].update(crf_pred, label)
         if linear_crf:
-            metrics["linear_crf"].update(both[label.shape[0]:], label)
+            metrics["linear_crf"].update(both[label.shape[0] :], label)
         for i in range(first_kept, end_kept):
             kept[i] = (*kept[i][:3], crf_pred[i - first_kept].cpu())
 
@@ -154,9 +169,14 @@ def evaluated_stage3(store):
 
 
 def summarise(args, metrics, used, names, stage3):
-    result = {"dataset": args.dataset, "head": args.head, "n_classes": args.n_classes,
-              "backbone": args.ckpt or f"random {args.arch}", "test_resolution": args.test_resolution,
-              "stage3": stage3}
+    result = {
+        "dataset": args.dataset,
+        "head": args.head,
+        "n_classes": args.n_classes,
+        "backbone": args.ckpt or f"random {args.arch}",
+        "test_resolution": args.test_resolution,
+        "stage3": stage3,
+    }
     for key, m in metrics.items():
         if m.histogram.sum() == 0:
             continue
@@ -182,16 +202,28 @@ def write_outputs(args, result, metrics, kept, names, out_dir, log_dirs):
     for i, (image, gt, pred, crf_pred) in enumerate(kept):
         final = crf_pred if crf_pred is not None else pred
         panels.append(os.path.join(panel_dir, f"{i:04d}.png"))
-        save_panel(panels[-1], image, gt, pred, crf_pred if crf_pred is not None else pred,
-                   metrics[best].map(final), cmap)
-    write_report(os.path.join(out_dir, "report.html"), args.as_dict(), result, os.path.join(out_dir, "confusion.png"),
-                 panels, log_dirs)
+        save_panel(
+            panels[-1], image, gt, pred, crf_pred if crf_pred is not None else pred, metrics[best].map(final), cmap
+        )
+    write_report(
+        os.path.join(out_dir, "report.html"),
+        args.as_dict(),
+        result,
+        os.path.join(out_dir, "confusion.png"),
+        panels,
+        log_dirs,
+    )
 
 
 def results_table(result):
-    rows = [("CAUSE (cluster probe)", "cluster"), ("CAUSE + CRF", "cluster_crf"),
-            ("linear probe (supervised)", "linear"), ("linear probe + CRF", "linear_crf"),
-            ("k-means on backbone tokens", "kmeans"), ("k-means on head features", "kmeans_head")]
+    rows = [
+        ("CAUSE (cluster probe)", "cluster"),
+        ("CAUSE + CRF", "cluster_crf"),
+        ("linear probe (supervised)", "linear"),
+        ("linear probe + CRF", "linear_crf"),
+        ("k-means on backbone tokens", "kmeans"),
+        ("k-means on head features", "kmeans_head"),
+    ]
     lines = [f"{'':30s} {'mIoU':>7s} {'pAcc':>7s}"]
     for title, key in rows:
         if key in result:
@@ -208,14 +240,21 @@ def main(args):
     run = cli.single_process(run)
     cfg, store, device = run.cfg, run.store, run.device
     if cfg.dataset == "folder" and not cfg.label_dir:
-        raise InvalidInputError("test.py scores predictions against labels: give --label_dir, or segment unlabelled "
-                                "images with predict.py")
+        raise InvalidInputError(
+            "test.py scores predictions against labels: give --label_dir, or segment unlabelled images with predict.py"
+        )
     segment, cluster = load_trained(cfg, store, run.backbone.embed_dim, device)
     out_dir = store.run_dir
     run.write_config("test", out_dir)
 
-    loader, _ = make_loader(run.dataset("val", cfg.test_resolution), run.info, cfg.batch_size, cfg.num_workers,
-                            shuffle=False, drop_last=False)
+    loader, _ = make_loader(
+        run.dataset("val", cfg.test_resolution),
+        run.info,
+        cfg.batch_size,
+        cfg.num_workers,
+        shuffle=False,
+        drop_last=False,
+    )
     names = class_names(cfg)
     with torch.no_grad():
         centroids = fit_baselines(cfg, loader, run.backbone, segment, device) if cfg.baseline == "kmeans" else {}
@@ -225,8 +264,10 @@ def main(args):
         else:
             metrics, used, kept = evaluate(cfg, loader, run.backbone, segment, cluster, device, centroids, None)
     if metrics["cluster"].histogram.sum() == 0:
-        raise InvalidInputError("the val set has no labelled pixels (0 <= label < n_classes), so there is nothing to "
-                                "score; segment unlabelled images with predict.py")
+        raise InvalidInputError(
+            "the val set has no labelled pixels (0 <= label < n_classes), so there is nothing to "
+            "score; segment unlabelled images with predict.py"
+        )
     result = summarise(cfg, metrics, used, names, evaluated_stage3(store))
     write_outputs(cfg, result, metrics, kept, names, out_dir, [store.mediator_dir, out_dir])
     print(results_table(result))

@@ -32,35 +32,65 @@ def main(args):
 
     def losses(batch, bank_):
         with trainer.autocast():
-            return front_door_step(segment, tokens(batch.img, batch.ind), batch.label, codebook, bank_,
-                                   cfg.n_classes, grid=cfg.grid, temp=cfg.contrastive_temp, pos=cfg.pos_thresh,
-                                   neg=cfg.neg_thresh)
+            return front_door_step(
+                segment,
+                tokens(batch.img, batch.ind),
+                batch.label,
+                codebook,
+                bank_,
+                cfg.n_classes,
+                grid=cfg.grid,
+                temp=cfg.contrastive_temp,
+                pos=cfg.pos_thresh,
+                neg=cfg.neg_thresh,
+            )
 
     def train_step(epoch, batch):
         out = losses(batch, bank)
-        trainer.step(out["loss"], [optimizer], params, grad_clip=cfg.grad_clip,
-                     terms={k: out[k] for k in ("loss_front", "loss_linear")})
+        trainer.step(
+            out["loss"],
+            [optimizer],
+            params,
+            grad_clip=cfg.grad_clip,
+            terms={k: out[k] for k in ("loss_front", "loss_linear")},
+        )
         # The reference's teacher shares the student's storage until its first update.
         segment.update_teacher(cfg.ema_momentum, tied=trainer.global_step == 1)
         update_bank(bank, codebook, out["sampled_tokens"], out["teacher_proj"])
-        return {"loss": out["loss"].item(), "loss_front": out["loss_front"].item(),
-                "loss_linear": out["loss_linear"].item(), "probe_acc": out["probe_acc"], "bank": len(bank),
-                "lr": optimizer.param_groups[0]["lr"]}
+        return {
+            "loss": out["loss"].item(),
+            "loss_front": out["loss_front"].item(),
+            "loss_linear": out["loss_linear"].item(),
+            "probe_acc": out["probe_acc"],
+            "bank": len(bank),
+            "lr": optimizer.param_groups[0]["lr"],
+        }
 
     loader, sampler = run.train_loader()
     trainer.resume(cfg.resume)
     segment.train()
     with trainer.interruptible():
-        start, end = fit(trainer, loader, sampler, train_step, lambda batch: losses(batch, None)["loss_front"],
-                         desc=f"[front door {cfg.head}]")
+        start, end = fit(
+            trainer,
+            loader,
+            sampler,
+            train_step,
+            lambda batch: losses(batch, None)["loss_front"],
+            desc=f"[front door {cfg.head}]",
+        )
         if run.info.is_main:
             store.save("segment", segment.state_dict(), run.flags())
         trainer.remove_states()
-    summary = {"segment": store.path("segment"), **trainer.loss_summary("loss_front", start, end),
-               "probe_acc_last": trainer.records[-1]["probe_acc"]}
+    summary = {
+        "segment": store.path("segment"),
+        **trainer.loss_summary("loss_front", start, end),
+        "probe_acc_last": trainer.records[-1]["probe_acc"],
+    }
     if run.info.is_main:
-        print(f"[front door {cfg.head}] saved {store.path('segment')}; fixed-batch contrastive loss "
-              f"{summary['fixed_batch_loss_front_start']:.4f} -> {summary['fixed_batch_loss_front_end']:.4f}")
+        print(
+            f"[front door {cfg.head}] saved {store.path('segment')}; fixed-batch contrastive loss "
+            f"{summary['fixed_batch_loss_front_start']:.4f} -> {summary['fixed_batch_loss_front_end']:.4f}"
+        )
     trainer.finish(summary, ["loss_front", "loss_linear", "probe_acc"])
 
 

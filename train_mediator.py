@@ -1,6 +1,6 @@
 """Stage 1 — the mediator: a concept codebook learnt by maximising soft modularity (SPEC §4).
 
-    python train_mediator.py --dataset cocostuff27 --data_dir DATA --ckpt checkpoint/dino_vitbase8_pretrain.pth
+python train_mediator.py --dataset cocostuff27 --data_dir DATA --ckpt checkpoint/dino_vitbase8_pretrain.pth
 """
 
 import os
@@ -51,8 +51,10 @@ def main(args):
         start, end = fit(trainer, loader, sampler, train_step, loss_of, [scheduler], desc="[mediator]")
         if run.info.is_main:
             store.save("codebook", codebook.detach().float().cpu().numpy().astype(np.float32), run.flags())
-            print(f"[mediator] codebook {tuple(codebook.shape)} saved to {store.path('codebook')}; fixed-batch "
-                  f"modularity loss {start:.4f} -> {end:.4f}")
+            print(
+                f"[mediator] codebook {tuple(codebook.shape)} saved to {store.path('codebook')}; fixed-batch "
+                f"modularity loss {start:.4f} -> {end:.4f}"
+            )
         trainer.remove_states()
     trainer.finish({"codebook": store.path("codebook"), **trainer.loss_summary("loss", start, end)}, ["loss"])
     barrier(run.info)

@@ -56,23 +56,36 @@ BANK_CAPACITY = 100
 # The published sizes of one step (SPEC: ViT-S/8 features, 2048 concepts, a bank of 100 per
 # concept), each with the smallest value `--scale` may shrink it to (None: never scaled).
 PUBLISHED_SHAPES = {
-    "batch": (16, 2), "dim": (384, 8),
-    "stage1_concepts": (2048, 4), "stage1_tokens": (100, None),  # 10x10 grid of a 320 px crop
-    "stage2_tokens": (49, None), "projection_dim": (2048, 8), "bank_capacity": (BANK_CAPACITY, 2),
-    "stage3_tokens": (784, None), "reduced_dim": (90, 4), "n_classes": (27, None), "label_size": (224, 28),
-    "crf_images": (16, 2), "crf_size": (320, 32),
+    "batch": (16, 2),
+    "dim": (384, 8),
+    "stage1_concepts": (2048, 4),
+    "stage1_tokens": (100, None),  # 10x10 grid of a 320 px crop
+    "stage2_tokens": (49, None),
+    "projection_dim": (2048, 8),
+    "bank_capacity": (BANK_CAPACITY, 2),
+    "stage3_tokens": (784, None),
+    "reduced_dim": (90, 4),
+    "n_classes": (27, None),
+    "label_size": (224, 28),
+    "crf_images": (16, 2),
+    "crf_size": (320, 32),
 }
 
 
 def published_shapes(scale: float = 1.0) -> SimpleNamespace:
     """The sizes of PUBLISHED_SHAPES times `scale`, each at least its smallest workable value."""
-    return SimpleNamespace(**{name: size if least is None else max(least, int(round(size * scale)))
-                              for name, (size, least) in PUBLISHED_SHAPES.items()})
+    return SimpleNamespace(
+        **{
+            name: size if least is None else max(least, int(round(size * scale)))
+            for name, (size, least) in PUBLISHED_SHAPES.items()
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Literal formulations (SPEC, the way the reference computes it)
 # ---------------------------------------------------------------------------------------------
+
 
 def literal_modularity_loss(concepts, feats, temp=0.1):
     """SPEC §3 with the full [B, K, P, P] co-membership tensor."""
@@ -110,7 +123,7 @@ class LiteralBank:
         for concept in concept_idx.unique().tolist():
             rows = feats[concept_idx == concept]
             keep = rows[torch.randperm(rows.shape[0], device=rows.device)[: int(rows.shape[0] * keep_ratio)]]
-            self.fifos[concept] = torch.cat([self.fifos[concept], keep])[-self.capacity:]
+            self.fifos[concept] = torch.cat([self.fifos[concept], keep])[-self.capacity :]
 
 
 def literal_front_door_loss(feat, proj, proj_ema, codebook, bank, bank_codes, temp=0.07, pos=0.3, neg=0.1):
@@ -133,7 +146,7 @@ def literal_front_door_loss(feat, proj, proj_ema, codebook, bank, bank_codes, te
             positive = codes > pos
             if self_excluded:
                 eye = torch.zeros_like(positive)
-                eye[:, b * tokens:(b + 1) * tokens] = torch.eye(tokens, dtype=torch.bool, device=eye.device)
+                eye[:, b * tokens : (b + 1) * tokens] = torch.eye(tokens, dtype=torch.bool, device=eye.device)
                 positive = positive & ~eye
             counted = positive | (codes < neg)
             denominator = (shifted.exp() * counted).sum(dim=1, keepdim=True)
@@ -151,21 +164,24 @@ def literal_crf(images, logits, iters=10):
 # Inputs (identical in every process: seeded CPU generators, then moved to the device)
 # ---------------------------------------------------------------------------------------------
 
+
 def clustered_codebook(concepts, dim, gen):
     """Concepts in groups around shared directions, so positives, negatives and the ignored
     band between them all occur (random rows alone would all be negatives of each other)."""
     groups = max(1, concepts // 32)
     centres = F.normalize(torch.randn(groups, dim, generator=gen), dim=1)
     members = centres[torch.randint(0, groups, (concepts,), generator=gen)]
-    return members + 1.2 * torch.randn(concepts, dim, generator=gen) / dim ** 0.5
+    return members + 1.2 * torch.randn(concepts, dim, generator=gen) / dim**0.5
 
 
 def stage2_inputs(shapes, concepts, device):
     gen = torch.Generator().manual_seed(2)
     codebook = clustered_codebook(concepts, shapes.dim, gen)
     picks = torch.randint(0, concepts, (shapes.batch, shapes.stage2_tokens), generator=gen)
-    feat = codebook[picks] + 0.3 * torch.randn(shapes.batch, shapes.stage2_tokens, shapes.dim, generator=gen) \
-        / shapes.dim ** 0.5
+    feat = (
+        codebook[picks]
+        + 0.3 * torch.randn(shapes.batch, shapes.stage2_tokens, shapes.dim, generator=gen) / shapes.dim**0.5
+    )
     proj = torch.randn(shapes.batch, shapes.stage2_tokens, shapes.projection_dim, generator=gen)
     proj_ema = proj + 0.5 * torch.randn(proj.shape, generator=gen)
     bank = torch.randn(concepts, shapes.bank_capacity, shapes.projection_dim, generator=gen)
@@ -180,10 +196,17 @@ def stage3_inputs(shapes, device):
     tokens = torch.randn(shapes.batch, shapes.stage3_tokens, shapes.dim, generator=gen)
     label = torch.randint(-1, shapes.n_classes, (shapes.batch, shapes.label_size, shapes.label_size), generator=gen)
     cluster_probe = torch.empty(shapes.n_classes, shapes.reduced_dim).uniform_(
-        -1 / shapes.n_classes, 1 / shapes.n_classes, generator=gen)
+        -1 / shapes.n_classes, 1 / shapes.n_classes, generator=gen
+    )
     order = grid_sample_tokens(tokens[..., :1], generator=gen)[1]
-    return head.to(device), probe.to(device), tokens.to(device), label.to(device), cluster_probe.to(device), \
-        order.to(device)
+    return (
+        head.to(device),
+        probe.to(device),
+        tokens.to(device),
+        label.to(device),
+        cluster_probe.to(device),
+        order.to(device),
+    )
 
 
 def crf_inputs(shapes):
@@ -198,6 +221,7 @@ def crf_inputs(shapes):
 # ---------------------------------------------------------------------------------------------
 # One measurement (runs in a child process)
 # ---------------------------------------------------------------------------------------------
+
 
 def _status_mib(field):
     with open("/proc/self/status") as status:
@@ -240,8 +264,12 @@ def synchronize(device):
 def stage1_step(method, shapes, device, amp):
     gen = torch.Generator().manual_seed(1)
     feats = torch.randn(shapes.batch, shapes.stage1_tokens, shapes.dim, generator=gen).to(device)
-    codebook = torch.empty(shapes.stage1_concepts, shapes.dim).uniform_(
-        -1 / shapes.stage1_concepts, 1 / shapes.stage1_concepts, generator=gen).to(device).requires_grad_(True)
+    codebook = (
+        torch.empty(shapes.stage1_concepts, shapes.dim)
+        .uniform_(-1 / shapes.stage1_concepts, 1 / shapes.stage1_concepts, generator=gen)
+        .to(device)
+        .requires_grad_(True)
+    )
     loss_fn = literal_modularity_loss if method == "literal" else modularity_loss
 
     def step():
@@ -250,6 +278,7 @@ def stage1_step(method, shapes, device, amp):
             loss = loss_fn(codebook, feats)
         loss.backward()
         return {"loss": loss.detach(), "grad": codebook.grad}
+
     return step
 
 
@@ -266,6 +295,7 @@ def stage2_step(method, shapes, device, amp, concepts):
             logits = anchors @ keys.t()
             logits.backward(torch.ones_like(logits))
             return {}
+
         return step
     if method == "literal":
         bank = LiteralBank(stored, shapes.bank_capacity)
@@ -285,6 +315,7 @@ def stage2_step(method, shapes, device, amp, concepts):
         loss.backward()
         bank.update(codes, proj_ema.reshape(codes.shape[0], -1))
         return {"loss": loss.detach(), "grad": proj.grad}
+
     return step
 
 
@@ -303,6 +334,7 @@ def stage3_step(method, shapes, device, amp):
             loss_lin = linear_probe_loss(tokens_to_image(probe(teacher)), label, shapes.n_classes)[0]
         (loss_mod + loss_lin).backward()
         return {"loss": (loss_mod + loss_lin).detach(), "grad": cluster_probe.grad}
+
     return step
 
 
@@ -363,6 +395,7 @@ def run_child(spec):
 # The table
 # ---------------------------------------------------------------------------------------------
 
+
 def assert_equal_outputs(name, project, literal, amp):
     """Loss to 1e-4 relative (1e-2 under AMP), gradient / marginals to 1e-4 of their largest value."""
     tolerance = 1e-2 if amp else 1e-4
@@ -371,16 +404,21 @@ def assert_equal_outputs(name, project, literal, amp):
         scale = max(float(theirs.abs().max()), 1e-12)
         error = float((mine - theirs).abs().max()) / scale
         if error > tolerance:
-            raise SystemExit(f"bench_stages: {name}: the project's {key} differs from the literal one "
-                             f"(max relative error {error:.2e} > {tolerance:.0e})")
+            raise SystemExit(
+                f"bench_stages: {name}: the project's {key} differs from the literal one "
+                f"(max relative error {error:.2e} > {tolerance:.0e})"
+            )
 
 
 def row(name, project, literal=None, floor=None):
     cells = [name, f"{project['seconds']:.3f}", f"{project['peak_mib']:.0f}"]
     if literal is not None:
-        cells += [f"{literal['seconds']:.3f}", f"{literal['peak_mib']:.0f}",
-                  f"{literal['seconds'] / project['seconds']:.1f}×",
-                  f"{literal['peak_mib'] / max(project['peak_mib'], 1.0):.1f}×"]
+        cells += [
+            f"{literal['seconds']:.3f}",
+            f"{literal['peak_mib']:.0f}",
+            f"{literal['seconds'] / project['seconds']:.1f}×",
+            f"{literal['peak_mib'] / max(project['peak_mib'], 1.0):.1f}×",
+        ]
     else:
         cells += ["–"] * 4
     cells.append(f"{floor['seconds']:.3f} ({project['seconds'] / floor['seconds']:.2f}×)" if floor else "–")
@@ -391,18 +429,36 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda (one device)")
     p.add_argument("--amp", action="store_true", help="steps under torch.autocast (bfloat16 on CPU, float16 on CUDA)")
-    p.add_argument("--scale", type=float, default=1.0,
-                   help="shrink the published shapes (batch, widths, concepts, bank capacity, image sizes)")
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="shrink the published shapes (batch, widths, concepts, bank capacity, image sizes)",
+    )
     p.add_argument("--stages", nargs="+", default=["1", "2", "3", "crf"], choices=["1", "2", "3", "crf"])
-    p.add_argument("--bank_concepts", nargs="+", type=int, default=[512, 2048],
-                   help="stage 2: concepts in the (full) bank and codebook, one row each (scaled by --scale)")
-    p.add_argument("--literal_concepts", type=int, default=512,
-                   help="stage 2: run the literal formulation only for banks up to this many concepts (before "
-                        "--scale; the literal step at 2048 takes minutes and ~10 GB)")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="timed steps per measurement after one warm-up step (median reported)")
-    p.add_argument("--literal_repeats", type=int, default=1,
-                   help="timed steps of the slow literal stage-2 runs (no warm-up step for them)")
+    p.add_argument(
+        "--bank_concepts",
+        nargs="+",
+        type=int,
+        default=[512, 2048],
+        help="stage 2: concepts in the (full) bank and codebook, one row each (scaled by --scale)",
+    )
+    p.add_argument(
+        "--literal_concepts",
+        type=int,
+        default=512,
+        help="stage 2: run the literal formulation only for banks up to this many concepts (before "
+        "--scale; the literal step at 2048 takes minutes and ~10 GB)",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=3, help="timed steps per measurement after one warm-up step (median reported)"
+    )
+    p.add_argument(
+        "--literal_repeats",
+        type=int,
+        default=1,
+        help="timed steps of the slow literal stage-2 runs (no warm-up step for them)",
+    )
     p.add_argument("--crf_workers", type=int, default=os.cpu_count() or 1, help="CRF pool size")
     p.add_argument("--no_literal", action="store_true", help="project and floor only (no equality check)")
     p.add_argument("--json", help="also write the measurements to this JSON file")
@@ -419,16 +475,24 @@ def main(argv=None):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("bench_stages: --device cuda but no CUDA device is visible")
     shapes = published_shapes(args.scale)
-    base = {"device": args.device, "amp": args.amp, "shapes": vars(shapes), "repeats": args.repeats, "warmup": 1,
-            "crf_workers": args.crf_workers}
+    base = {
+        "device": args.device,
+        "amp": args.amp,
+        "shapes": vars(shapes),
+        "repeats": args.repeats,
+        "warmup": 1,
+        "crf_workers": args.crf_workers,
+    }
     if args.device.startswith("cuda"):
         name = torch.cuda.get_device_name(0)
     else:
         name = f"CPU, {torch.get_num_threads()} threads"
     print(f"# bench_stages: {name}, torch {torch.__version__}, amp {'on' if args.amp else 'off'}, scale {args.scale}")
     print()
-    print("| step | project s | project MiB | literal s | literal MiB | speed-up | memory ratio "
-          "| floor s (project/floor) |")
+    print(
+        "| step | project s | project MiB | literal s | literal MiB | speed-up | memory ratio "
+        "| floor s (project/floor) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     records = []
 
@@ -443,8 +507,15 @@ def main(argv=None):
         if with_floor:
             floor = run_child({**spec, "method": "floor"})
         print(row(label, project, literal, floor), flush=True)
-        records.append({"step": label, **{k: ({"seconds": v["seconds"], "peak_mib": v["peak_mib"]} if v else None)
-                                          for k, v in (("project", project), ("literal", literal), ("floor", floor))}})
+        records.append(
+            {
+                "step": label,
+                **{
+                    k: ({"seconds": v["seconds"], "peak_mib": v["peak_mib"]} if v else None)
+                    for k, v in (("project", project), ("literal", literal), ("floor", floor))
+                },
+            }
+        )
 
     s = shapes
     if "1" in args.stages:
@@ -452,16 +523,24 @@ def main(argv=None):
     if "2" in args.stages:
         for concepts in args.bank_concepts:
             scaled = max(4, int(round(concepts * args.scale)))
-            compare(f"stage 2 front door, bank {scaled}×{s.bank_capacity}×{s.projection_dim}, B{s.batch} "
-                    f"P{s.stage2_tokens}", "2", {"concepts": scaled}, literal_repeats=args.literal_repeats,
-                    with_literal=concepts <= args.literal_concepts, with_floor=True)
+            compare(
+                f"stage 2 front door, bank {scaled}×{s.bank_capacity}×{s.projection_dim}, B{s.batch} "
+                f"P{s.stage2_tokens}",
+                "2",
+                {"concepts": scaled},
+                literal_repeats=args.literal_repeats,
+                with_literal=concepts <= args.literal_concepts,
+                with_floor=True,
+            )
     if "3" in args.stages:
         compare(f"stage 3 step B{s.batch} N{s.stage3_tokens} r{s.reduced_dim} C{s.n_classes}", "3")
     if "crf" in args.stages:
         compare(f"test CRF per image {s.crf_size} px C{s.n_classes}, pool of {args.crf_workers}", "crf")
     print()
-    print("time: median seconds per step (CRF: per image); memory: peak growth in MiB (CPU: resident set size of "
-          "the measuring process; CUDA: max_memory_allocated); floor: the bare similarity matmul and its backward")
+    print(
+        "time: median seconds per step (CRF: per image); memory: peak growth in MiB (CPU: resident set size of "
+        "the measuring process; CUDA: max_memory_allocated); floor: the bare similarity matmul and its backward"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "amp": args.amp, "scale": args.scale, "rows": records}, f, indent=2)

@@ -47,9 +47,13 @@ class Batches:
 
     def __init__(self, count, batch, resolution, n_classes, device, seed):
         gen = torch.Generator(device=device).manual_seed(seed)
-        self.items = [(torch.randn(batch, 3, resolution, resolution, generator=gen, device=device),
-                       torch.randint(-1, n_classes, (batch, resolution, resolution), generator=gen, device=device))
-                      for _ in range(count)]
+        self.items = [
+            (
+                torch.randn(batch, 3, resolution, resolution, generator=gen, device=device),
+                torch.randint(-1, n_classes, (batch, resolution, resolution), generator=gen, device=device),
+            )
+            for _ in range(count)
+        ]
 
     def __getitem__(self, step):
         return self.items[step % len(self.items)]
@@ -84,8 +88,11 @@ def main(argv=None):
     p.add_argument("--amp", action="store_true", help="float16 autocast, as the stage scripts do on CUDA")
     p.add_argument("--compile", action="store_true", help="also time each stage with torch.compile on its heads")
     p.add_argument("--compile_backend", default="inductor", help="torch.compile backend")
-    p.add_argument("--dry_run", action="store_true",
-                   help="tiny CPU check: ViT-Tiny/16, 64 px, 2 steps, the 'eager' compile backend")
+    p.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="tiny CPU check: ViT-Tiny/16, 64 px, 2 steps, the 'eager' compile backend",
+    )
     args = p.parse_args(argv)
     if args.dry_run:
         args.device, args.arch, args.steps, args.warmup = "cpu", "vit_tiny_patch16_224", 2, 1
@@ -101,8 +108,11 @@ def main(argv=None):
     count = max(1, args.images // args.batch)
     train_batches = Batches(count, args.batch, args.train_resolution, args.n_classes, device, 1)
     big_batches = Batches(count, args.batch, args.mediator_resolution, args.n_classes, device, 2)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.float16)) if args.amp and device.type == "cuda" \
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=torch.float16))
+        if args.amp and device.type == "cuda"
         else contextlib.nullcontext
+    )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     rows = []
 
@@ -110,17 +120,23 @@ def main(argv=None):
         rows.append(f"| {stage} | {'yes' if compiled else 'no'} | {rate:.2f} | {rate * args.batch:.1f} | {peak:.0f} |")
         print(rows[-1], flush=True)
 
-    print(f"# gpu_stages: {name}, {args.arch} (random), batch {args.batch}, amp {'on' if args.amp else 'off'}, "
-          f"{args.steps} timed steps, torch {torch.__version__}")
+    print(
+        f"# gpu_stages: {name}, {args.arch} (random), batch {args.batch}, amp {'on' if args.amp else 'off'}, "
+        f"{args.steps} timed steps, torch {torch.__version__}"
+    )
     print()
     print("| stage | compiled heads | steps/s | images/s | peak MiB |")
     print("|---|---|---|---|---|")
-    for compiled in ([False, True] if args.compile else [False]):
+    for compiled in [False, True] if args.compile else [False]:
+
         def maybe_compile(module):
             return torch.compile(module, backend=args.compile_backend) if compiled else module
 
-        codebook = torch.empty(args.num_codebook, dim, device=device).uniform_(
-            -1 / args.num_codebook, 1 / args.num_codebook).requires_grad_(True)
+        codebook = (
+            torch.empty(args.num_codebook, dim, device=device)
+            .uniform_(-1 / args.num_codebook, 1 / args.num_codebook)
+            .requires_grad_(True)
+        )
         optimizer = torch.optim.Adam([codebook], lr=1e-3)
 
         def stage1(step):
@@ -132,6 +148,7 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+
         record("1 mediator", compiled, *timed(stage1, args.steps, args.warmup, device))
 
         frozen = codebook.detach()
@@ -151,11 +168,13 @@ def main(argv=None):
             optimizer.step()
             segment.update_teacher(0.99)
             update_bank(bank, frozen, out["sampled_tokens"], out["teacher_proj"])
+
         record("2 front door (bank filling)", compiled, *timed(stage2, args.steps, args.warmup, device))
 
         cluster = Cluster(dim, 90, args.num_codebook, args.n_classes).to(device)
-        optimizer = torch.optim.Adam([*segment.head_ema.parameters(), cluster.cluster_probe,
-                                      *segment.linear.parameters()], lr=1e-3)
+        optimizer = torch.optim.Adam(
+            [*segment.head_ema.parameters(), cluster.cluster_probe, *segment.linear.parameters()], lr=1e-3
+        )
         segment.head_ema = maybe_compile(segment.head_ema)
 
         def stage3(step):
@@ -167,6 +186,7 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             optimizer.step()
+
         record("3 fine-tuning", compiled, *timed(stage3, args.steps, args.warmup, device))
 
         segment.eval()
@@ -176,10 +196,13 @@ def main(argv=None):
             with torch.no_grad(), autocast():
                 u, _ = flip_tta_features(backbone, segment.head_ema, img)
                 cluster.scores(torch.nn.functional.interpolate(u.float(), size=img.shape[-2:], mode="bilinear"))
+
         record("test features + scores (no CRF)", compiled, *timed(evaluate, args.steps, args.warmup, device))
     print()
-    print("steps/s over the timed steps after the warm-up; images/s = steps/s × batch; peak: "
-          "torch.cuda.max_memory_allocated over the timed steps (nan on CPU)")
+    print(
+        "steps/s over the timed steps after the warm-up; images/s = steps/s × batch; peak: "
+        "torch.cuda.max_memory_allocated over the timed steps (nan on CPU)"
+    )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,9 @@ from utils.metrics import UnsupervisedMetrics  # noqa: E402
 
 
 def head_features(run, segment):
-    loader, _ = make_loader(run.dataset("val", run.cfg.test_resolution), run.info, run.cfg.batch_size, 0,
-                            shuffle=False, drop_last=False)
+    loader, _ = make_loader(
+        run.dataset("val", run.cfg.test_resolution), run.info, run.cfg.batch_size, 0, shuffle=False, drop_last=False
+    )
     backbone = run.backbone
     feats, labels = [], []
     with torch.no_grad():
@@ -85,8 +86,7 @@ def class_means(feats, labels, n_classes):
     grid = F.interpolate(labels[:, None].float(), size=feats.shape[-2:], mode="nearest")[:, 0].long()
     x = F.normalize(feats, dim=1).permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
     y = grid.reshape(-1)
-    return torch.stack([x[y == c].mean(0) if (y == c).any() else torch.zeros(x.shape[1])
-                        for c in range(n_classes)])
+    return torch.stack([x[y == c].mean(0) if (y == c).any() else torch.zeros(x.shape[1]) for c in range(n_classes)])
 
 
 def score(centroids, feats, labels, n_classes):
@@ -100,10 +100,14 @@ def score(centroids, feats, labels, n_classes):
     metrics.update(pred, labels)
     share = torch.bincount(pred.flatten(), minlength=n_classes).float()
     values = metrics.compute()
-    return {"Q": round(q, 5), "mean_cos": round(float(cosine.mean()), 3),
-            "mean_delta": round(float(delta.mean()), 3),
-            "mIoU": round(values["mIoU"], 2), "pAcc": round(values["pAcc"], 2),
-            "pixel_share": [round(float(s), 1) for s in 100 * share / share.sum()]}
+    return {
+        "Q": round(q, 5),
+        "mean_cos": round(float(cosine.mean()), 3),
+        "mean_delta": round(float(delta.mean()), 3),
+        "mIoU": round(values["mIoU"], 2),
+        "pAcc": round(values["pAcc"], 2),
+        "pixel_share": [round(float(s), 1) for s in 100 * share / share.sum()],
+    }
 
 
 def main(args):
@@ -114,8 +118,11 @@ def main(args):
     probe = cluster.cluster_probe.detach()
     feats, labels = head_features(run, segment)
     sample = feats.flatten(2).transpose(1, 2).reshape(-1, feats.shape[1])
-    centroids = {"probe": probe, "kmeans": fit_kmeans(sample, args.n_classes, seed=args.seed),
-                 "oracle": class_means(feats, labels, args.n_classes)}
+    centroids = {
+        "probe": probe,
+        "kmeans": fit_kmeans(sample, args.n_classes, seed=args.seed),
+        "oracle": class_means(feats, labels, args.n_classes),
+    }
     result = {name: score(c, feats, labels, args.n_classes) for name, c in centroids.items()}
     if args.centred_probe:
         probe, mean = centred_probe(run, segment)
@@ -126,8 +133,11 @@ def main(args):
 def parser():
     p = build_parser(__doc__, stage="fine_tuning")
     p.add_argument("--test_resolution", type=int, default=320, help="evaluation size")
-    p.add_argument("--centred_probe", action="store_true",
-                   help="also train and score a cluster probe on mean-centred head features (an experiment)")
+    p.add_argument(
+        "--centred_probe",
+        action="store_true",
+        help="also train and score a cluster probe on mean-centred head features (an experiment)",
+    )
     return p
 
 

@@ -13,9 +13,15 @@ from models.backbone import load_backbone
 from modules.segment import SEGMENT_HEADS, Cluster
 
 # What a wrong value in each field of a file points at.
-_FLAG_OF = {"head": "--head", "width": "the backbone (--ckpt/--arch)", "reduced_dim": "--reduced_dim",
-            "projection_dim": "--projection_dim", "n_classes": "--n_classes/--dataset",
-            "num_queries": "--train_resolution", "num_codebook": "--num_codebook"}
+_FLAG_OF = {
+    "head": "--head",
+    "width": "the backbone (--ckpt/--arch)",
+    "reduced_dim": "--reduced_dim",
+    "projection_dim": "--projection_dim",
+    "n_classes": "--n_classes/--dataset",
+    "num_queries": "--train_resolution",
+    "num_codebook": "--num_codebook",
+}
 
 
 def build_backbone(cfg, device):
@@ -27,18 +33,27 @@ def feature_cache_key(cfg, backbone):
     ckpt = os.path.abspath(cfg.ckpt) if cfg.ckpt else None
     stat = os.stat(ckpt) if ckpt else None
     dtype = torch.float16 if cfg.amp and not cfg.cpu and torch.cuda.is_available() else torch.float32
-    return {"ckpt": ckpt, "ckpt_size": stat.st_size if stat else None,
-            "ckpt_mtime": stat.st_mtime if stat else None, "arch": None if ckpt else cfg.arch,
-            "family": backbone.family, "num_heads": backbone.num_heads, "dataset": cfg.dataset,
-            "data_dir": os.path.abspath(cfg.data_dir), "image_dir": cfg.image_dir, "split": "train",
-            "resolution": cfg.train_resolution, "mean": list(backbone.mean), "std": list(backbone.std),
-            "dtype": str(dtype)}
+    return {
+        "ckpt": ckpt,
+        "ckpt_size": stat.st_size if stat else None,
+        "ckpt_mtime": stat.st_mtime if stat else None,
+        "arch": None if ckpt else cfg.arch,
+        "family": backbone.family,
+        "num_heads": backbone.num_heads,
+        "dataset": cfg.dataset,
+        "data_dir": os.path.abspath(cfg.data_dir),
+        "image_dir": cfg.image_dir,
+        "split": "train",
+        "resolution": cfg.train_resolution,
+        "mean": list(backbone.mean),
+        "std": list(backbone.std),
+        "dtype": str(dtype),
+    }
 
 
 def build_segment(cfg, dim, codebook=None):
     """The head ``cfg.head`` for backbone width ``dim``; ``codebook`` [K, D] is attached when the head reads one."""
-    segment = SEGMENT_HEADS[cfg.head].create(dim, cfg.reduced_dim, cfg.projection_dim, cfg.n_classes,
-                                             cfg.num_queries)
+    segment = SEGMENT_HEADS[cfg.head].create(dim, cfg.reduced_dim, cfg.projection_dim, cfg.n_classes, cfg.num_queries)
     if codebook is not None:
         segment.set_codebook(codebook)
     return segment
@@ -66,27 +81,36 @@ def describe_segment(state):
     linear = _shape(state, "linear.f.weight")
     queries = _shape(state, "head.query_pos")
     projection = _shape(state, "projection_head.f.weight")
-    return {"head": "tr" if is_tr else ("mlp" if f1 is not None else None),
-            "width": f1[1] if f1 and len(f1) > 1 else None,
-            "reduced_dim": f1[0] if f1 else None,
-            "projection_dim": projection[0] if projection else None,
-            "n_classes": linear[0] if linear else None,
-            "num_queries": queries[0] if queries else None}
+    return {
+        "head": "tr" if is_tr else ("mlp" if f1 is not None else None),
+        "width": f1[1] if f1 and len(f1) > 1 else None,
+        "reduced_dim": f1[0] if f1 else None,
+        "projection_dim": projection[0] if projection else None,
+        "n_classes": linear[0] if linear else None,
+        "num_queries": queries[0] if queries else None,
+    }
 
 
 def describe_cluster(state):
     """``{"num_codebook", "width", "n_classes", "reduced_dim"}`` of a cluster state dict."""
     codebook, probe = _shape(state, "codebook"), _shape(state, "cluster_probe")
-    return {"num_codebook": codebook[0] if codebook and len(codebook) == 2 else None,
-            "width": codebook[1] if codebook and len(codebook) == 2 else None,
-            "n_classes": probe[0] if probe and len(probe) == 2 else None,
-            "reduced_dim": probe[1] if probe and len(probe) == 2 else None}
+    return {
+        "num_codebook": codebook[0] if codebook and len(codebook) == 2 else None,
+        "width": codebook[1] if codebook and len(codebook) == 2 else None,
+        "n_classes": probe[0] if probe and len(probe) == 2 else None,
+        "reduced_dim": probe[1] if probe and len(probe) == 2 else None,
+    }
 
 
 def expected_segment(cfg, dim):
     """What :func:`describe_segment` must find in a segment file for the module these flags build."""
-    expected = {"head": cfg.head, "width": dim, "reduced_dim": cfg.reduced_dim,
-                "projection_dim": cfg.projection_dim, "n_classes": cfg.n_classes}
+    expected = {
+        "head": cfg.head,
+        "width": dim,
+        "reduced_dim": cfg.reduced_dim,
+        "projection_dim": cfg.projection_dim,
+        "n_classes": cfg.n_classes,
+    }
     if SEGMENT_HEADS[cfg.head].fixed_grid:
         expected["num_queries"] = cfg.num_queries
     return expected
@@ -94,8 +118,7 @@ def expected_segment(cfg, dim):
 
 def expected_cluster(cfg, dim):
     """What :func:`describe_cluster` must find in a cluster file for the module these flags build."""
-    return {"num_codebook": cfg.num_codebook, "width": dim, "n_classes": cfg.n_classes,
-            "reduced_dim": cfg.reduced_dim}
+    return {"num_codebook": cfg.num_codebook, "width": dim, "n_classes": cfg.n_classes, "reduced_dim": cfg.reduced_dim}
 
 
 def _summary(values):
@@ -108,8 +131,10 @@ def check_fits(path, held, expected):
     if held.get("head", "") is None or wrong:
         fields = wrong or list(expected)
         flags = ", ".join(dict.fromkeys(_FLAG_OF[k] for k in fields if k in _FLAG_OF))
-        raise ArtifactMismatchError(f"{path} holds {_summary(held) or 'no known CAUSE head'}; expected "
-                                    f"{_summary({k: expected[k] for k in fields})} (check {flags})")
+        raise ArtifactMismatchError(
+            f"{path} holds {_summary(held) or 'no known CAUSE head'}; expected "
+            f"{_summary({k: expected[k] for k in fields})} (check {flags})"
+        )
 
 
 _DESCRIBE = {"segment": (describe_segment, expected_segment), "cluster": (describe_cluster, expected_cluster)}
@@ -121,8 +146,10 @@ def load_into(module, state, path):
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:
         detail = " ".join(line.strip() for line in str(err).strip().splitlines()[:3])
-        raise ArtifactMismatchError(f"{path} does not fit the {type(module).__name__} built from these flags "
-                                    f"(head/backbone/--reduced_dim/--n_classes mismatch?): {detail[:400]}") from None
+        raise ArtifactMismatchError(
+            f"{path} does not fit the {type(module).__name__} built from these flags "
+            f"(head/backbone/--reduced_dim/--n_classes mismatch?): {detail[:400]}"
+        ) from None
     return module
 
 
@@ -138,8 +165,10 @@ def read_codebook(store, cfg, dim):
     """The stage-1 mediator as a float32 tensor [K, D], checked against ``--num_codebook`` and the width."""
     codebook = torch.from_numpy(store.codebook())
     if tuple(codebook.shape) != (cfg.num_codebook, dim):
-        raise ArtifactMismatchError(f"codebook {store.path('codebook')} has shape {tuple(codebook.shape)}, expected "
-                                    f"({cfg.num_codebook}, {dim}) for this backbone (--num_codebook {cfg.num_codebook})")
+        raise ArtifactMismatchError(
+            f"codebook {store.path('codebook')} has shape {tuple(codebook.shape)}, expected "
+            f"({cfg.num_codebook}, {dim}) for this backbone (--num_codebook {cfg.num_codebook})"
+        )
     return codebook
 
 

@@ -47,8 +47,14 @@ def artifact_store(args, identity=None):
     """The store of this run's artifacts (only the flags that place them are read)."""
     root = os.path.join(args.out, dataset_dir_name(args.dataset, training_folder(args)))
     given = {kind: getattr(args, kind, None) for kind in ("codebook", "segment", "cluster")}
-    return ArtifactStore(root, checkpoint_stem(args.ckpt or None, args.arch), args.num_codebook,
-                         getattr(args, "head", None), given, identity)
+    return ArtifactStore(
+        root,
+        checkpoint_stem(args.ckpt or None, args.arch),
+        args.num_codebook,
+        getattr(args, "head", None),
+        given,
+        identity,
+    )
 
 
 def _print_warnings(caught):
@@ -116,22 +122,38 @@ class Run:
             if self.info.is_main:
                 ensure_toy(cfg.data_dir)
             barrier(self.info)
-        return build_dataset(cfg.dataset, cfg.data_dir, split, resolution, mean=self.backbone.mean,
-                             std=self.backbone.std, n_classes=cfg.n_classes, image_dir=cfg.image_dir,
-                             label_dir=cfg.label_dir)
+        return build_dataset(
+            cfg.dataset,
+            cfg.data_dir,
+            split,
+            resolution,
+            mean=self.backbone.mean,
+            std=self.backbone.std,
+            n_classes=cfg.n_classes,
+            image_dir=cfg.image_dir,
+            label_dir=cfg.label_dir,
+        )
 
     def train_loader(self):
         """The training split at ``--train_resolution``: ``(loader, sampler)``, shuffled, ``--drop_last``."""
         cfg = self.cfg
-        return make_loader(self.dataset("train", cfg.train_resolution), self.info, cfg.batch_size, cfg.num_workers,
-                           shuffle=True, drop_last=cfg.drop_last, seed=cfg.seed)
+        return make_loader(
+            self.dataset("train", cfg.train_resolution),
+            self.info,
+            cfg.batch_size,
+            cfg.num_workers,
+            shuffle=True,
+            drop_last=cfg.drop_last,
+            seed=cfg.seed,
+        )
 
     def tokens(self):
         """``tokens(img, ind)``: the frozen tokens of training batches, cached with ``--feature_cache``."""
         if not self.cfg.feature_cache:
             return TokenSource(self.backbone)
-        return TokenSource(self.backbone, FeatureCache(self.cfg.feature_cache, feature_cache_key(self.cfg,
-                                                                                              self.backbone)))
+        return TokenSource(
+            self.backbone, FeatureCache(self.cfg.feature_cache, feature_cache_key(self.cfg, self.backbone))
+        )
 
     def write_config(self, name, directory=None):
         if self.info.is_main:
@@ -142,9 +164,18 @@ class Run:
     def trainer(self, shared, local=None):
         """The :class:`~engine.loop.Trainer` of this training stage, logging into its output directory."""
         cfg = self.cfg
-        return Trainer(cfg.stage, self.info, self.store.output_dir(cfg.stage), epochs=cfg.epoch,
-                       max_steps=cfg.max_steps, save_every=cfg.save_every, amp=cfg.amp,
-                       flags=comparable_flags(cfg), shared=shared, local=local)
+        return Trainer(
+            cfg.stage,
+            self.info,
+            self.store.output_dir(cfg.stage),
+            epochs=cfg.epoch,
+            max_steps=cfg.max_steps,
+            save_every=cfg.save_every,
+            amp=cfg.amp,
+            flags=comparable_flags(cfg),
+            shared=shared,
+            local=local,
+        )
 
     def flags(self):
         """The flags recorded with every artifact this run saves."""
@@ -154,9 +185,25 @@ class Run:
 # Flags that may differ between an interrupted run and its resumption without changing the result.
 RESUME_FREE_FLAGS = ("resume", "save_every", "dist_timeout", "num_workers", "port", "gpu", "cpu", "check")
 # Flags recorded in the provenance records (the shapes are checked by the strict loads).
-RECORDED_FLAGS = ("stage", "dataset", "n_classes", "head", "num_codebook", "reduced_dim", "projection_dim",
-                  "num_queries", "train_resolution", "grid", "epoch", "lr", "seed", "family_resolved", "num_heads",
-                  "world_size", "reference_stage3")
+RECORDED_FLAGS = (
+    "stage",
+    "dataset",
+    "n_classes",
+    "head",
+    "num_codebook",
+    "reduced_dim",
+    "projection_dim",
+    "num_queries",
+    "train_resolution",
+    "grid",
+    "epoch",
+    "lr",
+    "seed",
+    "family_resolved",
+    "num_heads",
+    "world_size",
+    "reference_stage3",
+)
 
 
 def comparable_flags(cfg):

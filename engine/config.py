@@ -22,8 +22,11 @@ HEAD_STAGES = ("front_door", "fine_tuning", "test", "predict")
 
 # Published per-stage settings (SPEC §4-6), per head.
 STAGE_EPOCHS = {"mediator": {"mlp": 1, "tr": 1}, "front_door": {"mlp": 2, "tr": 2}, "fine_tuning": {"mlp": 1, "tr": 5}}
-STAGE_RESOLUTION = {"mediator": {"mlp": 320, "tr": 320}, "front_door": {"mlp": 224, "tr": 320},
-                    "fine_tuning": {"mlp": 224, "tr": 320}}
+STAGE_RESOLUTION = {
+    "mediator": {"mlp": 320, "tr": 320},
+    "front_door": {"mlp": 224, "tr": 320},
+    "fine_tuning": {"mlp": 224, "tr": 320},
+}
 # Gradient-norm clip of the segment on COCO-Stuff, per head (SPEC §5-6).
 COCO_GRAD_CLIP = {"mlp": 0.1, "tr": 2.0}
 TEST_RESOLUTION = 320
@@ -95,71 +98,132 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 # The method's constants (SPEC §3-7), as flags of the stages that use them with the published
 # values as defaults: (flag, type, default, stages, help).
 METHOD_FLAGS = (
-    ("modularity_temp", positive_float, 0.1, ("mediator", "fine_tuning"),
-     "temperature of the soft co-membership tanh(S S^T / temp) (SPEC §3)"),
-    ("contrastive_temp", positive_float, 0.07, ("front_door",),
-     "temperature of the concept-wise contrastive loss (SPEC §5)"),
+    (
+        "modularity_temp",
+        positive_float,
+        0.1,
+        ("mediator", "fine_tuning"),
+        "temperature of the soft co-membership tanh(S S^T / temp) (SPEC §3)",
+    ),
+    (
+        "contrastive_temp",
+        positive_float,
+        0.07,
+        ("front_door",),
+        "temperature of the concept-wise contrastive loss (SPEC §5)",
+    ),
     ("pos_thresh", float, 0.3, ("front_door",), "codebook cosine above which two tokens are positives"),
     ("neg_thresh", float, 0.1, ("front_door",), "codebook cosine below which two tokens are negatives"),
     ("bank_capacity", positive_int, 100, ("front_door",), "teacher projections kept per concept in the concept bank"),
     ("bank_keep_ratio", unit_float, 0.5, ("front_door",), "share of a concept's tokens stored by one bank update"),
-    ("ema_momentum", unit_float, 0.99, ("front_door",),
-     "teacher <- momentum * teacher + (1 - momentum) * student after each step"),
-    ("reference_stage3", str2bool, True, ("fine_tuning",),
-     "yes: as the published CAUSE, the supervised linear probe reads the teacher head's features without "
-     "detaching them, so the labels train the head in stage 3; no: label-free, the probe reads detached "
-     "features and the head does not change"),
-    ("crf_alpha", positive_float, 3.0, ("test", "predict"),
-     "the CRF's unary is log_softmax(crf_alpha * cosine scores) (SPEC §7)"),
+    (
+        "ema_momentum",
+        unit_float,
+        0.99,
+        ("front_door",),
+        "teacher <- momentum * teacher + (1 - momentum) * student after each step",
+    ),
+    (
+        "reference_stage3",
+        str2bool,
+        True,
+        ("fine_tuning",),
+        "yes: as the published CAUSE, the supervised linear probe reads the teacher head's features without "
+        "detaching them, so the labels train the head in stage 3; no: label-free, the probe reads detached "
+        "features and the head does not change",
+    ),
+    (
+        "crf_alpha",
+        positive_float,
+        3.0,
+        ("test", "predict"),
+        "the CRF's unary is log_softmax(crf_alpha * cosine scores) (SPEC §7)",
+    ),
 )
 
 
 def _data_flags(parser, stage):
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="toy",
-                      help="cocostuff27, cityscapes, pascalvoc, coco81, coco171, folder or toy "
-                           "(embedded synthetic data, generated on first use)")
+    data.add_argument(
+        "--dataset",
+        default="toy",
+        help="cocostuff27, cityscapes, pascalvoc, coco81, coco171, folder or toy "
+        "(embedded synthetic data, generated on first use)",
+    )
     data.add_argument("--data_dir", default="data", help="root folder that holds the datasets")
     data.add_argument("--image_dir", default=None, help="--dataset folder: the folder of images")
     data.add_argument("--label_dir", default=None, help="--dataset folder: optional folder of label PNGs")
     if stage in EVALUATION_STAGES:
-        data.add_argument("--train_image_dir", default=None,
-                          help="--dataset folder: the image folder the heads were trained on, when it is not "
-                               "--image_dir (artifacts are kept per training folder)")
-    data.add_argument("--n_classes", type=positive_int, default=None,
-                      help="number of classes (taken from the dataset registry; needed for --dataset folder)")
+        data.add_argument(
+            "--train_image_dir",
+            default=None,
+            help="--dataset folder: the image folder the heads were trained on, when it is not "
+            "--image_dir (artifacts are kept per training folder)",
+        )
+    data.add_argument(
+        "--n_classes",
+        type=positive_int,
+        default=None,
+        help="number of classes (taken from the dataset registry; needed for --dataset folder)",
+    )
     data.add_argument("--batch_size", type=positive_int, default=16, help="images per process")
-    data.add_argument("--num_workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
-                      help="data-loading worker processes per process")
-    data.add_argument("--train_resolution", type=positive_int, default=None,
-                      help="training crop size (default: the published one for the stage and head, rounded up to a "
-                           "multiple of the patch size, e.g. 322 for patch 14)")
+    data.add_argument(
+        "--num_workers",
+        type=non_negative_int,
+        default=min(4, os.cpu_count() or 1),
+        help="data-loading worker processes per process",
+    )
+    data.add_argument(
+        "--train_resolution",
+        type=positive_int,
+        default=None,
+        help="training crop size (default: the published one for the stage and head, rounded up to a "
+        "multiple of the patch size, e.g. 322 for patch 14)",
+    )
     if stage in TRAINING_STAGES:
-        data.add_argument("--feature_cache", default=None,
-                          help="folder where the frozen backbone's training tokens are cached, so that later "
-                               "epochs and stages skip the backbone (off by default; about N x D values per image)")
+        data.add_argument(
+            "--feature_cache",
+            default=None,
+            help="folder where the frozen backbone's training tokens are cached, so that later "
+            "epochs and stages skip the backbone (off by default; about N x D values per image)",
+        )
     else:
-        data.add_argument("--test_resolution", type=positive_int, default=None,
-                          help="evaluation size (default 320, rounded up to the patch size; the TR head is "
-                               "evaluated at its training resolution)")
+        data.add_argument(
+            "--test_resolution",
+            type=positive_int,
+            default=None,
+            help="evaluation size (default 320, rounded up to the patch size; the TR head is "
+            "evaluated at its training resolution)",
+        )
 
 
 def _model_flags(parser, stage):
     backbone = parser.add_argument_group("backbone")
-    backbone.add_argument("--ckpt", default="",
-                          help="official self-supervised checkpoint file (DINO, DINOv2, iBOT, MSN, MAE, MoCo v3, "
-                               "Unicom); empty = random weights of --arch (plumbing check only)")
-    backbone.add_argument("--family", default=None,
-                          choices=["dino", "dinov2", "ibot", "msn", "mae", "mocov3", "unicom"],
-                          help="checkpoint family (default: detected from the file's keys)")
+    backbone.add_argument(
+        "--ckpt",
+        default="",
+        help="official self-supervised checkpoint file (DINO, DINOv2, iBOT, MSN, MAE, MoCo v3, "
+        "Unicom); empty = random weights of --arch (plumbing check only)",
+    )
+    backbone.add_argument(
+        "--family",
+        default=None,
+        choices=["dino", "dinov2", "ibot", "msn", "mae", "mocov3", "unicom"],
+        help="checkpoint family (default: detected from the file's keys)",
+    )
     backbone.add_argument("--arch", default="vit_tiny_patch16_224", help="timm ViT name used when --ckpt is empty")
-    backbone.add_argument("--num_heads", type=positive_int, default=None,
-                          help="attention heads of the backbone (default: the official architecture; "
-                               "12 reproduces the reference's DINO ViT-S features)")
+    backbone.add_argument(
+        "--num_heads",
+        type=positive_int,
+        default=None,
+        help="attention heads of the backbone (default: the official architecture; "
+        "12 reproduces the reference's DINO ViT-S features)",
+    )
     head = parser.add_argument_group("head")
     if stage in HEAD_STAGES:
-        head.add_argument("--head", type=head_type, default="mlp",
-                          help="segmentation head: mlp or tr (aliases cnn, detr)")
+        head.add_argument(
+            "--head", type=head_type, default="mlp", help="segmentation head: mlp or tr (aliases cnn, detr)"
+        )
     head.add_argument("--num_codebook", type=positive_int, default=2048, help="concepts in the mediator codebook (K)")
     if stage in HEAD_STAGES:
         head.add_argument("--reduced_dim", type=positive_int, default=90, help="segment feature width (r)")
@@ -171,47 +235,82 @@ def _model_flags(parser, stage):
 def _optimisation_flags(parser, stage):
     optim = parser.add_argument_group("optimisation")
     if stage in TRAINING_STAGES:
-        optim.add_argument("--epoch", type=positive_int, default=None,
-                           help="epochs (default: the published ones for the stage and head)")
-        optim.add_argument("--lr", type=positive_float, default=1e-3,
-                           help="learning rate per process (scaled by world size)")
+        optim.add_argument(
+            "--epoch",
+            type=positive_int,
+            default=None,
+            help="epochs (default: the published ones for the stage and head)",
+        )
+        optim.add_argument(
+            "--lr", type=positive_float, default=1e-3, help="learning rate per process (scaled by world size)"
+        )
         if stage != "mediator":
-            optim.add_argument("--weight_decay", type=non_negative_float, default=None,
-                               help="segment weight decay (default 1e-4, 0 on Cityscapes)")
-            optim.add_argument("--grad_clip", type=non_negative_float, default=None,
-                               help="gradient-norm clip of the segment parameters, 0 = none (default per stage, "
-                                    "dataset and head, SPEC §5-6)")
+            optim.add_argument(
+                "--weight_decay",
+                type=non_negative_float,
+                default=None,
+                help="segment weight decay (default 1e-4, 0 on Cityscapes)",
+            )
+            optim.add_argument(
+                "--grad_clip",
+                type=non_negative_float,
+                default=None,
+                help="gradient-norm clip of the segment parameters, 0 = none (default per stage, "
+                "dataset and head, SPEC §5-6)",
+            )
         optim.add_argument("--max_steps", type=positive_int, default=None, help="stop each epoch after this many steps")
-        optim.add_argument("--drop_last", type=str2bool, default=True,
-                           help="yes/no: skip each epoch's last incomplete batch; no trains on it too, as the "
-                                "reference does")
-        optim.add_argument("--amp", type=str2bool, default=None,
-                           help="yes/no: mixed precision (default: yes on CUDA, no on CPU)")
+        optim.add_argument(
+            "--drop_last",
+            type=str2bool,
+            default=True,
+            help="yes/no: skip each epoch's last incomplete batch; no trains on it too, as the reference does",
+        )
+        optim.add_argument(
+            "--amp", type=str2bool, default=None, help="yes/no: mixed precision (default: yes on CUDA, no on CPU)"
+        )
     if stage != "predict":
-        optim.add_argument("--seed", type=int, default=0,
-                           help="random seed (offset by rank)" if stage in TRAINING_STAGES else "k-means seed")
+        optim.add_argument(
+            "--seed",
+            type=int,
+            default=0,
+            help="random seed (offset by rank)" if stage in TRAINING_STAGES else "k-means seed",
+        )
 
 
 def _process_flags(parser, stage):
     dist = parser.add_argument_group("devices")
     if stage in TRAINING_STAGES:
-        dist.add_argument("--gpu", default="0",
-                          help="GPU ids, e.g. 0,1,2,3: one process is spawned per id (under torchrun this is ignored)")
+        dist.add_argument(
+            "--gpu",
+            default="0",
+            help="GPU ids, e.g. 0,1,2,3: one process is spawned per id (under torchrun this is ignored)",
+        )
         dist.add_argument("--port", default="12355", help="rendezvous port when spawning with --gpu")
-        dist.add_argument("--dist_timeout", type=positive_float, default=10.0,
-                          help="minutes a process waits in a collective (e.g. for a dead peer) before it stops "
-                               "with an error")
+        dist.add_argument(
+            "--dist_timeout",
+            type=positive_float,
+            default=10.0,
+            help="minutes a process waits in a collective (e.g. for a dead peer) before it stops with an error",
+        )
     else:
         dist.add_argument("--gpu", default="0", help="GPU id (evaluation runs in one process)")
     dist.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
     if stage in TRAINING_STAGES:
         resume = parser.add_argument_group("resume (see docs/resume.md)")
-        resume.add_argument("--resume", choices=["no", "yes", "auto"], default="no",
-                            help="continue from the resumable state in the run directory: no = start over, "
-                                 "yes = resume (error if there is none), auto = resume when one is found")
-        resume.add_argument("--save_every", type=non_negative_int, default=1000,
-                            help="save the resumable state every N optimiser steps, 0 = only at epoch ends "
-                                 "(it is always saved at every epoch end)")
+        resume.add_argument(
+            "--resume",
+            choices=["no", "yes", "auto"],
+            default="no",
+            help="continue from the resumable state in the run directory: no = start over, "
+            "yes = resume (error if there is none), auto = resume when one is found",
+        )
+        resume.add_argument(
+            "--save_every",
+            type=non_negative_int,
+            default=1000,
+            help="save the resumable state every N optimiser steps, 0 = only at epoch ends "
+            "(it is always saved at every epoch end)",
+        )
     if stage in EVALUATION_STAGES:
         given = parser.add_argument_group("trained heads by path (default: the artifact tree under --out)")
         given.add_argument("--segment", default=None, help="segment weights, e.g. the released segment_tr.pth")
@@ -219,9 +318,12 @@ def _process_flags(parser, stage):
         given.add_argument("--codebook", default=None, help="stage-1 codebook modular.npy (needed by the TR head)")
     out = parser.add_argument_group("output")
     out.add_argument("--out", default="CAUSE", help="artifact root: codebooks, heads, logs and test outputs")
-    out.add_argument("--check", action="store_true",
-                     help="only run the pre-flight checks (data, checkpoint, earlier artifacts, disk, devices), "
-                          "print what they found and exit: 0 when all is well, 2 otherwise; nothing is trained")
+    out.add_argument(
+        "--check",
+        action="store_true",
+        help="only run the pre-flight checks (data, checkpoint, earlier artifacts, disk, devices), "
+        "print what they found and exit: 0 when all is well, 2 otherwise; nothing is trained",
+    )
 
 
 def build_parser(description, stage):
@@ -311,7 +413,7 @@ def save_config(cfg, path):
 
 STAGE3_NOTES = {
     "reference": "stage 3 as the published CAUSE (--reference_stage3 yes): the supervised linear probe's labels "
-                 "trained the teacher head",
+    "trained the teacher head",
     "label_free": "stage 3 label-free: no label reached the teacher head",
     "unknown": "stage 3 protocol unknown (the head has no provenance record of its stage 3)",
 }

@@ -60,10 +60,12 @@ class Batch(NamedTuple):
 def rng_state(device):
     """Every random generator this process draws from: torch (CPU and CUDA), numpy, python."""
     np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            "python": random.getstate()}
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": random.getstate(),
+    }
 
 
 def set_rng_state(state, device):
@@ -111,8 +113,11 @@ def step_schedules(schedulers):
     restored with the state, so their values are right and that one warning is silenced.
     """
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before "
-                                                  r"`optimizer\.step\(\)`")
+        warnings.filterwarnings(
+            "ignore",
+            message=r"Detected call of `lr_scheduler\.step\(\)` before "
+            r"`optimizer\.step\(\)`",
+        )
         for scheduler in schedulers:
             scheduler.step()
 
@@ -173,8 +178,10 @@ class Trainer:
             return
         shown = " ".join(f"{name}={value:.4g}" for name, value in zip(terms, values))
         where = f" (mean over {self.info.world_size} processes)" if self.info.distributed else ""
-        raise NonFiniteLossError(f"[{self.name}] non-finite loss at step {self.global_step + 1}: {shown}{where}; "
-                                 f"stopped; last good state: {self.saved_state or 'none'}")
+        raise NonFiniteLossError(
+            f"[{self.name}] non-finite loss at step {self.global_step + 1}: {shown}{where}; "
+            f"stopped; last good state: {self.saved_state or 'none'}"
+        )
 
     def step(self, loss, optimizers, params, grad_clip=None, clip_params=None, terms=None):
         """Check the loss, backward, average gradients over ranks, clip, and step every optimiser.
@@ -222,14 +229,28 @@ class Trainer:
         skip = self.batch
         sampler.set_epoch(epoch, skip * loader.batch_size)
         loader.generator.manual_seed(sampler.seed * 1_000_003 + epoch)
-        bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{self.epochs}", initial=skip, total=skip + len(loader),
-                   disable=not self.info.is_main, dynamic_ncols=True, file=sys.stderr, leave=False)
+        bar = tqdm(
+            loader,
+            desc=f"{desc} epoch {epoch + 1}/{self.epochs}",
+            initial=skip,
+            total=skip + len(loader),
+            disable=not self.info.is_main,
+            dynamic_ncols=True,
+            file=sys.stderr,
+            leave=False,
+        )
         device = self.info.device
         for it, batch in enumerate(bar, start=skip):
             if self.max_steps is not None and it >= self.max_steps:
                 break
-            yield Batch(batch["img"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True),
-                        batch["ind"]), bar
+            yield (
+                Batch(
+                    batch["img"].to(device, non_blocking=True),
+                    batch["label"].to(device, non_blocking=True),
+                    batch["ind"],
+                ),
+                bar,
+            )
 
     def first_batch(self, dataset):
         """The run's first batch, loaded again from the dataset (for the fixed-batch loss after training)."""
@@ -253,8 +274,10 @@ class Trainer:
         shared = {name: _state_of(obj) for name, obj in self.shared.items()}
         local = {name: _state_of(obj) for name, obj in self.local.items()}
         if all_reduce_mean(float(all_finite(shared) and all_finite(local)), self.info) < 1.0:
-            raise NonFiniteLossError(f"[{self.name}] non-finite parameters after step {self.global_step}; the state "
-                                     f"was not saved; last good state: {self.saved_state or 'none'}")
+            raise NonFiniteLossError(
+                f"[{self.name}] non-finite parameters after step {self.global_step}; the state "
+                f"was not saved; last good state: {self.saved_state or 'none'}"
+            )
         local["rng"] = rng_state(self.info.device)
         position = f"e{self.epoch}b{self.batch}"
         own = self._rank_path(self.info.rank, position)
@@ -262,12 +285,28 @@ class Trainer:
             atomic_torch_save(local, own)
         barrier(self.info)
         if self.info.is_main:
-            bookkeeping = {"global_step": self.global_step, "skipped_steps": self.skipped_steps,
-                           "nonfinite_run": self.nonfinite_run, "scaler": self.scaler.state_dict(),
-                           "records": list(self.records)}
-            atomic_torch_save({"version": STATE_VERSION, "stage": self.name, "flags": self.flags,
-                               "epoch": self.epoch, "batch": self.batch, "position": position, "fixed": self.fixed,
-                               "bookkeeping": bookkeeping, "shared": shared, "local": local}, self.state_path)
+            bookkeeping = {
+                "global_step": self.global_step,
+                "skipped_steps": self.skipped_steps,
+                "nonfinite_run": self.nonfinite_run,
+                "scaler": self.scaler.state_dict(),
+                "records": list(self.records),
+            }
+            atomic_torch_save(
+                {
+                    "version": STATE_VERSION,
+                    "stage": self.name,
+                    "flags": self.flags,
+                    "epoch": self.epoch,
+                    "batch": self.batch,
+                    "position": position,
+                    "fixed": self.fixed,
+                    "bookkeeping": bookkeeping,
+                    "shared": shared,
+                    "local": local,
+                },
+                self.state_path,
+            )
         barrier(self.info)
         self._remove_rank_files(keep=own)
         self.saved_state = self._describe()
@@ -277,18 +316,20 @@ class Trainer:
         found = os.path.isfile(self.state_path)
         if mode == "no" or not found:
             if mode == "yes":
-                raise InputNotFoundError(f"--resume yes: no resumable state {self.state_path} (the stage finished, "
-                                         f"or saved none yet); use --resume auto to start over when there is none")
+                raise InputNotFoundError(
+                    f"--resume yes: no resumable state {self.state_path} (the stage finished, "
+                    f"or saved none yet); use --resume auto to start over when there is none"
+                )
             if found:
                 if self.info.is_main:
-                    print(f"[{self.name}] --resume no: removing the resumable state {self.state_path}",
-                          file=sys.stderr)
+                    print(f"[{self.name}] --resume no: removing the resumable state {self.state_path}", file=sys.stderr)
                 self.remove_states()
             return False
         state = self._read(self.state_path)
         self._check_compatible(state)
-        local = state["local"] if self.info.rank == 0 else self._read(self._rank_path(self.info.rank,
-                                                                                     state["position"]))
+        local = (
+            state["local"] if self.info.rank == 0 else self._read(self._rank_path(self.info.rank, state["position"]))
+        )
         for name, obj in self.shared.items():
             _load_into(obj, state["shared"][name])
         for name, obj in self.local.items():
@@ -303,30 +344,40 @@ class Trainer:
         set_rng_state(local["rng"], self.info.device)
         self.saved_state = self._describe()
         if self.info.is_main:
-            print(f"[{self.name}] resuming from {self._describe()}: epoch {self.epoch + 1}, batch {self.batch}",
-                  file=sys.stderr)
+            print(
+                f"[{self.name}] resuming from {self._describe()}: epoch {self.epoch + 1}, batch {self.batch}",
+                file=sys.stderr,
+            )
         return True
 
     def _read(self, path):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
-            raise InputNotFoundError(f"resumable state {self.state_path} needs {path}, which is missing; "
-                                     f"rerun with --resume no") from None
+            raise InputNotFoundError(
+                f"resumable state {self.state_path} needs {path}, which is missing; rerun with --resume no"
+            ) from None
         except Exception as err:  # a truncated or foreign file: any unpickling error
-            raise InvalidInputError(f"resumable state {path} cannot be read ({type(err).__name__}); "
-                                    f"rerun with --resume no") from None
+            raise InvalidInputError(
+                f"resumable state {path} cannot be read ({type(err).__name__}); rerun with --resume no"
+            ) from None
 
     def _check_compatible(self, state):
         if not isinstance(state, dict) or (state.get("version"), state.get("stage")) != (STATE_VERSION, self.name):
-            raise InvalidInputError(f"{self.state_path} is not a resumable {self.name} state of this version; "
-                                    f"rerun with --resume no")
+            raise InvalidInputError(
+                f"{self.state_path} is not a resumable {self.name} state of this version; rerun with --resume no"
+            )
         saved = state["flags"]
-        changed = [f"--{k} {saved.get(k)!r} -> {self.flags.get(k)!r}" for k in sorted(set(saved) | set(self.flags))
-                   if saved.get(k) != self.flags.get(k)]
+        changed = [
+            f"--{k} {saved.get(k)!r} -> {self.flags.get(k)!r}"
+            for k in sorted(set(saved) | set(self.flags))
+            if saved.get(k) != self.flags.get(k)
+        ]
         if changed:
-            raise InvalidInputError(f"resumable state {self.state_path} was saved with other settings "
-                                    f"({', '.join(changed[:4])}); rerun with the same flags, or --resume no")
+            raise InvalidInputError(
+                f"resumable state {self.state_path} was saved with other settings "
+                f"({', '.join(changed[:4])}); rerun with the same flags, or --resume no"
+            )
 
     def _remove_rank_files(self, keep=None):
         for path in glob.glob(os.path.join(glob.escape(self.log_dir), f"state_{self.name}.rank{self.info.rank}.*")):
@@ -351,8 +402,9 @@ class Trainer:
         except KeyboardInterrupt:
             if self.saved_state is None:
                 raise
-            raise KeyboardInterrupt(f"resumable state {self.saved_state}: rerun with --resume auto "
-                                    f"to continue") from None
+            raise KeyboardInterrupt(
+                f"resumable state {self.saved_state}: rerun with --resume auto to continue"
+            ) from None
 
     # -- the end --------------------------------------------------------------------------------
 
@@ -360,15 +412,23 @@ class Trainer:
         """First/last logged ``key`` and the fixed-batch value before/after training (mean over ranks)."""
         values = [r[key] for r in self.records if key in r]
         first, last = (values[0], values[-1]) if values else (None, None)
-        return {f"{key}_first": first, f"{key}_last": last,
-                f"fixed_batch_{key}_start": all_reduce_mean(start, self.info),
-                f"fixed_batch_{key}_end": all_reduce_mean(end, self.info)}
+        return {
+            f"{key}_first": first,
+            f"{key}_last": last,
+            f"fixed_batch_{key}_start": all_reduce_mean(start, self.info),
+            f"fixed_batch_{key}_end": all_reduce_mean(end, self.info),
+        }
 
     def finish(self, summary, plot_keys):
         """Write ``<stage>_summary.json`` and ``<stage>_loss.png`` (rank 0), then wait for all ranks."""
         if self.info.is_main:
-            summary = {"stage": self.name, "steps": self.global_step, "amp_skipped_steps": self.skipped_steps,
-                       "seconds": round(time.time() - self.start, 1), **summary}
+            summary = {
+                "stage": self.name,
+                "steps": self.global_step,
+                "amp_skipped_steps": self.skipped_steps,
+                "seconds": round(time.time() - self.start, 1),
+                **summary,
+            }
             atomic_write_text(os.path.join(self.log_dir, f"{self.name}_summary.json"), json.dumps(summary, indent=2))
             if self.records:
                 plot_losses(self.records, os.path.join(self.log_dir, f"{self.name}_loss.png"), keys=plot_keys)

@@ -14,8 +14,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine.build import (build_segment, check_fits, describe_cluster, describe_segment, expected_cluster,
-                          expected_segment, feature_cache_key)
+from engine.build import (
+    build_segment,
+    check_fits,
+    describe_cluster,
+    describe_segment,
+    expected_cluster,
+    expected_segment,
+    feature_cache_key,
+)
 from engine.store import PRODUCER, ArtifactMismatchError
 from loader.datasets import build_dataset
 from loader.feature_cache import cache_dir
@@ -24,10 +31,20 @@ from modules.segment import SEGMENT_HEADS
 from utils.distributed import parse_gpu_ids, under_torchrun
 from utils.errors import BadInputError, InvalidInputError, one_line
 
-STAGE_SPLITS = {"mediator": ("train",), "front_door": ("train",), "fine_tuning": ("train",), "test": ("val",),
-                "predict": ()}
-UPSTREAM_ARTIFACTS = {"mediator": (), "front_door": ("codebook",), "fine_tuning": ("codebook", "segment"),
-                      "test": ("codebook", "segment", "cluster"), "predict": ("codebook", "segment", "cluster")}
+STAGE_SPLITS = {
+    "mediator": ("train",),
+    "front_door": ("train",),
+    "fine_tuning": ("train",),
+    "test": ("val",),
+    "predict": (),
+}
+UPSTREAM_ARTIFACTS = {
+    "mediator": (),
+    "front_door": ("codebook",),
+    "fine_tuning": ("codebook", "segment"),
+    "test": ("codebook", "segment", "cluster"),
+    "predict": ("codebook", "segment", "cluster"),
+}
 SAMPLES_DECODED = 5
 GRID_CELL = 4
 MIN_TOKENS = 2
@@ -61,8 +78,10 @@ def check_devices(args):
         count = torch.cuda.device_count()
         missing = [i for i in ids if not 0 <= i < count]
         if missing:
-            problems.append(f"--gpu {args.gpu} asks for GPU {missing[0]} but this machine has {count} CUDA "
-                            f"device{'s' if count > 1 else ''} (ids 0..{count - 1})")
+            problems.append(
+                f"--gpu {args.gpu} asks for GPU {missing[0]} but this machine has {count} CUDA "
+                f"device{'s' if count > 1 else ''} (ids 0..{count - 1})"
+            )
         if len(ids) > 1 and not dist.is_nccl_available():
             problems.append(f"--gpu {args.gpu} needs NCCL for several GPUs, but this PyTorch build has no NCCL")
     elif len(ids) > 1 and not dist.is_gloo_available():
@@ -97,34 +116,47 @@ def min_train_resolution(patch_size, grid):
 
 def sampled_tokens(resolution, patch_size, grid):
     side = max(0, resolution // patch_size)
-    return (side // GRID_CELL) ** 2 if grid else side ** 2
+    return (side // GRID_CELL) ** 2 if grid else side**2
 
 
 def check_geometry(args, patch_size):
     """Resolutions that give the losses at least two tokens per image, and a usable class count."""
     problems = []
     if args.dataset == "folder" and not 1 <= args.n_classes <= MAX_FOLDER_CLASSES:
-        problems.append(f"--n_classes {args.n_classes} is out of range for --dataset folder: use 1 to "
-                        f"{MAX_FOLDER_CLASSES} (label PNGs hold class ids 0..254, 255 = ignore)")
+        problems.append(
+            f"--n_classes {args.n_classes} is out of range for --dataset folder: use 1 to "
+            f"{MAX_FOLDER_CLASSES} (label PNGs hold class ids 0..254, 255 = ignore)"
+        )
     if args.stage in ("test", "predict"):
         if args.test_resolution < patch_size:
-            problems.append(f"--test_resolution {args.test_resolution} is below one patch of {patch_size} px; "
-                            f"use at least {patch_size}")
+            problems.append(
+                f"--test_resolution {args.test_resolution} is below one patch of {patch_size} px; "
+                f"use at least {patch_size}"
+            )
         return problems
     tokens = sampled_tokens(args.train_resolution, patch_size, args.grid)
     if tokens < MIN_TOKENS:
-        problems.append(f"--train_resolution {args.train_resolution} gives {tokens} sampled token"
-                        f"{'' if tokens == 1 else 's'} per image with patch {patch_size} and --grid "
-                        f"{'yes' if args.grid else 'no'}; use at least "
-                        f"{min_train_resolution(patch_size, args.grid)}")
+        problems.append(
+            f"--train_resolution {args.train_resolution} gives {tokens} sampled token"
+            f"{'' if tokens == 1 else 's'} per image with patch {patch_size} and --grid "
+            f"{'yes' if args.grid else 'no'}; use at least "
+            f"{min_train_resolution(patch_size, args.grid)}"
+        )
     return problems
 
 
 def _build_split(cfg, split, resolution):
     if cfg.dataset == "toy":
         ensure_toy(cfg.data_dir)
-    return build_dataset(cfg.dataset, cfg.data_dir, split, resolution, n_classes=cfg.n_classes,
-                         image_dir=cfg.image_dir, label_dir=cfg.label_dir)
+    return build_dataset(
+        cfg.dataset,
+        cfg.data_dir,
+        split,
+        resolution,
+        n_classes=cfg.n_classes,
+        image_dir=cfg.image_dir,
+        label_dir=cfg.label_dir,
+    )
 
 
 def _split_resolution(cfg, split):
@@ -136,8 +168,9 @@ def check_dataset(cfg, split, samples=SAMPLES_DECODED):
     if cfg.dataset == "folder" and not 1 <= cfg.n_classes <= MAX_FOLDER_CLASSES:
         return []  # check_geometry reports it; labels cannot be checked against it
     if cfg.stage == "test" and cfg.dataset == "folder" and not cfg.label_dir:
-        return ["test.py scores predictions against labels: give --label_dir, or segment unlabelled images with "
-                "predict.py"]
+        return [
+            "test.py scores predictions against labels: give --label_dir, or segment unlabelled images with predict.py"
+        ]
     try:
         data = _build_split(cfg, split, _split_resolution(cfg, split))
     except BadInputError as err:
@@ -161,8 +194,10 @@ def _codebook_problems(cfg, store, dim, fix):
     except BadInputError as err:
         return [one_line(err)]
     if codebook.shape != (cfg.num_codebook, dim):
-        return [f"codebook {path} is {list(codebook.shape)} but this run needs [{cfg.num_codebook}, {dim}] "
-                f"(--num_codebook, backbone width): {fix}"]
+        return [
+            f"codebook {path} is {list(codebook.shape)} but this run needs [{cfg.num_codebook}, {dim}] "
+            f"(--num_codebook, backbone width): {fix}"
+        ]
     if not np.isfinite(codebook).all():
         return [f"codebook {path} holds NaN or infinite values: {fix}"]
     return []
@@ -182,8 +217,10 @@ def _segment_problems(cfg, store, dim):
     other = next(name for name in SEGMENT_HEADS if name != cfg.head)
     other_path = os.path.join(os.path.dirname(path), f"segment_{other}.pth")
     if not os.path.isfile(path) and os.path.isfile(other_path):
-        return [f"segment weights {path} not found, but segment_{other}.pth is there: did you mean --head {other}? "
-                f"(else run {PRODUCER['segment']} --head {cfg.head})"]
+        return [
+            f"segment weights {path} not found, but segment_{other}.pth is there: did you mean --head {other}? "
+            f"(else run {PRODUCER['segment']} --head {cfg.head})"
+        ]
     try:
         state = store.state("segment")
     except BadInputError as err:
@@ -205,8 +242,11 @@ def _cluster_problems(cfg, store, dim):
 def needed_artifacts(cfg):
     """The earlier stages' artifacts this stage reads (evaluation reads the codebook only for the TR head)."""
     evaluation = cfg.stage in ("test", "predict")
-    return [kind for kind in UPSTREAM_ARTIFACTS[cfg.stage]
-            if not (evaluation and kind == "codebook" and not SEGMENT_HEADS[cfg.head].needs_codebook)]
+    return [
+        kind
+        for kind in UPSTREAM_ARTIFACTS[cfg.stage]
+        if not (evaluation and kind == "codebook" and not SEGMENT_HEADS[cfg.head].needs_codebook)
+    ]
 
 
 def check_artifacts(cfg, store, dim):
@@ -216,9 +256,11 @@ def check_artifacts(cfg, store, dim):
             return []
         problems = _codebook_problems(cfg, store, dim, "train_mediator.py --overwrite retrains it")
         return problems + [f"{p} (or --overwrite)" for p in store.problems("codebook")]
-    shape_checks = {"codebook": lambda: _codebook_problems(cfg, store, dim, "rerun train_mediator.py --overwrite"),
-                    "segment": lambda: _segment_problems(cfg, store, dim),
-                    "cluster": lambda: _cluster_problems(cfg, store, dim)}
+    shape_checks = {
+        "codebook": lambda: _codebook_problems(cfg, store, dim, "rerun train_mediator.py --overwrite"),
+        "segment": lambda: _segment_problems(cfg, store, dim),
+        "cluster": lambda: _cluster_problems(cfg, store, dim),
+    }
     for kind in needed_artifacts(cfg):
         found = shape_checks[kind]()
         if os.path.isfile(store.path(kind)):
@@ -268,8 +310,10 @@ def check_disk(run):
     """Free space for this stage's artifacts (written next to the old ones, then renamed) and the feature cache."""
     cfg = run.cfg
     feature_cache = getattr(cfg, "feature_cache", None)
-    needs = {_existing_ancestor(run.store.output_dir(cfg.stage)): 2 * _artifact_bytes(cfg, run.backbone.embed_dim)
-             + DISK_MARGIN}
+    needs = {
+        _existing_ancestor(run.store.output_dir(cfg.stage)): 2 * _artifact_bytes(cfg, run.backbone.embed_dim)
+        + DISK_MARGIN
+    }
     if feature_cache:
         cache = _existing_ancestor(feature_cache)
         needs[cache] = needs.get(cache, 0) + _feature_cache_bytes(run)
@@ -282,9 +326,11 @@ def check_disk(run):
     for path, need in by_device.values():
         free = shutil.disk_usage(path).free
         if free < need:
-            problems.append(f"{path} has {_size(free)} free but this stage needs about {_size(need)} "
-                            f"(artifacts, logs{', feature cache' if feature_cache else ''}): free some space "
-                            f"or choose another --out/--feature_cache")
+            problems.append(
+                f"{path} has {_size(free)} free but this stage needs about {_size(need)} "
+                f"(artifacts, logs{', feature cache' if feature_cache else ''}): free some space "
+                f"or choose another --out/--feature_cache"
+            )
     return problems
 
 
@@ -311,11 +357,15 @@ def summary(run, splits=None):
     cfg, backbone, store = run.cfg, run.backbone, run.store
     splits = STAGE_SPLITS[cfg.stage] if splits is None else splits
     head = f", head {cfg.head}" if hasattr(cfg, "head") else ""
-    lines = [f"check {cfg.stage} ({cfg.dataset}{head}): OK",
-             f"  backbone: {backbone.family}, width {backbone.embed_dim}, patch {backbone.patch_size}"]
+    lines = [
+        f"check {cfg.stage} ({cfg.dataset}{head}): OK",
+        f"  backbone: {backbone.family}, width {backbone.embed_dim}, patch {backbone.patch_size}",
+    ]
     if hasattr(cfg, "grid"):
-        lines.append(f"  resolution: train {cfg.train_resolution}, "
-                     f"{sampled_tokens(cfg.train_resolution, backbone.patch_size, cfg.grid)} sampled tokens per image")
+        lines.append(
+            f"  resolution: train {cfg.train_resolution}, "
+            f"{sampled_tokens(cfg.train_resolution, backbone.patch_size, cfg.grid)} sampled tokens per image"
+        )
     else:
         lines.append(f"  resolution: test {cfg.test_resolution}")
     for split in splits:

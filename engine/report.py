@@ -17,15 +17,20 @@ import tempfile
 
 from matplotlib.figure import Figure
 
-from utils.atomic import atomic_write_bytes
 from engine.config import STAGE3_NOTES
+from utils.atomic import atomic_write_bytes
 from utils.visualize import plot_losses
 
 SECTIONS = ("config", "metrics", "iou", "confusion", "losses", "examples")
 STAGES = ("mediator", "front_door", "fine_tuning")
-METRIC_ROWS = (("CAUSE (cluster probe)", "cluster"), ("CAUSE + CRF", "cluster_crf"),
-               ("linear probe (supervised)", "linear"), ("linear probe + CRF", "linear_crf"),
-               ("k-means on backbone tokens", "kmeans"), ("k-means on head features", "kmeans_head"))
+METRIC_ROWS = (
+    ("CAUSE (cluster probe)", "cluster"),
+    ("CAUSE + CRF", "cluster_crf"),
+    ("linear probe (supervised)", "linear"),
+    ("linear probe + CRF", "linear_crf"),
+    ("k-means on backbone tokens", "kmeans"),
+    ("k-means on head features", "kmeans_head"),
+)
 
 STYLE = """
 body { font-family: sans-serif; margin: 24px; color: #222; background: #fff; }
@@ -97,10 +102,9 @@ def _read(path):
 
 
 def _config_section(config):
-    rows = [f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
-            for k, v in sorted(config.items())]
+    rows = [f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in sorted(config.items())]
     per_column = math.ceil(len(rows) / 3) or 1
-    tables = "".join(f"<table>{''.join(rows[i:i + per_column])}</table>" for i in range(0, len(rows), per_column))
+    tables = "".join(f"<table>{''.join(rows[i : i + per_column])}</table>" for i in range(0, len(rows), per_column))
     return f"<div class=columns>{tables}</div>"
 
 
@@ -108,8 +112,10 @@ def _metrics_section(result):
     rows = ["<tr><th>method</th><th>mIoU (%)</th><th>pAcc (%)</th></tr>"]
     for title, key in METRIC_ROWS:
         if key in result:
-            rows.append(f"<tr><td>{html.escape(title)}</td><td class=num>{result[key]['mIoU']:.2f}</td>"
-                        f"<td class=num>{result[key]['pAcc']:.2f}</td></tr>")
+            rows.append(
+                f"<tr><td>{html.escape(title)}</td><td class=num>{result[key]['mIoU']:.2f}</td>"
+                f"<td class=num>{result[key]['pAcc']:.2f}</td></tr>"
+            )
     used = f"clusters receiving pixels: {result['clusters_used']}/{result['n_classes']}"
     protocol = STAGE3_NOTES[result.get("stage3", "unknown")]
     return f"<table>{''.join(rows)}</table><p>{html.escape(used)}</p><p>{html.escape(protocol)}</p>"
@@ -123,26 +129,40 @@ def render_report(config, result, confusion_png, panel_pngs, log_dirs):
     body = {
         "config": _config_section(config),
         "metrics": _metrics_section(result),
-        "iou": f"<p class=note>{best}, Hungarian-matched</p>" + _image(iou_chart(result[best]["iou"], names),
-                                                                       "per-class IoU"),
-        "confusion": (_image(confusion_png, "confusion matrix") if confusion_png
-                      else "<p class=note>no confusion matrix</p>"),
+        "iou": f"<p class=note>{best}, Hungarian-matched</p>"
+        + _image(iou_chart(result[best]["iou"], names), "per-class IoU"),
+        "confusion": (
+            _image(confusion_png, "confusion matrix") if confusion_png else "<p class=note>no confusion matrix</p>"
+        ),
     }
     losses = []
     for stage in STAGES:
         png = stage_loss_png(stage, log_dirs)
-        losses.append(f"<h3>{stage}</h3>" + (_image(png, f"{stage} loss") if png
-                                             else f"<p class=note>no {stage}.jsonl log found</p>"))
+        losses.append(
+            f"<h3>{stage}</h3>"
+            + (_image(png, f"{stage} loss") if png else f"<p class=note>no {stage}.jsonl log found</p>")
+        )
     body["losses"] = "".join(losses)
-    body["examples"] = ("<p class=note>image | ground truth | clusters | CRF | matched</p>"
-                        + "".join(_image(p, f"example {i}") for i, p in enumerate(panel_pngs))
-                        if panel_pngs else "<p class=note>no examples (--save_images 0)</p>")
-    titles = {"config": "Configuration", "metrics": "Metrics", "iou": "Per-class IoU",
-              "confusion": "Confusion matrix", "losses": "Training losses", "examples": "Examples"}
+    body["examples"] = (
+        "<p class=note>image | ground truth | clusters | CRF | matched</p>"
+        + "".join(_image(p, f"example {i}") for i, p in enumerate(panel_pngs))
+        if panel_pngs
+        else "<p class=note>no examples (--save_images 0)</p>"
+    )
+    titles = {
+        "config": "Configuration",
+        "metrics": "Metrics",
+        "iou": "Per-class IoU",
+        "confusion": "Confusion matrix",
+        "losses": "Training losses",
+        "examples": "Examples",
+    }
     heading = f"CAUSE evaluation: {result['dataset']}, {result['head']} head, {result['backbone']}"
     sections = "".join(f'<section id="{key}"><h2>{titles[key]}</h2>{body[key]}</section>' for key in SECTIONS)
-    return (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{html.escape(heading)}</title>"
-            f"<style>{STYLE}</style></head><body><h1>{html.escape(heading)}</h1>{sections}</body></html>\n")
+    return (
+        f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{html.escape(heading)}</title>"
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(heading)}</h1>{sections}</body></html>\n"
+    )
 
 
 def write_report(path, config, result, confusion_path, panel_paths, log_dirs):

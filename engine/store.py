@@ -163,8 +163,9 @@ class ArtifactStore:
         if kind in self.given:
             return MissingArtifactError(f"{kind} file not found: {path}")
         flags = "--num_codebook" if kind == "codebook" else "--head"
-        return MissingArtifactError(f"{kind} {path} not found: run {PRODUCER[kind]} first with the same "
-                                    f"--dataset/--ckpt/{flags}/--out")
+        return MissingArtifactError(
+            f"{kind} {path} not found: run {PRODUCER[kind]} first with the same --dataset/--ckpt/{flags}/--out"
+        )
 
     def read_bytes(self, kind):
         """The file's bytes; their sha256 is remembered as what this run used of ``kind``."""
@@ -183,11 +184,15 @@ class ArtifactStore:
         try:
             codebook = np.load(io.BytesIO(data), allow_pickle=False)
         except (OSError, ValueError, EOFError) as err:
-            raise CorruptArtifactError(f"codebook {path} is not a readable .npy file ({_first_line(err)}): "
-                                       f"rerun {PRODUCER['codebook']} --overwrite") from None
+            raise CorruptArtifactError(
+                f"codebook {path} is not a readable .npy file ({_first_line(err)}): "
+                f"rerun {PRODUCER['codebook']} --overwrite"
+            ) from None
         if codebook.ndim != 2 or not np.issubdtype(codebook.dtype, np.floating):
-            raise CorruptArtifactError(f"codebook {path} holds a {codebook.dtype} array of shape {codebook.shape}, "
-                                       f"not a [K, D] float codebook: rerun {PRODUCER['codebook']} --overwrite")
+            raise CorruptArtifactError(
+                f"codebook {path} holds a {codebook.dtype} array of shape {codebook.shape}, "
+                f"not a [K, D] float codebook: rerun {PRODUCER['codebook']} --overwrite"
+            )
         return codebook.astype(np.float32, copy=False)
 
     def state(self, kind):
@@ -203,7 +208,7 @@ class ArtifactStore:
             state = state["state_dict"]
         if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
             raise CorruptArtifactError(f"{kind} weights {path} hold no state dict of tensors: rerun {PRODUCER[kind]}")
-        return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+        return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
 
     # -- writing -------------------------------------------------------------------------
 
@@ -215,12 +220,21 @@ class ArtifactStore:
         """
         path = self.tree_path(kind)
         sha = atomic_np_save(obj, path) if kind == "codebook" else atomic_torch_save(obj, path)
-        record = {"kind": kind, "file": os.path.basename(path), "sha256": sha, **self.identity, "flags": flags,
-                  "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+        record = {
+            "kind": kind,
+            "file": os.path.basename(path),
+            "sha256": sha,
+            **self.identity,
+            "flags": flags,
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         upstream = UPSTREAM[kind]
         if upstream is not None and upstream in self.loaded:
-            record["upstream"] = {"kind": upstream, "file": os.path.basename(self.path(upstream)),
-                                  "sha256": self.loaded[upstream]}
+            record["upstream"] = {
+                "kind": upstream,
+                "file": os.path.basename(self.path(upstream)),
+                "sha256": self.loaded[upstream],
+            }
         atomic_write_bytes(sidecar_path(path), json.dumps(record, indent=2, default=str).encode())
         self.loaded[kind] = sha  # what this run now holds of ``kind`` (stage 3's cluster pairs with its segment)
         return sha
@@ -233,19 +247,27 @@ class ArtifactStore:
         name = os.path.basename(path)
         record_path = sidecar_path(path)
         if not os.path.isfile(record_path):
-            warnings.warn(f"{name} has no provenance record ({os.path.basename(record_path)}), e.g. a released "
-                          f"artifact: used without checking what it was trained from", ProvenanceWarning)
+            warnings.warn(
+                f"{name} has no provenance record ({os.path.basename(record_path)}), e.g. a released "
+                f"artifact: used without checking what it was trained from",
+                ProvenanceWarning,
+            )
             return None
         try:
             with open(record_path) as f:
                 record = json.load(f)
         except (OSError, ValueError):
-            warnings.warn(f"{record_path} is unreadable: {name} is used without checking what it was trained from",
-                          ProvenanceWarning)
+            warnings.warn(
+                f"{record_path} is unreadable: {name} is used without checking what it was trained from",
+                ProvenanceWarning,
+            )
             return None
         if not isinstance(record, dict) or record.get("sha256") != file_sha256(path):
-            warnings.warn(f"{name} was replaced after {os.path.basename(record_path)} was written: used without "
-                          f"checking what it was trained from", ProvenanceWarning)
+            warnings.warn(
+                f"{name} was replaced after {os.path.basename(record_path)} was written: used without "
+                f"checking what it was trained from",
+                ProvenanceWarning,
+            )
             return None
         return record
 
@@ -258,25 +280,33 @@ class ArtifactStore:
         problems = []
         recorded, current = record.get("backbone"), self.identity.get("backbone")
         if recorded is not None and current is not None and not _same_backbone(recorded, current):
-            problems.append(f"{name} was trained with backbone {_describe_backbone(recorded)} but this run uses "
-                            f"{_describe_backbone(current)}: rerun {script}")
+            problems.append(
+                f"{name} was trained with backbone {_describe_backbone(recorded)} but this run uses "
+                f"{_describe_backbone(current)}: rerun {script}"
+            )
         if "dataset" in record and "dataset" in self.identity and record["dataset"] != self.identity["dataset"]:
-            problems.append(f"{name} was trained on dataset {record['dataset']} but this run uses "
-                            f"{self.identity['dataset']}: rerun {script}")
+            problems.append(
+                f"{name} was trained on dataset {record['dataset']} but this run uses "
+                f"{self.identity['dataset']}: rerun {script}"
+            )
         upstream = record.get("upstream")
         if upstream is not None:
             up_path = self.path(upstream["kind"])
             if os.path.isfile(up_path):
                 now = file_sha256(up_path)
                 if now != upstream["sha256"]:
-                    problems.append(f"{name} was trained on {upstream['kind']} sha {upstream['sha256'][:12]} but "
-                                    f"{os.path.basename(up_path)} is now sha {now[:12]}: rerun {script}")
+                    problems.append(
+                        f"{name} was trained on {upstream['kind']} sha {upstream['sha256'][:12]} but "
+                        f"{os.path.basename(up_path)} is now sha {now[:12]}: rerun {script}"
+                    )
         return problems
 
 
 def _describe_holder(holder):
-    return (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')} "
-            f"({holder.get('command', '?')})")
+    return (
+        f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')} "
+        f"({holder.get('command', '?')})"
+    )
 
 
 class RunLock:
@@ -303,10 +333,15 @@ class RunLock:
         try:
             os.makedirs(self.directory, exist_ok=True)
         except OSError as err:
-            raise InvalidInputError(f"cannot create the output folder {self.directory}: "
-                                    f"{err.strerror or err}") from None
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:300]}
+            raise InvalidInputError(
+                f"cannot create the output folder {self.directory}: {err.strerror or err}"
+            ) from None
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:300],
+        }
         tmp = f"{self.path}.tmp{os.getpid()}"
         atomic_write_bytes(tmp, json.dumps(me).encode())
         try:
@@ -321,9 +356,11 @@ class RunLock:
                     if not stale:
                         raise OutputLockedError(
                             f"{self.directory} is in use by another run: {_describe_holder(holder)}; wait for it "
-                            f"or use another --out (delete {self.path} if that run is gone)") from None
-                    warnings.warn(f"taking over the stale lock {self.path} of a run that is gone "
-                                  f"({_describe_holder(holder)})")
+                            f"or use another --out (delete {self.path} if that run is gone)"
+                        ) from None
+                    warnings.warn(
+                        f"taking over the stale lock {self.path} of a run that is gone ({_describe_holder(holder)})"
+                    )
                     os.remove(self.path)
             raise OutputLockedError(f"{self.directory} is in use by another run that started at the same time")
         finally:

@@ -12,12 +12,12 @@ from utils.errors import InvalidInputError
 
 def seed_everything(seed):
     random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
+    np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
 
 
 def _worker_init(worker_id):
-    seed = torch.initial_seed() % (2 ** 32)
+    seed = torch.initial_seed() % (2**32)
     np.random.seed(seed)
     random.seed(seed)
 
@@ -31,8 +31,7 @@ class EpochSampler(DistributedSampler):
     """
 
     def __init__(self, dataset, num_replicas, rank, shuffle, seed, drop_last):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
-                         drop_last=drop_last)
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
         self.start = 0
 
     def set_epoch(self, epoch, start=0):
@@ -52,13 +51,24 @@ def make_loader(dataset, info, batch_size, num_workers, shuffle, drop_last, seed
     ``info``: the process's place in the job (``utils.distributed.DistInfo``). The loader's
     generator only seeds the workers; the training loop reseeds it from ``(seed, epoch)``.
     """
-    sampler = EpochSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=shuffle, seed=seed,
-                           drop_last=drop_last)
+    sampler = EpochSampler(
+        dataset, num_replicas=info.world_size, rank=info.rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+    )
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        drop_last=drop_last, pin_memory=info.device.type == "cuda", worker_init_fn=_worker_init,
-                        generator=generator, persistent_workers=False)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        pin_memory=info.device.type == "cuda",
+        worker_init_fn=_worker_init,
+        generator=generator,
+        persistent_workers=False,
+    )
     if len(loader) == 0:
-        raise InvalidInputError(f"dataset of {len(dataset)} images gives no batch of {batch_size} per process "
-                                f"(world size {info.world_size}); lower --batch_size")
+        raise InvalidInputError(
+            f"dataset of {len(dataset)} images gives no batch of {batch_size} per process "
+            f"(world size {info.world_size}); lower --batch_size"
+        )
     return loader, sampler

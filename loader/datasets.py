@@ -19,14 +19,21 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from loader.labels import (LABEL_TABLES, DatasetError, DatasetNotFoundError, LabelDecoder, class_id_decoder,
-                           cityscapes_decoder, coco_decoder, cropped_decoder, load_sample)
+from loader.labels import (
+    LABEL_TABLES,
+    DatasetError,
+    DatasetNotFoundError,
+    LabelDecoder,
+    cityscapes_decoder,
+    class_id_decoder,
+    coco_decoder,
+    cropped_decoder,
+    load_sample,
+)
 from loader.toy import TOY_CLASS_NAMES, ensure_toy
 from loader.transforms import IMAGENET_MEAN, IMAGENET_STD, SegmentationTransform
 
-
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
 
 
 @dataclass(frozen=True)
@@ -51,16 +58,23 @@ class DatasetInfo:
 
 CROP_TYPES = ("five", "double", "super")
 
-_COCO_LAYOUT = ("<data_dir>/cocostuff/images/{train2017,val2017}/<id>.jpg, "
-                "<data_dir>/cocostuff/annotations/{train2017,val2017}/<id>.png and "
-                "<data_dir>/cocostuff/curated/{train2017,val2017}/Coco164kFull_Stuff_Coarse*.txt")
-_CITYSCAPES_LAYOUT = ("<data_dir>/cityscapes/leftImg8bit/<split>/<city>/<name>_leftImg8bit.png and "
-                      "<data_dir>/cityscapes/gtFine/<split>/<city>/<name>_gtFine_labelIds.png")
-_VOC_LAYOUT = ("<data_dir>/pascalvoc/VOCdevkit/VOC2012/{JPEGImages/<id>.jpg, SegmentationClass/<id>.png, "
-               "ImageSets/Segmentation/{train,val}.txt}")
+_COCO_LAYOUT = (
+    "<data_dir>/cocostuff/images/{train2017,val2017}/<id>.jpg, "
+    "<data_dir>/cocostuff/annotations/{train2017,val2017}/<id>.png and "
+    "<data_dir>/cocostuff/curated/{train2017,val2017}/Coco164kFull_Stuff_Coarse*.txt"
+)
+_CITYSCAPES_LAYOUT = (
+    "<data_dir>/cityscapes/leftImg8bit/<split>/<city>/<name>_leftImg8bit.png and "
+    "<data_dir>/cityscapes/gtFine/<split>/<city>/<name>_gtFine_labelIds.png"
+)
+_VOC_LAYOUT = (
+    "<data_dir>/pascalvoc/VOCdevkit/VOC2012/{JPEGImages/<id>.jpg, SegmentationClass/<id>.png, "
+    "ImageSets/Segmentation/{train,val}.txt}"
+)
 _TOY_LAYOUT = "<data_dir>/toy/{train,val}/{images,labels}/<name>.png (generated on first use)"
-_FOLDER_LAYOUT = ("image_dir/<name>.{jpg,jpeg,png,bmp,webp} and optionally "
-                  "label_dir/<name>.png holding class ids (255 = ignore)")
+_FOLDER_LAYOUT = (
+    "image_dir/<name>.{jpg,jpeg,png,bmp,webp} and optionally label_dir/<name>.png holding class ids (255 = ignore)"
+)
 
 
 def crop_ratios(crop_type: str, crop_ratio: float = 0.5) -> tuple[float, ...]:
@@ -93,9 +107,16 @@ def _crop_dir(name: str, crop_type: str, crop_ratio: float = 0.5) -> str:
 
 
 def _benchmark(name, class_names, resize, layout, crop_type):
-    return DatasetInfo(name=name, n_classes=len(class_names), class_names=tuple(class_names),
-                       resize=resize, layout=layout, crop_type=crop_type,
-                       crop_ratios=crop_ratios(crop_type), crop_dir=_crop_dir(name, crop_type))
+    return DatasetInfo(
+        name=name,
+        n_classes=len(class_names),
+        class_names=tuple(class_names),
+        resize=resize,
+        layout=layout,
+        crop_type=crop_type,
+        crop_ratios=crop_ratios(crop_type),
+        crop_dir=_crop_dir(name, crop_type),
+    )
 
 
 _CLASS_NAMES = LABEL_TABLES["class_names"]
@@ -105,10 +126,10 @@ _REGISTRY = {
     "coco171": _benchmark("coco171", _CLASS_NAMES["coco171"], "center", _COCO_LAYOUT, "double"),
     "cityscapes": _benchmark("cityscapes", _CLASS_NAMES["cityscapes"], "center", _CITYSCAPES_LAYOUT, "five"),
     "pascalvoc": _benchmark("pascalvoc", _CLASS_NAMES["pascalvoc"], "square", _VOC_LAYOUT, "super"),
-    "toy": DatasetInfo(name="toy", n_classes=len(TOY_CLASS_NAMES), class_names=TOY_CLASS_NAMES,
-                       resize="center", layout=_TOY_LAYOUT),
-    "folder": DatasetInfo(name="folder", n_classes=None, class_names=(), resize="center",
-                          layout=_FOLDER_LAYOUT),
+    "toy": DatasetInfo(
+        name="toy", n_classes=len(TOY_CLASS_NAMES), class_names=TOY_CLASS_NAMES, resize="center", layout=_TOY_LAYOUT
+    ),
+    "folder": DatasetInfo(name="folder", n_classes=None, class_names=(), resize="center", layout=_FOLDER_LAYOUT),
 }
 
 DATASETS = tuple(_REGISTRY)
@@ -133,8 +154,7 @@ def dataset_info(name: str) -> DatasetInfo:
     return _REGISTRY[name]
 
 
-def cropped_dir(name: str, root: str, crop_type: str | None = None,
-                crop_ratio: float | None = None) -> str:
+def cropped_dir(name: str, root: str, crop_type: str | None = None, crop_ratio: float | None = None) -> str:
     """Directory of a benchmark's crop set under ``root`` (the registry's set by default)."""
     info = dataset_info(name)
     if info.crop_dir is None:
@@ -143,8 +163,9 @@ def cropped_dir(name: str, root: str, crop_type: str | None = None,
     return os.path.join(root, _crop_dir(name, crop_type, 0.5 if crop_ratio is None else crop_ratio))
 
 
-def crop_command(name: str, root: str, crop_type: str | None = None, crop_ratio: float | None = None,
-                 split: str = "train") -> str:
+def crop_command(
+    name: str, root: str, crop_type: str | None = None, crop_ratio: float | None = None, split: str = "train"
+) -> str:
     """The ``crop_dataset.py`` command line that writes a crop set."""
     command = f"python crop_dataset.py --dataset {name} --data_dir {root}"
     if crop_type is not None:
@@ -184,9 +205,15 @@ class SegmentationDataset(Dataset):
     ``crop_dataset.py``); indexing applies ``transform`` and returns the item dict.
     """
 
-    def __init__(self, name: str, samples: list[tuple[str, str | None]], decoder: LabelDecoder | None,
-                 n_classes: int | None, class_names: tuple[str, ...],
-                 transform: SegmentationTransform | None = None):
+    def __init__(
+        self,
+        name: str,
+        samples: list[tuple[str, str | None]],
+        decoder: LabelDecoder | None,
+        n_classes: int | None,
+        class_names: tuple[str, ...],
+        transform: SegmentationTransform | None = None,
+    ):
         self.name = name
         self.samples = samples
         self.decoder = decoder
@@ -224,8 +251,10 @@ def _coco_samples(name: str, root: str, split: str) -> list[tuple[str, str]]:
     for sub in ("images", "annotations"):
         _require_dir(os.path.join(base, sub, folder), f"COCO-Stuff {sub}", layout)
     ids = _read_list(os.path.join(base, "curated", folder, _COCO_LISTS[(name, split)]), layout)
-    return [(os.path.join(base, "images", folder, f"{i}.jpg"),
-             os.path.join(base, "annotations", folder, f"{i}.png")) for i in ids]
+    return [
+        (os.path.join(base, "images", folder, f"{i}.jpg"), os.path.join(base, "annotations", folder, f"{i}.png"))
+        for i in ids
+    ]
 
 
 def _cityscapes_samples(root: str, split: str) -> list[tuple[str, str]]:
@@ -245,8 +274,9 @@ def _cityscapes_samples(root: str, split: str) -> list[tuple[str, str]]:
             if not file.endswith("_leftImg8bit.png"):
                 continue
             stem = file[: -len("_leftImg8bit.png")]
-            samples.append((os.path.join(city_dir, file),
-                            os.path.join(label_root, city, f"{stem}_gtFine_labelIds.png")))
+            samples.append(
+                (os.path.join(city_dir, file), os.path.join(label_root, city, f"{stem}_gtFine_labelIds.png"))
+            )
     if not samples:
         raise DatasetNotFoundError(f"no Cityscapes images in {image_root}; expected {layout}")
     return samples
@@ -259,8 +289,9 @@ def _voc_samples(root: str, split: str) -> list[tuple[str, str]]:
     for sub in ("JPEGImages", "SegmentationClass"):
         _require_dir(os.path.join(base, sub), f"Pascal VOC {sub}", layout)
     ids = _read_list(os.path.join(base, "ImageSets", "Segmentation", f"{split}.txt"), layout)
-    return [(os.path.join(base, "JPEGImages", f"{i}.jpg"),
-             os.path.join(base, "SegmentationClass", f"{i}.png")) for i in ids]
+    return [
+        (os.path.join(base, "JPEGImages", f"{i}.jpg"), os.path.join(base, "SegmentationClass", f"{i}.png")) for i in ids
+    ]
 
 
 def _numbered_files(directory: str, extension: str) -> set[int]:
@@ -272,34 +303,42 @@ def _numbered_files(directory: str, extension: str) -> set[int]:
     return names
 
 
-def _cropped_samples(name: str, root: str, split: str, crop_type: str | None,
-                     crop_ratio: float | None) -> list[tuple[str, str]]:
+def _cropped_samples(
+    name: str, root: str, split: str, crop_type: str | None, crop_ratio: float | None
+) -> list[tuple[str, str]]:
     crop_root = cropped_dir(name, root, crop_type, crop_ratio)
     command = crop_command(name, root, crop_type, crop_ratio, split)
     image_dir = os.path.join(crop_root, "img", split)
     label_dir = os.path.join(crop_root, "label", split)
     if not (os.path.isdir(image_dir) and os.path.isdir(label_dir)):
-        raise DatasetNotFoundError(f"training crops of {name} not found in {crop_root}/{{img,label}}/{split}; "
-                                   f"run first: {command}")
+        raise DatasetNotFoundError(
+            f"training crops of {name} not found in {crop_root}/{{img,label}}/{split}; run first: {command}"
+        )
     if os.path.exists(incomplete_marker(crop_root, split)):
-        raise DatasetError(f"the crops in {crop_root} were interrupted while being written; "
-                           f"finish them (it resumes): {command}")
+        raise DatasetError(
+            f"the crops in {crop_root} were interrupted while being written; finish them (it resumes): {command}"
+        )
     images = _numbered_files(image_dir, ".jpg")
     labels = _numbered_files(label_dir, ".png")
     count = len(images)
     expected = set(range(count))
     if count == 0 or images != expected or labels != expected:
         missing = sorted((expected - images) | (expected - labels) | (labels - expected))[:3]
-        raise DatasetError(f"the crops in {crop_root} are incomplete ({len(images)} images, {len(labels)} labels"
-                           f"{', e.g. index ' + str(missing[0]) if missing else ''}); finish them: {command}")
+        raise DatasetError(
+            f"the crops in {crop_root} are incomplete ({len(images)} images, {len(labels)} labels"
+            f"{', e.g. index ' + str(missing[0]) if missing else ''}); finish them: {command}"
+        )
     return [(os.path.join(image_dir, f"{i}.jpg"), os.path.join(label_dir, f"{i}.png")) for i in range(count)]
 
 
 def folder_samples(image_dir: str, label_dir: str | None = None) -> list[tuple[str, str | None]]:
     """Images of a directory (sorted by name) paired with ``label_dir/<stem>.png`` if given."""
     _require_dir(image_dir, "image folder", _FOLDER_LAYOUT)
-    files = sorted(f for f in os.listdir(image_dir)
-                   if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(image_dir, f)))
+    files = sorted(
+        f
+        for f in os.listdir(image_dir)
+        if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(image_dir, f))
+    )
     if not files:
         raise DatasetNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {image_dir}")
     if label_dir is None:
@@ -337,10 +376,21 @@ def source_dataset(name: str, root: str, split: str) -> SegmentationDataset:
     return SegmentationDataset(name, samples, decoder, info.n_classes, info.class_names)
 
 
-def build_dataset(name: str, root: str | None, split: str, resolution: int, mean=IMAGENET_MEAN,
-                  std=IMAGENET_STD, n_classes: int | None = None, *, image_dir: str | None = None,
-                  label_dir: str | None = None, crops: bool | None = None, crop_type: str | None = None,
-                  crop_ratio: float | None = None) -> SegmentationDataset:
+def build_dataset(
+    name: str,
+    root: str | None,
+    split: str,
+    resolution: int,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    n_classes: int | None = None,
+    *,
+    image_dir: str | None = None,
+    label_dir: str | None = None,
+    crops: bool | None = None,
+    crop_type: str | None = None,
+    crop_ratio: float | None = None,
+) -> SegmentationDataset:
     """The dataset ``name`` (see :data:`DATASETS`) whose items are
     ``{"ind": int, "img": float32[3, res, res], "label": int64[res, res]}``.
 
@@ -370,8 +420,9 @@ def build_dataset(name: str, root: str | None, split: str, resolution: int, mean
             raise DatasetError(f"unknown split {split!r} for toy; expected train or val")
         toy_root = ensure_toy(root)
         samples = folder_samples(os.path.join(toy_root, split, "images"), os.path.join(toy_root, split, "labels"))
-        return SegmentationDataset(name, samples, class_id_decoder(info.n_classes), info.n_classes,
-                                   info.class_names, transform)
+        return SegmentationDataset(
+            name, samples, class_id_decoder(info.n_classes), info.n_classes, info.class_names, transform
+        )
     use_crops = (split == "train") if crops is None else crops
     if use_crops:
         samples = _cropped_samples(name, root, split, crop_type, crop_ratio)

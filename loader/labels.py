@@ -50,8 +50,9 @@ class LabelDecoder:
         if bad.any():
             values = np.unique(raw[bad])
             shown = ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")
-            raise DatasetError(f"label file {path} holds values outside the dataset's range: {shown} "
-                               f"(expected {self.expected})")
+            raise DatasetError(
+                f"label file {path} holds values outside the dataset's range: {shown} (expected {self.expected})"
+            )
         return label
 
 
@@ -64,7 +65,7 @@ def coco_decoder(name: str) -> LabelDecoder:
     table = _table()
     fine_to_class = LABEL_TABLES["coco_fine_to_class"][name]
     # ids absent from the table never occur in the annotations; read them as ignore
-    table[:len(fine_to_class)] = [_IGNORE if c is None else c for c in fine_to_class]
+    table[: len(fine_to_class)] = [_IGNORE if c is None else c for c in fine_to_class]
     table[255] = _IGNORE
     return LabelDecoder(table, "COCO-Stuff fine ids 0..181 or 255")
 
@@ -94,7 +95,7 @@ def cropped_decoder(n_classes: int) -> LabelDecoder:
     """Crop-set labels, stored +1: 0 = ignore, c + 1 = class c."""
     table = _table()
     table[0] = _IGNORE
-    table[1:n_classes + 1] = np.arange(n_classes)
+    table[1 : n_classes + 1] = np.arange(n_classes)
     return LabelDecoder(table, f"0 (ignore) or class id + 1 in 1..{n_classes}")
 
 
@@ -127,14 +128,17 @@ def read_label(path: str) -> np.ndarray:
     return raw
 
 
-def load_sample(image_path: str, label_path: str | None,
-                decoder: LabelDecoder | None) -> tuple[Image.Image, np.ndarray | None]:
+def load_sample(
+    image_path: str, label_path: str | None, decoder: LabelDecoder | None
+) -> tuple[Image.Image, np.ndarray | None]:
     """One full-resolution pair: (RGB PIL image, int64 [H, W] class ids (-1 = ignore) or None)."""
     image = read_image(image_path)
     if label_path is None:
         return image, None
     label = decoder(read_label(label_path), label_path)
     if label.shape != (image.height, image.width):
-        raise DatasetError(f"label file {label_path} is {label.shape[1]}x{label.shape[0]} but its image "
-                           f"{image_path} is {image.width}x{image.height}")
+        raise DatasetError(
+            f"label file {label_path} is {label.shape[1]}x{label.shape[0]} but its image "
+            f"{image_path} is {image.width}x{image.height}"
+        )
     return image, label

@@ -56,8 +56,9 @@ def _soft(x: np.ndarray, sharpness: float) -> np.ndarray:
     return 0.5 + 0.5 * np.tanh(sharpness * x)
 
 
-def _texture(cls: int, u: np.ndarray, v: np.ndarray, period: np.ndarray, phase: np.ndarray,
-             noise: np.ndarray) -> np.ndarray:
+def _texture(
+    cls: int, u: np.ndarray, v: np.ndarray, period: np.ndarray, phase: np.ndarray, noise: np.ndarray
+) -> np.ndarray:
     """Texture value in [0, 1] of class ``cls`` at rotated pixel coordinates u, v: [M] -> [M]."""
     a = 2 * np.pi * u / period + phase
     b = 2 * np.pi * v / period
@@ -131,8 +132,9 @@ def _write_split(toy_root: str, split: str, count: int, seed: int, size: int, n_
                 os.remove(os.path.join(directory, stale))
 
 
-def ensure_toy(root: str, seed: int = 0, n_train: int = 300, n_val: int = 100, size: int = 256,
-               n_classes: int = 6) -> str:
+def ensure_toy(
+    root: str, seed: int = 0, n_train: int = 300, n_val: int = 100, size: int = 256, n_classes: int = 6
+) -> str:
     """Generate ``<root>/toy`` unless a complete copy with these parameters is there; -> its path.
 
     The marker file is written last, so an interrupted generation is redone on the next call.
@@ -140,8 +142,10 @@ def ensure_toy(root: str, seed: int = 0, n_train: int = 300, n_val: int = 100, s
     if not 2 <= n_classes <= len(TOY_CLASS_NAMES):
         raise ValueError(f"the toy dataset has 2..{len(TOY_CLASS_NAMES)} classes, got {n_classes}")
     if size < 16 or n_train < 1 or n_val < 1:
-        raise ValueError(f"toy dataset needs size >= 16 and at least one image per split, "
-                         f"got size={size}, n_train={n_train}, n_val={n_val}")
+        raise ValueError(
+            f"toy dataset needs size >= 16 and at least one image per split, "
+            f"got size={size}, n_train={n_train}, n_val={n_val}"
+        )
     toy_root = os.path.join(root, "toy")
     params = {"seed": seed, "n_train": n_train, "n_val": n_val, "size": size, "n_classes": n_classes}
     marker = os.path.join(toy_root, MARKER)

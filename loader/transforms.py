@@ -79,5 +79,6 @@ class SegmentationTransform:
         return img, torch.from_numpy(np.array(label_image, dtype=np.int64))
 
     def __repr__(self):
-        return (f"{type(self).__name__}(resolution={self.resolution}, mode={self.mode!r}, "
-                f"mean={self.mean}, std={self.std})")
+        return (
+            f"{type(self).__name__}(resolution={self.resolution}, mode={self.mode!r}, mean={self.mean}, std={self.std})"
+        )

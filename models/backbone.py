@@ -15,6 +15,7 @@ Each family keeps its official position handling (`models.positions`; RoPE for D
 code. Reading files is `models.files`, family detection `models.checkpoints`, input
 normalisation `models.normalisation`.
 """
+
 import functools
 import math
 import os
@@ -28,14 +29,32 @@ from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
 from models.checkpoints import (
-    FAMILIES, LAYOUTS, META_KEYS, VIT_KEYS, ViTShape, describe_keys, detect_family, dinov3_missing_keys,
-    extract_backbone, infer_shape, state_dict_mismatch, timm_state_dict,
+    FAMILIES,
+    LAYOUTS,
+    META_KEYS,
+    VIT_KEYS,
+    ViTShape,
+    describe_keys,
+    detect_family,
+    dinov3_missing_keys,
+    extract_backbone,
+    infer_shape,
+    state_dict_mismatch,
+    timm_state_dict,
 )
 from models.dinov3 import dinov3_num_heads, load_dinov3
 from models.files import HF_WEIGHTS, UnknownCheckpointError, checkpoint_files, read_checkpoint, read_hf_config
 from models.normalisation import (
-    CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, NORMALISATIONS, SAT_MEAN, SAT_STD,
-    NormalisationHintWarning, normalisation_hint, resolve_normalisation,
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NORMALISATIONS,
+    SAT_MEAN,
+    SAT_STD,
+    NormalisationHintWarning,
+    normalisation_hint,
+    resolve_normalisation,
 )
 from models.positions import interpolate_position_embedding, position_rule, sincos_2d_position_embedding
 from utils.errors import InvalidInputError
@@ -114,7 +133,7 @@ def build_vit(shape: ViTShape, family: str, num_heads: int) -> VisionTransformer
     # The checkpoints give position embeddings to the CLS token but not to registers
     # (DINOv2) and have no CLS slot at all (Unicom); timm's table would have one slot per
     # prefix token, so the table takes the checkpoint's shape.
-    num_positions = shape.grid_size ** 2 + int(shape.class_token)
+    num_positions = shape.grid_size**2 + int(shape.class_token)
     vit.pos_embed = nn.Parameter(torch.zeros(1, num_positions, shape.embed_dim))
     return vit
 
@@ -129,6 +148,7 @@ def to_timm_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 
 # The module.
+
 
 class FrozenViT(nn.Module):
     """A frozen timm ViT that returns the final-norm patch tokens of normalised images.
@@ -174,7 +194,7 @@ class FrozenViT(nn.Module):
 
     def patch_position_embedding(self, h: int, w: int) -> torch.Tensor:
         """-> [1, h*w, D], the patch part of the position table for an h x w grid."""
-        table = self.vit.pos_embed[:, int(self.has_class_token):]
+        table = self.vit.pos_embed[:, int(self.has_class_token) :]
         return interpolate_position_embedding(table, h, w, self.position_rule)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
@@ -183,11 +203,10 @@ class FrozenViT(nn.Module):
         p = self.patch_size
         if height % p or width % p:
             raise ValueError(
-                f"input size {height}x{width} is not a multiple of the patch size {p} "
-                f"of this {self.family} backbone"
+                f"input size {height}x{width} is not a multiple of the patch size {p} of this {self.family} backbone"
             )
         if self.position_rule in TIMM_FORWARD_RULES:
-            return self.vit.forward_features(img)[:, self.num_prefix_tokens:]
+            return self.vit.forward_features(img)[:, self.num_prefix_tokens :]
         h, w = height // p, width // p
         x = self.vit.patch_embed(img).reshape(batch, h * w, self.embed_dim)
         x = x + self.patch_position_embedding(h, w)
@@ -199,10 +218,11 @@ class FrozenViT(nn.Module):
             prefix.append(self.vit.reg_token.expand(batch, -1, -1))
         x = torch.cat(prefix + [x], dim=1)
         x = self.vit.norm(self.vit.blocks(x))
-        return x[:, self.num_prefix_tokens:]
+        return x[:, self.num_prefix_tokens :]
 
 
 # timm models by name.
+
 
 def _create_timm(arch: str, num_heads: int | None) -> nn.Module:
     """timm.create_model without pretrained weights or classifier, for any input size."""
@@ -222,8 +242,9 @@ def _random_backbone(arch: str, num_heads: int | None, seed: int) -> FrozenViT:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vit = _create_timm(arch, num_heads)
-    plain = (isinstance(vit, VisionTransformer) and vit.has_class_token and not vit.num_reg_tokens
-             and not vit.no_embed_class)
+    plain = (
+        isinstance(vit, VisionTransformer) and vit.has_class_token and not vit.num_reg_tokens and not vit.no_embed_class
+    )
     if not plain and not isinstance(vit, Eva):
         raise InvalidInputError(
             f"{arch!r} is neither a plain timm VisionTransformer with a CLS token "
@@ -258,13 +279,15 @@ def _fit_timm(raw: object, arch: str, num_heads: int | None) -> tuple[FrozenViT 
 
 # Checkpoints.
 
+
 def _family_backbone(raw: object, path: str, family: str, num_heads: int | None) -> FrozenViT:
     """The `family` backbone of a loaded file, or UnknownCheckpointError if it does not fit."""
     state_dict = extract_backbone(raw, family)
     if state_dict is None:
         if family == "dinov3":
-            expected = (f"Meta's plain state dict holding {', '.join(META_KEYS)}, "
-                        "or a transformers DINOv3ViTModel state dict")
+            expected = (
+                f"Meta's plain state dict holding {', '.join(META_KEYS)}, or a transformers DINOv3ViTModel state dict"
+            )
         else:
             expected = f"{LAYOUTS[family].description} holding {', '.join(VIT_KEYS)}"
         raise UnknownCheckpointError(
@@ -305,15 +328,18 @@ def _checkpoint_backbone(path: str, family: str | None, arch: str | None, num_he
     if detected in (None, "timm"):
         missing = dinov3_missing_keys(raw)
         if missing and family is None:
-            raise UnknownCheckpointError(f"{path}: a DINOv3 checkpoint, but it lacks {missing}; "
-                                         f"found {describe_keys(raw)}")
-        if arch is None:
             raise UnknownCheckpointError(
-                f"{path}: matches no backbone family ({families}); found {describe_keys(raw)}")
+                f"{path}: a DINOv3 checkpoint, but it lacks {missing}; found {describe_keys(raw)}"
+            )
+        if arch is None:
+            raise UnknownCheckpointError(f"{path}: matches no backbone family ({families}); found {describe_keys(raw)}")
         backbone, reason = _fit_timm(raw, arch, num_heads)
         if backbone is None:
-            what = (f"not a state dict of the timm architecture {arch!r} ({reason})" if family else
-                    f"fits neither the timm architecture {arch!r} ({reason}) nor any backbone family ({families})")
+            what = (
+                f"not a state dict of the timm architecture {arch!r} ({reason})"
+                if family
+                else f"fits neither the timm architecture {arch!r} ({reason}) nor any backbone family ({families})"
+            )
             raise UnknownCheckpointError(f"{path}: {what}; found {describe_keys(raw)}")
         return backbone
     try:

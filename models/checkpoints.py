@@ -3,6 +3,7 @@ the container and the keys, and the ViT architecture that the tensor shapes impl
 
 Reading files lives in `models.files`; DINOv3's layouts (Meta's and Hugging Face's) in `models.dinov3`.
 """
+
 import math
 import re
 from dataclasses import dataclass
@@ -46,9 +47,7 @@ LAYOUTS = {
     "unicom": _Layout(None, "", ("feature.",), "a plain fp16 state dict without cls_token"),
     "mae": _Layout("model", "", ("mask_token", "decoder_"), 'a dict with the ViT under "model"'),
     "ibot": _Layout("state_dict", "", ("masked_embed",), 'a dict with the ViT under "state_dict"'),
-    "msn": _Layout(
-        "target_encoder", "module.", ("fc.",), 'a dict with "module.*" under "target_encoder"'
-    ),
+    "msn": _Layout("target_encoder", "module.", ("fc.",), 'a dict with "module.*" under "target_encoder"'),
     "mocov3": _Layout(
         "state_dict",
         "module.base_encoder.",
@@ -62,8 +61,14 @@ VIT_KEYS = ("patch_embed.proj.weight", "pos_embed", "blocks.0.attn.qkv.weight", 
 
 # DINOv3: Meta's plain state dict, or transformers' DINOv3ViTModel renamed to Meta's keys.
 
-META_KEYS = ("cls_token", "storage_tokens", "patch_embed.proj.weight", "rope_embed.periods",
-             "blocks.0.attn.qkv.weight", "norm.weight")
+META_KEYS = (
+    "cls_token",
+    "storage_tokens",
+    "patch_embed.proj.weight",
+    "rope_embed.periods",
+    "blocks.0.attn.qkv.weight",
+    "norm.weight",
+)
 _HF_PATCH, _HF_QUERY = "embeddings.patch_embeddings.weight", "layer.0.attention.q_proj.weight"
 HF_KEYS = ("embeddings.cls_token", "embeddings.register_tokens", _HF_PATCH, _HF_QUERY, "norm.weight")
 _HF_TOP = {
@@ -76,8 +81,13 @@ _HF_TOP = {
     "norm.weight": "norm.weight",
     "norm.bias": "norm.bias",
 }
-_HF_BLOCK = {"norm1": "norm1", "norm2": "norm2", "attention.o_proj": "attn.proj",
-             "mlp.up_proj": "mlp.fc1", "mlp.down_proj": "mlp.fc2"}
+_HF_BLOCK = {
+    "norm1": "norm1",
+    "norm2": "norm2",
+    "attention.o_proj": "attn.proj",
+    "mlp.up_proj": "mlp.fc1",
+    "mlp.down_proj": "mlp.fc2",
+}
 _HF_GATED_BLOCK = dict(_HF_BLOCK, **{"mlp.gate_proj": "mlp.w1", "mlp.up_proj": "mlp.w2", "mlp.down_proj": "mlp.w3"})
 _HF_LAYER_SCALE = {"layer_scale1": "ls1.gamma", "layer_scale2": "ls2.gamma"}
 
@@ -130,7 +140,7 @@ def dinov3_state_dict(raw: object) -> dict[str, torch.Tensor] | None:
         prefix = _hf_prefix(raw)
         if prefix is None:
             return None
-        state_dict = hf_to_meta({key[len(prefix):]: v for key, v in raw.items() if key.startswith(prefix)})
+        state_dict = hf_to_meta({key[len(prefix) :]: v for key, v in raw.items() if key.startswith(prefix)})
     return state_dict if all(torch.is_tensor(v) for v in state_dict.values()) else None
 
 
@@ -167,14 +177,12 @@ def extract_backbone(raw: object, family: str) -> dict[str, torch.Tensor] | None
         return None
     if layout.prefix:
         inner = {
-            key[len(layout.prefix):]: value
+            key[len(layout.prefix) :]: value
             for key, value in inner.items()
             if isinstance(key, str) and key.startswith(layout.prefix)
         }
     state_dict = {
-        key: value
-        for key, value in inner.items()
-        if isinstance(key, str) and not key.startswith(layout.drop)
+        key: value for key, value in inner.items() if isinstance(key, str) and not key.startswith(layout.drop)
     }
     if not _is_vit(state_dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
         return None
@@ -234,11 +242,13 @@ def timm_state_dict(raw: object) -> dict[str, torch.Tensor] | None:
     if not isinstance(raw, dict):
         return None
     for inner in (raw, raw.get("state_dict"), raw.get("model")):
-        if isinstance(inner, dict) and inner and all(
-            isinstance(key, str) and torch.is_tensor(value) for key, value in inner.items()
+        if (
+            isinstance(inner, dict)
+            and inner
+            and all(isinstance(key, str) and torch.is_tensor(value) for key, value in inner.items())
         ):
             if all(key.startswith("module.") for key in inner):
-                inner = {key[len("module."):]: value for key, value in inner.items()}
+                inner = {key[len("module.") :]: value for key, value in inner.items()}
             return {key: value for key, value in inner.items() if not key.startswith("head.")}
     return None
 
@@ -263,6 +273,7 @@ def state_dict_mismatch(given: dict[str, torch.Tensor], expected: dict[str, tupl
 
 
 # Architecture.
+
 
 @dataclass(frozen=True)
 class ViTShape:
@@ -290,16 +301,12 @@ def infer_shape(state_dict: dict[str, torch.Tensor], path: str) -> ViTShape:
     depth = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
     if "blocks.0.mlp.fc1.weight" not in state_dict:
         blocks0 = sorted(key for key in state_dict if key.startswith("blocks.0."))
-        raise UnknownCheckpointError(
-            f"{path}: unsupported block layout (no mlp.fc1); block 0 holds {blocks0}"
-        )
+        raise UnknownCheckpointError(f"{path}: unsupported block layout (no mlp.fc1); block 0 holds {blocks0}")
     class_token = "cls_token" in state_dict
     num_patches = state_dict["pos_embed"].shape[1] - int(class_token)
     grid_size = math.isqrt(num_patches)
     if grid_size * grid_size != num_patches:
-        raise UnknownCheckpointError(
-            f"{path}: pos_embed holds {num_patches} patch positions, not a square grid"
-        )
+        raise UnknownCheckpointError(f"{path}: pos_embed holds {num_patches} patch positions, not a square grid")
     registers = state_dict.get("register_tokens")
     return ViTShape(
         embed_dim=embed_dim,

@@ -9,6 +9,7 @@ to Meta's layout by `models.checkpoints`. timm's `Eva` with `rope_type="dinov3"`
 the patch tokens only (base 100, coordinates normalised per axis), no absolute position table, so any
 input size that is a multiple of the patch works; LayerNorm eps 1e-5.
 """
+
 import functools
 from dataclasses import dataclass
 
@@ -52,11 +53,13 @@ def infer_dinov3_shape(state_dict: dict[str, torch.Tensor], path: str) -> DINOv3
     proj = state_dict["patch_embed.proj.weight"]
     if proj.ndim != 4 or proj.shape[2] != proj.shape[3]:
         raise UnknownCheckpointError(
-            f"{path}: patch_embed.proj.weight has shape {list(proj.shape)}, expected [D, 3, p, p]")
+            f"{path}: patch_embed.proj.weight has shape {list(proj.shape)}, expected [D, 3, p, p]"
+        )
     registers = state_dict["storage_tokens"]
     if registers.ndim != 3:
         raise UnknownCheckpointError(
-            f"{path}: storage_tokens has shape {list(registers.shape)}, expected [1, registers, D]")
+            f"{path}: storage_tokens has shape {list(registers.shape)}, expected [1, registers, D]"
+        )
     if "blocks.0.mlp.w1.weight" in state_dict:
         swiglu, hidden = True, state_dict["blocks.0.mlp.w1.weight"].shape[0]
     elif "blocks.0.mlp.fc1.weight" in state_dict:
@@ -64,11 +67,13 @@ def infer_dinov3_shape(state_dict: dict[str, torch.Tensor], path: str) -> DINOv3
     else:
         blocks0 = sorted(key for key in state_dict if key.startswith("blocks.0."))
         raise UnknownCheckpointError(
-            f"{path}: unsupported DINOv3 block layout (neither mlp.fc1 nor mlp.w1); block 0 holds {blocks0}")
+            f"{path}: unsupported DINOv3 block layout (neither mlp.fc1 nor mlp.w1); block 0 holds {blocks0}"
+        )
     periods = state_dict.get("rope_embed.periods")
     if periods is not None and periods.ndim != 1:
         raise UnknownCheckpointError(
-            f"{path}: rope_embed.periods has shape {list(periods.shape)}, expected [D_head / 4]")
+            f"{path}: rope_embed.periods has shape {list(periods.shape)}, expected [D_head / 4]"
+        )
     return DINOv3Shape(
         embed_dim=proj.shape[0],
         depth=len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")}),
@@ -93,12 +98,15 @@ def _num_heads(shape: DINOv3Shape, num_heads: int | None, config: dict, path: st
     width = shape.embed_dim
     if shape.head_dim is not None:
         if not shape.head_dim or width % shape.head_dim:
-            raise UnknownCheckpointError(f"{path}: rope_embed.periods implies heads of {shape.head_dim} channels, "
-                                         f"which do not divide width {width}")
+            raise UnknownCheckpointError(
+                f"{path}: rope_embed.periods implies heads of {shape.head_dim} channels, "
+                f"which do not divide width {width}"
+            )
         heads = width // shape.head_dim
         if num_heads is not None and num_heads != heads:
-            raise InvalidInputError(f"{path}: its RoPE periods fix {heads} heads of {shape.head_dim} channels; "
-                                    f"{num_heads} heads do not fit")
+            raise InvalidInputError(
+                f"{path}: its RoPE periods fix {heads} heads of {shape.head_dim} channels; {num_heads} heads do not fit"
+            )
         return heads
     if num_heads is not None:
         heads = num_heads
@@ -106,22 +114,35 @@ def _num_heads(shape: DINOv3Shape, num_heads: int | None, config: dict, path: st
         heads = int(config.get("num_attention_heads") or dinov3_num_heads(width))
     if heads < 1 or width % heads or (width // heads) % 4:
         raise InvalidInputError(
-            f"{path}: width {width} is not divisible into {heads} heads of a multiple of 4 channels (RoPE)")
+            f"{path}: width {width} is not divisible into {heads} heads of a multiple of 4 channels (RoPE)"
+        )
     return heads
 
 
 def expected_shapes(shape: DINOv3Shape) -> dict[str, tuple[int, ...]]:
     """Every backbone tensor of a Meta-layout file (except the unused ones) and its shape."""
     d, h = shape.embed_dim, shape.mlp_hidden
-    shapes = {"cls_token": (1, 1, d), "storage_tokens": (1, shape.num_registers, d),
-              "patch_embed.proj.weight": (d, 3, shape.patch_size, shape.patch_size), "patch_embed.proj.bias": (d,),
-              "norm.weight": (d,), "norm.bias": (d,)}
+    shapes = {
+        "cls_token": (1, 1, d),
+        "storage_tokens": (1, shape.num_registers, d),
+        "patch_embed.proj.weight": (d, 3, shape.patch_size, shape.patch_size),
+        "patch_embed.proj.bias": (d,),
+        "norm.weight": (d,),
+        "norm.bias": (d,),
+    }
     if shape.head_dim is not None:
         shapes["rope_embed.periods"] = (shape.head_dim // 4,)
     mlp = {"w1": (h, d), "w2": (h, d), "w3": (d, h)} if shape.swiglu else {"fc1": (h, d), "fc2": (d, h)}
     for i in range(shape.depth):
-        block = {"norm1.weight": (d,), "norm1.bias": (d,), "attn.qkv.weight": (3 * d, d),
-                 "attn.proj.weight": (d, d), "attn.proj.bias": (d,), "norm2.weight": (d,), "norm2.bias": (d,)}
+        block = {
+            "norm1.weight": (d,),
+            "norm1.bias": (d,),
+            "attn.qkv.weight": (3 * d, d),
+            "attn.proj.weight": (d, d),
+            "attn.proj.bias": (d,),
+            "norm2.weight": (d,),
+            "norm2.bias": (d,),
+        }
         if shape.qkv_bias:
             block["attn.qkv.bias"] = (3 * d,)
         if shape.layer_scale:
@@ -138,8 +159,9 @@ def _check_tensors(state_dict: dict[str, torch.Tensor], shape: DINOv3Shape, path
     expected.update({key: (3 * shape.embed_dim,) for key in used if key.endswith(".attn.qkv.bias_mask")})
     mismatch = state_dict_mismatch(used, expected)
     if mismatch:
-        raise UnknownCheckpointError(f"{path}: weights do not fit the DINOv3 ViT built from their shapes "
-                                     f"({mismatch}; Meta's key names)")
+        raise UnknownCheckpointError(
+            f"{path}: weights do not fit the DINOv3 ViT built from their shapes ({mismatch}; Meta's key names)"
+        )
 
 
 def _mlp_ratio(hidden: int, width: int) -> float:
@@ -186,8 +208,9 @@ def _materialise_buffers(vit: Eva) -> None:
             module.init_non_persistent_buffers()
 
 
-def load_dinov3(state_dict: dict[str, torch.Tensor], path: str, num_heads: int | None = None,
-                config: dict | None = None) -> Eva:
+def load_dinov3(
+    state_dict: dict[str, torch.Tensor], path: str, num_heads: int | None = None, config: dict | None = None
+) -> Eva:
     """timm DINOv3 holding the weights of a Meta-layout state dict, eval mode, fp32.
 
     config: transformers' config.json of a Hugging Face checkpoint (heads, RoPE base, LayerNorm eps).
@@ -200,8 +223,10 @@ def load_dinov3(state_dict: dict[str, torch.Tensor], path: str, num_heads: int |
     _check_tensors(state_dict, shape, path)
     activation = config.get("hidden_act", "silu" if shape.swiglu else "gelu")
     if activation not in (("silu", "swish") if shape.swiglu else ("gelu",)):
-        raise UnknownCheckpointError(f"{path}: config.json asks for the activation {activation!r}, which DINOv3 "
-                                     f"{'SwiGLU' if shape.swiglu else 'MLP'} blocks do not use")
+        raise UnknownCheckpointError(
+            f"{path}: config.json asks for the activation {activation!r}, which DINOv3 "
+            f"{'SwiGLU' if shape.swiglu else 'MLP'} blocks do not use"
+        )
     eps, rope_base = float(config.get("layer_norm_eps", 1e-5)), float(config.get("rope_theta", 100.0))
     vit = build_dinov3(shape, heads, eps, rope_base)
     prepared, key_biases = {}, {}

@@ -4,6 +4,7 @@ A Hugging Face model folder holds `model.safetensors` (or shards listed by
 `model.safetensors.index.json`) and `config.json`; either the folder or its weights file can be
 given. Nothing here knows the backbone families: it returns what the file holds.
 """
+
 import json
 import os
 import pickle
@@ -98,23 +99,27 @@ def _read_file(path: str) -> object:
     if named_safetensors or _looks_like_safetensors(head, size):
         return read_safetensors(path)
     if not head.startswith((b"PK", b"\x80")):
-        raise UnknownCheckpointError(f"{path}: not a readable PyTorch checkpoint (neither a zip archive nor a pickle; it "
-                                     f"begins with {head[:8]!r})")
+        raise UnknownCheckpointError(
+            f"{path}: not a readable PyTorch checkpoint (neither a zip archive nor a pickle; it "
+            f"begins with {head[:8]!r})"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         pass
     except Exception as exc:  # truncated archives, text files: any failure to read the user's file is bad input
-        raise UnknownCheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or not a weights file "
-                                     f"({first_line(exc)})") from None
+        raise UnknownCheckpointError(
+            f"{path}: not a readable PyTorch checkpoint, truncated or not a weights file ({first_line(exc)})"
+        ) from None
     # Training outputs of the official repositories also pickle non-tensor objects (an
     # argparse Namespace, numpy scalars) that the weights-only unpickler refuses. The file is
     # one the user chose to load as a backbone, so it is unpickled in full.
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise UnknownCheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or not a weights file "
-                                     f"({first_line(exc)})") from None
+        raise UnknownCheckpointError(
+            f"{path}: not a readable PyTorch checkpoint, truncated or not a weights file ({first_line(exc)})"
+        ) from None
 
 
 def _read_json(path: str) -> dict:

@@ -4,6 +4,7 @@ The ViT families trained on web images (DINO, DINOv2, iBOT, MSN, MAE, MoCo v3, D
 expect ImageNet mean/std, Unicom expects CLIP's, and the DINOv3 models pretrained on satellite
 imagery (SAT-493M) expect their own statistics (DINOv3 README, "Image transforms").
 """
+
 import math
 import os
 from collections.abc import Sequence
@@ -76,8 +77,7 @@ def resolve_normalisation(norm, default: tuple[Triple, Triple]) -> tuple[Triple,
         ) from None
     if len(values) != 6 or not all(math.isfinite(v) for v in values) or min(values[3:]) <= 0:
         raise InvalidInputError(
-            f"normalisation {norm!r}: expected six finite numbers (mean R G B, std R G B), "
-            "the std positive"
+            f"normalisation {norm!r}: expected six finite numbers (mean R G B, std R G B), the std positive"
         )
     return tuple(values[:3]), tuple(values[3:])
 

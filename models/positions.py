@@ -5,8 +5,9 @@ the target h x w grid, [1, h*w, D], row-major. The rules differ in ways that cha
 (an offset in the scale factor, antialiasing, one factor for both axes, regeneration instead of
 resampling), so each family keeps its own.
 """
+
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -63,12 +64,10 @@ def interpolate_msn(table: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """
     side = math.isqrt(table.shape[1])
     if h == w:
-        scale_h = scale_w = math.sqrt(h * w / side ** 2)
+        scale_h = scale_w = math.sqrt(h * w / side**2)
     else:
         scale_h, scale_w = h / side, w / side
-    grid = torch.ops.aten.upsample_bicubic2d.default(
-        _table_to_grid(table), [h, w], False, scale_h, scale_w
-    )
+    grid = torch.ops.aten.upsample_bicubic2d.default(_table_to_grid(table), [h, w], False, scale_h, scale_w)
     return _grid_to_table(grid)
 
 
@@ -86,15 +85,11 @@ def interpolate_size(table: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
     table: [1, M*M, D] -> [1, h*w, D]
     """
-    grid = F.interpolate(
-        _table_to_grid(table), size=(h, w), mode="bicubic", align_corners=False
-    )
+    grid = F.interpolate(_table_to_grid(table), size=(h, w), mode="bicubic", align_corners=False)
     return _grid_to_table(grid)
 
 
-def sincos_2d_position_embedding(
-    h: int, w: int, dim: int, temperature: float = 10000.0
-) -> torch.Tensor:
+def sincos_2d_position_embedding(h: int, w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
     """MoCo v3's fixed 2-D sin-cos table for an h x w grid, without the CLS slot.
 
     Keeps the official `meshgrid(grid_w, grid_h)` ("ij") order: flat token m gets the pair
@@ -141,9 +136,7 @@ def position_rule(family: str, num_registers: int) -> str:
     return {"msn": "msn", "mocov3": "sincos", "unicom": "size"}.get(family, "offset")
 
 
-def interpolate_position_embedding(
-    table: torch.Tensor, h: int, w: int, rule: str
-) -> torch.Tensor:
+def interpolate_position_embedding(table: torch.Tensor, h: int, w: int, rule: str) -> torch.Tensor:
     """Patch position table of the native M x M grid for an h x w grid by `rule`.
 
     No interpolation at the native grid. table: [1, M*M, D] -> [1, h*w, D]

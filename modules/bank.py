@@ -60,9 +60,7 @@ class ConceptBank(nn.Module):
         return kept[(concept_idx[kept] * rows + kept).argsort()]
 
     @torch.no_grad()
-    def update(
-        self, concept_idx: torch.Tensor, feats: torch.Tensor, generator: torch.Generator | None = None
-    ) -> None:
+    def update(self, concept_idx: torch.Tensor, feats: torch.Tensor, generator: torch.Generator | None = None) -> None:
         """Append a random ⌊keep_ratio·n⌋ of each concept's n vectors, dropping the oldest.
 
         concept_idx: LongTensor [M] in [0, K), feats: [M, dim]. Kept vectors are appended in
@@ -115,8 +113,12 @@ class ConceptBank(nn.Module):
         The module's ``state_dict`` stays empty.
         """
         concepts, slot = self._filled()
-        return {"feats": self.storage[concepts, slot].cpu(), "concept_idx": concepts.cpu(), "slot": slot.cpu(),
-                "heads": self.heads.cpu()}
+        return {
+            "feats": self.storage[concepts, slot].cpu(),
+            "concept_idx": concepts.cpu(),
+            "slot": slot.cpu(),
+            "heads": self.heads.cpu(),
+        }
 
     @torch.no_grad()
     def load_state(self, state: dict) -> None:
@@ -125,8 +127,10 @@ class ConceptBank(nn.Module):
         slot = state["slot"].to(self.counts.device)
         feats = state["feats"]
         if concepts.dim() != 1 or slot.shape != concepts.shape or feats.shape != (concepts.shape[0], self.dim):
-            raise ValueError(f"a bank state needs feats [S, {self.dim}], concept_idx [S] and slot [S], got "
-                             f"{tuple(feats.shape)}, {tuple(concepts.shape)} and {tuple(slot.shape)}")
+            raise ValueError(
+                f"a bank state needs feats [S, {self.dim}], concept_idx [S] and slot [S], got "
+                f"{tuple(feats.shape)}, {tuple(concepts.shape)} and {tuple(slot.shape)}"
+            )
         if concepts.numel() and not 0 <= int(concepts.min()) <= int(concepts.max()) < self.num_concepts:
             raise ValueError(f"bank state concept indices must lie in [0, {self.num_concepts})")
         if slot.numel() and not 0 <= int(slot.min()) <= int(slot.max()) < self.capacity:

@@ -65,14 +65,14 @@ def sliding_window_scores(img: torch.Tensor, window: int, stride: int, score_fn,
     total = None
     count = torch.zeros(height, width, device=img.device)
     for first in range(0, len(corners), batch_size):
-        chunk = corners[first:first + batch_size]
-        windows = torch.stack([img[:, y:y + window, x:x + window] for y, x in chunk])
+        chunk = corners[first : first + batch_size]
+        windows = torch.stack([img[:, y : y + window, x : x + window] for y, x in chunk])
         scores = score_fn(windows).float()
         if total is None:
             total = torch.zeros(scores.shape[1], height, width, device=img.device)
         for (y, x), score in zip(chunk, scores):
-            total[:, y:y + window, x:x + window] += score
-            count[y:y + window, x:x + window] += 1
+            total[:, y : y + window, x : x + window] += score
+            count[y : y + window, x : x + window] += 1
     return total / count
 
 
@@ -84,7 +84,7 @@ def upsample_argmax(scores: torch.Tensor, size: tuple[int, int], chunk: int = 8)
     """
     best_value = best_index = None
     for first in range(0, scores.shape[0], chunk):
-        part = F.interpolate(scores[None, first:first + chunk], size=size, mode="bilinear", align_corners=False)[0]
+        part = F.interpolate(scores[None, first : first + chunk], size=size, mode="bilinear", align_corners=False)[0]
         value, index = part.max(dim=0)
         index += first
         if best_value is None:

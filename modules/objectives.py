@@ -20,6 +20,7 @@ _MODULARITY_CHUNK = 1 << 24
 
 # -- modularity (SPEC §3) ----------------------------------------------------------------------
 
+
 class _MaxTanhComembership(torch.autograd.Function):
     """Δ_ij = max_k tanh(S_ik S_jk / τ) computed over concept chunks.
 
@@ -38,7 +39,7 @@ class _MaxTanhComembership(torch.autograd.Function):
         delta = assignment.new_full((batch, tokens, tokens), -math.inf)
         argmax = torch.zeros((batch, tokens, tokens), dtype=torch.long, device=assignment.device)
         for start in range(0, concepts, chunk_size):
-            chunk = by_concept[:, start:start + chunk_size]
+            chunk = by_concept[:, start : start + chunk_size]
             values, index = torch.tanh(chunk.unsqueeze(3) * chunk.unsqueeze(2) / temp).max(dim=1)
             better = (values > delta) | (values.isnan() & ~delta.isnan())
             delta = torch.where(better, values, delta)
@@ -162,8 +163,12 @@ def _row_statistics(
     # Σ of the normalised keys of each concept: one sparse [K+1, S] × [S, E] product, which
     # reads the keys once and copies none of them. Its indices are valid by construction, so
     # torch's pass checking them is skipped.
-    membership = torch.sparse_coo_tensor(torch.stack([key_cols, torch.arange(keys.shape[0], device=keys.device)]),
-                                         inv_norm, (columns, keys.shape[0]), check_invariants=False)
+    membership = torch.sparse_coo_tensor(
+        torch.stack([key_cols, torch.arange(keys.shape[0], device=keys.device)]),
+        inv_norm,
+        (columns, keys.shape[0]),
+        check_invariants=False,
+    )
     key_sums = torch.sparse.mm(membership, keys)
     key_counts = torch.bincount(key_cols, minlength=columns).to(dtype)
     positive_rows = positive_table[anchor_rows].to(dtype)
@@ -214,8 +219,18 @@ class _ContrastiveLoss(torch.autograd.Function):
         counts, numerators, grads = [], [], []
         for keys, key_cols, self_excluded in key_sets:
             chunk_rows = max(1, chunk_elements // max(1, keys.shape[0]))
-            n, row_loss, grad = _row_statistics(student, keys, key_cols, anchor_rows, positive_table,
-                                                negative_table, self_excluded, temp, chunk_rows, need_grad)
+            n, row_loss, grad = _row_statistics(
+                student,
+                keys,
+                key_cols,
+                anchor_rows,
+                positive_table,
+                negative_table,
+                self_excluded,
+                temp,
+                chunk_rows,
+                need_grad,
+            )
             counts.append(n.view(batch, tokens).sum(dim=1))
             numerators.append(row_loss.view(batch, tokens).sum(dim=1))
             grads.append(grad)
@@ -294,12 +309,21 @@ def front_door_loss(
         if bank_feats.shape[0]:
             bank_idx = bank_idx.to(proj.device)
             if int(bank_idx.max()) >= num_concepts:
-                raise ValueError(f"bank concept indices must be < {num_concepts} (the codebook size), "
-                                 f"got {int(bank_idx.max())}")
+                raise ValueError(
+                    f"bank concept indices must be < {num_concepts} (the codebook size), got {int(bank_idx.max())}"
+                )
             bank_cols = torch.where(bank_idx < 0, torch.full_like(bank_idx, num_concepts), bank_idx)
             key_sets.append((bank_feats.detach().to(device=proj.device, dtype=dtype), bank_cols, False))
-        return _ContrastiveLoss.apply(student, key_sets, anchor_rows, positive_table, negative_table, batch, temp,
-                                      chunk_elements or _CHUNK_ELEMENTS)
+        return _ContrastiveLoss.apply(
+            student,
+            key_sets,
+            anchor_rows,
+            positive_table,
+            negative_table,
+            batch,
+            temp,
+            chunk_elements or _CHUNK_ELEMENTS,
+        )
 
 
 def probe_loss(segment, teacher_feats, label, n_classes, detach=True):
@@ -311,8 +335,11 @@ def probe_loss(segment, teacher_feats, label, n_classes, detach=True):
     """
     logits = tokens_to_image(segment.linear(teacher_feats.detach() if detach else teacher_feats))
     loss, n_correct, n_counted = linear_probe_loss(logits, label, n_classes)
-    return {"loss_linear": loss, "probe_acc": 100.0 * float(n_correct) / max(1, int(n_counted)),
-            "n_counted": int(n_counted)}
+    return {
+        "loss_linear": loss,
+        "probe_acc": 100.0 * float(n_correct) / max(1, int(n_counted)),
+        "n_counted": int(n_counted),
+    }
 
 
 def mediator_loss(codebook, tokens, grid=True, generator=None, temp=0.1):
@@ -322,8 +349,9 @@ def mediator_loss(codebook, tokens, grid=True, generator=None, temp=0.1):
     return modularity_loss(codebook, tokens.detach(), temp=temp)
 
 
-def front_door_step(segment, tokens, label, codebook, bank, n_classes, grid=True, generator=None,
-                    temp=0.07, pos=0.3, neg=0.1):
+def front_door_step(
+    segment, tokens, label, codebook, bank, n_classes, grid=True, generator=None, temp=0.07, pos=0.3, neg=0.1
+):
     """Stage 2 losses for one batch (SPEC §5 "One training step", steps 2-4).
 
     segment: a SegmentMLP or SegmentTR (its ``contrastive_views`` says where the grid sampling
@@ -333,6 +361,7 @@ def front_door_step(segment, tokens, label, codebook, bank, n_classes, grid=True
     update needs afterwards: ``sampled_tokens`` [B, P, D] and
     ``teacher_proj`` [B, P, E].
     """
+
     def sample(x, order=None):
         return grid_sample_tokens(x, order=order, generator=generator) if grid else (x, None)
 
@@ -341,11 +370,17 @@ def front_door_step(segment, tokens, label, codebook, bank, n_classes, grid=True
         bank_feats, bank_idx = proj.new_zeros(0, proj.shape[-1]), torch.zeros(0, dtype=torch.long, device=proj.device)
     else:
         bank_feats, bank_idx = bank.loss_keys()
-    loss_front = front_door_loss(sampled, proj, proj_ema.detach(), codebook, bank_feats, bank_idx,
-                                 temp=temp, pos=pos, neg=neg)
+    loss_front = front_door_loss(
+        sampled, proj, proj_ema.detach(), codebook, bank_feats, bank_idx, temp=temp, pos=pos, neg=neg
+    )
     probe = probe_loss(segment, teacher_feats, label, n_classes)
-    return {"loss": loss_front + probe["loss_linear"], "loss_front": loss_front, **probe,
-            "sampled_tokens": sampled.detach(), "teacher_proj": proj_ema.detach()}
+    return {
+        "loss": loss_front + probe["loss_linear"],
+        "loss_front": loss_front,
+        **probe,
+        "sampled_tokens": sampled.detach(),
+        "teacher_proj": proj_ema.detach(),
+    }
 
 
 def update_bank(bank, codebook, sampled_tokens, teacher_proj, generator=None):
@@ -354,8 +389,9 @@ def update_bank(bank, codebook, sampled_tokens, teacher_proj, generator=None):
     bank.update(concept_idx, teacher_proj.reshape(-1, teacher_proj.shape[-1]), generator=generator)
 
 
-def fine_tuning_step(segment, cluster_probe, tokens, label, n_classes, grid=True, generator=None,
-                     reference=True, temp=0.1):
+def fine_tuning_step(
+    segment, cluster_probe, tokens, label, n_classes, grid=True, generator=None, reference=True, temp=0.1
+):
     """Stage 3 losses (SPEC §6): modularity of the teacher features against the cluster probe.
 
     cluster_probe: [C, r]; tokens: [B, N, D]. The teacher head runs in train mode (dropout on).

@@ -8,6 +8,7 @@ and parameter names follow the released CAUSE checkpoints, so those load with
 Tokens are `[B, N, D]` on a square, row-major `h x w` grid (`h = w = sqrt(N)`); every 1x1
 convolution acts on the `[B, D, h, w]` image of the tokens.
 """
+
 import math
 
 import torch
@@ -227,8 +228,9 @@ class SegmentBase(nn.Module):
 class SegmentMLP(SegmentBase):
     """The MLP segmentation head of CAUSE: backbone tokens [B, N, dim] -> features [B, N, reduced_dim]."""
 
-    def __init__(self, dim: int, reduced_dim: int = 90, projection_dim: int = 2048, n_classes: int = 27,
-                 dropout: float = 0.1):
+    def __init__(
+        self, dim: int, reduced_dim: int = 90, projection_dim: int = 2048, n_classes: int = 27, dropout: float = 0.1
+    ):
         super().__init__()
         self.build(lambda: HeadMLP(dim, reduced_dim, dropout), reduced_dim, projection_dim, n_classes)
 
@@ -252,8 +254,15 @@ class SegmentTR(SegmentBase):
     needs_codebook = True
     fixed_grid = True
 
-    def __init__(self, dim: int, reduced_dim: int = 90, projection_dim: int = 2048, n_classes: int = 27,
-                 num_queries: int = 400, dropout: float = 0.1):
+    def __init__(
+        self,
+        dim: int,
+        reduced_dim: int = 90,
+        projection_dim: int = 2048,
+        n_classes: int = 27,
+        num_queries: int = 400,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         self.build(lambda: HeadTR(dim, reduced_dim, num_queries, dropout), reduced_dim, projection_dim, n_classes)
 

@@ -5,12 +5,12 @@ random tensors scaled so that every part of the network (position table, CLS, re
 layer scale) visibly changes the output tokens. The DINOv3 helpers build tiny models with
 timm's own DINOv3 definitions and write them in Meta's and in Hugging Face's layout.
 """
+
 import argparse
 import json
 import math
 import re
 from pathlib import Path
-from typing import Dict
 
 import torch
 
@@ -24,12 +24,10 @@ def official_sincos_table(h: int, w: int, dim: int, temperature: float = 10000.0
     grid_w, grid_h = torch.meshgrid(grid_w, grid_h, indexing="ij")
     pos_dim = dim // 4
     omega = torch.arange(pos_dim, dtype=torch.float32) / pos_dim
-    omega = 1.0 / (temperature ** omega)
+    omega = 1.0 / (temperature**omega)
     out_w = torch.einsum("m,d->md", [grid_w.flatten(), omega])
     out_h = torch.einsum("m,d->md", [grid_h.flatten(), omega])
-    return torch.cat(
-        [torch.sin(out_w), torch.cos(out_w), torch.sin(out_h), torch.cos(out_h)], dim=1
-    )[None, :, :]
+    return torch.cat([torch.sin(out_w), torch.cos(out_w), torch.sin(out_h), torch.cos(out_h)], dim=1)[None, :, :]
 
 
 def _linear(gen, prefix, fan_out, fan_in, bias=True):
@@ -65,7 +63,7 @@ def vit_tensors(
     class_token: bool = True,
     qkv_bias: bool = True,
     layer_scale: bool = False,
-) -> Dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor]:
     """Backbone tensors under the DINO/timm key names (no container, no prefix)."""
     d = embed_dim
     tensors = {}
@@ -73,9 +71,7 @@ def vit_tensors(
         tensors["cls_token"] = 0.5 * torch.randn(1, 1, d, generator=gen)
     tensors["pos_embed"] = 0.5 * torch.randn(1, grid * grid + int(class_token), d, generator=gen)
     fan_in = 3 * patch_size * patch_size
-    tensors["patch_embed.proj.weight"] = (
-        torch.randn(d, 3, patch_size, patch_size, generator=gen) / math.sqrt(fan_in)
-    )
+    tensors["patch_embed.proj.weight"] = torch.randn(d, 3, patch_size, patch_size, generator=gen) / math.sqrt(fan_in)
     tensors["patch_embed.proj.bias"] = 0.1 * torch.randn(d, generator=gen)
     for i in range(depth):
         block = f"blocks.{i}"
@@ -92,7 +88,7 @@ def vit_tensors(
     return tensors
 
 
-def _prefixed(prefix: str, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def _prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {prefix + key: value for key, value in tensors.items()}
 
 
@@ -144,6 +140,7 @@ def make_checkpoint_object(
         model.update(_linear(gen, "decoder_pred", patch_size * patch_size * 3, 32))
         return {"model": model, "epoch": 799, "args": argparse.Namespace(model="mae_vit_tiny")}
     if family == "msn":
+
         def encoder():
             tensors = backbone()
             tensors.update(_linear(gen, "fc.fc1", 64, d))
@@ -162,11 +159,10 @@ def make_checkpoint_object(
             "lr": 0.001,
         }
     if family == "mocov3":
+
         def encoder():
             tensors = backbone()
-            tensors["pos_embed"] = torch.cat(
-                [torch.zeros(1, 1, d), official_sincos_table(grid, grid, d)], dim=1
-            )
+            tensors["pos_embed"] = torch.cat([torch.zeros(1, 1, d), official_sincos_table(grid, grid, d)], dim=1)
             tensors.update(_linear(gen, "head.0", 64, d, bias=False))
             tensors.update(_batch_norm(gen, "head.1", 64))
             tensors.update(_linear(gen, "head.3", 32, 64, bias=False))
@@ -187,10 +183,7 @@ def make_checkpoint_object(
     tensors.update(_batch_norm(gen, "feature.1", d))
     tensors.update(_linear(gen, "feature.2", d, d, bias=False))
     tensors.update(_batch_norm(gen, "feature.3", d))
-    return {
-        key: value.half() if value.is_floating_point() else value
-        for key, value in tensors.items()
-    }
+    return {key: value.half() if value.is_floating_point() else value for key, value in tensors.items()}
 
 
 def make_fake_checkpoint(path, family: str, **sizes) -> Path:
@@ -206,15 +199,30 @@ def make_fake_checkpoint(path, family: str, **sizes) -> Path:
 
 # DINOv3: tiny models built with timm's own DINOv3 definitions, written in Meta's and Hugging Face's layouts.
 
-def make_dinov3_timm(arch: str = "vit_small_patch16_dinov3", embed_dim: int = 128, num_heads: int = 2,
-                     depth: int = 2, seed: int = 0, **overrides):
+
+def make_dinov3_timm(
+    arch: str = "vit_small_patch16_dinov3",
+    embed_dim: int = 128,
+    num_heads: int = 2,
+    depth: int = 2,
+    seed: int = 0,
+    **overrides,
+):
     """A tiny timm DINOv3 (Eva, 4 registers) from one of timm's DINOv3 definitions (e.g.
     vit_small_plus_patch16_dinov3 for SwiGLU), with random weights that all visibly matter."""
     import timm
 
     with torch.random.fork_rng(devices=[]):
-        model = timm.create_model(arch, pretrained=False, num_classes=0, global_pool="", embed_dim=embed_dim,
-                                  num_heads=num_heads, depth=depth, **overrides)
+        model = timm.create_model(
+            arch,
+            pretrained=False,
+            num_classes=0,
+            global_pool="",
+            embed_dim=embed_dim,
+            num_heads=num_heads,
+            depth=depth,
+            **overrides,
+        )
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -230,7 +238,7 @@ def make_dinov3_timm(arch: str = "vit_small_patch16_dinov3", embed_dim: int = 12
     return model.eval()
 
 
-def timm_dinov3_to_meta(model, masked_key_bias: bool = True, seed: int = 1) -> Dict[str, torch.Tensor]:
+def timm_dinov3_to_meta(model, masked_key_bias: bool = True, seed: int = 1) -> dict[str, torch.Tensor]:
     """Meta's key layout of a timm DINOv3: storage_tokens, rope_embed.periods, attn.qkv.bias with a
     random key part that bias_mask zeroes (as Meta's LinearKMaskedBias does), mask_token, w1/w2/w3."""
     gen = torch.Generator().manual_seed(seed)
@@ -256,7 +264,7 @@ def timm_dinov3_to_meta(model, masked_key_bias: bool = True, seed: int = 1) -> D
     return out
 
 
-def meta_dinov3_to_hf(meta: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def meta_dinov3_to_hf(meta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers' DINOv3ViTModel layout of Meta's tensors (q, k, v split; no key bias)."""
     d = meta["cls_token"].shape[-1]
     out = {
@@ -274,12 +282,15 @@ def meta_dinov3_to_hf(meta: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     for i in range(depth):
         src, dst = f"blocks.{i}.", f"layer.{i}."
         for part in ("norm1", "norm2"):
-            out[f"{dst}{part}.weight"], out[f"{dst}{part}.bias"] = meta[f"{src}{part}.weight"], meta[f"{src}{part}.bias"]
+            out[f"{dst}{part}.weight"], out[f"{dst}{part}.bias"] = (
+                meta[f"{src}{part}.weight"],
+                meta[f"{src}{part}.bias"],
+            )
         for j, name in enumerate("qkv"):
-            out[f"{dst}attention.{name}_proj.weight"] = meta[f"{src}attn.qkv.weight"][j * d:(j + 1) * d]
+            out[f"{dst}attention.{name}_proj.weight"] = meta[f"{src}attn.qkv.weight"][j * d : (j + 1) * d]
         if f"{src}attn.qkv.bias" in meta:
             out[f"{dst}attention.q_proj.bias"] = meta[f"{src}attn.qkv.bias"][:d]
-            out[f"{dst}attention.v_proj.bias"] = meta[f"{src}attn.qkv.bias"][2 * d:]
+            out[f"{dst}attention.v_proj.bias"] = meta[f"{src}attn.qkv.bias"][2 * d :]
         out[f"{dst}attention.o_proj.weight"] = meta[f"{src}attn.proj.weight"]
         out[f"{dst}attention.o_proj.bias"] = meta[f"{src}attn.proj.bias"]
         out[f"{dst}layer_scale1.lambda1"] = meta[f"{src}ls1.gamma"]
@@ -290,24 +301,37 @@ def meta_dinov3_to_hf(meta: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {key: value.contiguous() for key, value in out.items()}
 
 
-def hf_dinov3_config(meta: Dict[str, torch.Tensor], num_heads: int) -> dict:
+def hf_dinov3_config(meta: dict[str, torch.Tensor], num_heads: int) -> dict:
     """The config.json transformers writes beside the weights (the fields DINOv3ViTModel reads)."""
     gated = "blocks.0.mlp.w1.weight" in meta
     hidden = meta["blocks.0.mlp.w1.weight" if gated else "blocks.0.mlp.fc1.weight"].shape[0]
     qkv_bias = "blocks.0.attn.qkv.bias" in meta
     return {
-        "architectures": ["DINOv3ViTModel"], "model_type": "dinov3_vit",
-        "hidden_size": meta["cls_token"].shape[-1], "num_attention_heads": num_heads,
+        "architectures": ["DINOv3ViTModel"],
+        "model_type": "dinov3_vit",
+        "hidden_size": meta["cls_token"].shape[-1],
+        "num_attention_heads": num_heads,
         "num_hidden_layers": len({key.split(".")[1] for key in meta if key.startswith("blocks.")}),
-        "intermediate_size": hidden, "use_gated_mlp": gated, "hidden_act": "silu" if gated else "gelu",
-        "layer_norm_eps": 1e-5, "rope_theta": 100.0, "num_register_tokens": meta["storage_tokens"].shape[1],
-        "patch_size": meta["patch_embed.proj.weight"].shape[-1], "image_size": 224, "num_channels": 3,
-        "query_bias": qkv_bias, "key_bias": False, "value_bias": qkv_bias, "proj_bias": True, "mlp_bias": True,
-        "layerscale_value": 1.0, "pos_embed_rescale": 2.0,
+        "intermediate_size": hidden,
+        "use_gated_mlp": gated,
+        "hidden_act": "silu" if gated else "gelu",
+        "layer_norm_eps": 1e-5,
+        "rope_theta": 100.0,
+        "num_register_tokens": meta["storage_tokens"].shape[1],
+        "patch_size": meta["patch_embed.proj.weight"].shape[-1],
+        "image_size": 224,
+        "num_channels": 3,
+        "query_bias": qkv_bias,
+        "key_bias": False,
+        "value_bias": qkv_bias,
+        "proj_bias": True,
+        "mlp_bias": True,
+        "layerscale_value": 1.0,
+        "pos_embed_rescale": 2.0,
     }
 
 
-def save_hf_dinov3(folder, meta: Dict[str, torch.Tensor], num_heads: int, config: bool = True) -> Path:
+def save_hf_dinov3(folder, meta: dict[str, torch.Tensor], num_heads: int, config: bool = True) -> Path:
     """A Hugging Face model folder: model.safetensors (+ config.json); returns the folder."""
     from safetensors.torch import save_file
 

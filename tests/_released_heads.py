@@ -23,8 +23,11 @@ def write_released_heads(folder, head, seed=0):
         segment = SegmentTR(WIDTH, REDUCED, PROJECTION, CLASSES, num_queries=(RESOLUTION // 8) ** 2)
     else:
         segment = SegmentMLP(WIDTH, REDUCED, PROJECTION, CLASSES)
-    paths = {"segment": folder / f"segment_{head}.pth", "cluster": folder / f"cluster_{head}.pth",
-             "codebook": folder / "modular.npy"}
+    paths = {
+        "segment": folder / f"segment_{head}.pth",
+        "cluster": folder / f"cluster_{head}.pth",
+        "codebook": folder / "modular.npy",
+    }
     torch.save(segment.state_dict(), paths["segment"])
     torch.save(Cluster(WIDTH, REDUCED, CODEBOOK, CLASSES).state_dict(), paths["cluster"])
     np.save(paths["codebook"], np.random.default_rng(seed).standard_normal((CODEBOOK, WIDTH)).astype(np.float32))
@@ -33,9 +36,38 @@ def write_released_heads(folder, head, seed=0):
 
 def head_flags(ckpt, head, paths, out):
     """Flags that build the networks of :func:`write_released_heads` and load them by path."""
-    return ["--dataset", "folder", "--n_classes", str(CLASSES), "--ckpt", ckpt, "--head", head,
-            "--num_codebook", str(CODEBOOK), "--projection_dim", str(PROJECTION), "--reduced_dim", str(REDUCED),
-            "--train_resolution", str(RESOLUTION), "--test_resolution", str(RESOLUTION), "--batch_size", "4",
-            "--num_workers", "0", "--gpu", "0", "--cpu", "--out", str(out),
-            "--segment", str(paths["segment"]), "--cluster", str(paths["cluster"]),
-            "--codebook", str(paths["codebook"])]
+    return [
+        "--dataset",
+        "folder",
+        "--n_classes",
+        str(CLASSES),
+        "--ckpt",
+        ckpt,
+        "--head",
+        head,
+        "--num_codebook",
+        str(CODEBOOK),
+        "--projection_dim",
+        str(PROJECTION),
+        "--reduced_dim",
+        str(REDUCED),
+        "--train_resolution",
+        str(RESOLUTION),
+        "--test_resolution",
+        str(RESOLUTION),
+        "--batch_size",
+        "4",
+        "--num_workers",
+        "0",
+        "--gpu",
+        "0",
+        "--cpu",
+        "--out",
+        str(out),
+        "--segment",
+        str(paths["segment"]),
+        "--cluster",
+        str(paths["cluster"]),
+        "--codebook",
+        str(paths["codebook"]),
+    ]

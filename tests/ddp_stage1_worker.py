@@ -21,8 +21,17 @@ from utils.distributed import all_reduce_mean, leave, setup
 def main(ckpt, image_dir, label_dir, batch_size, out):
     info = setup("0", use_cpu=True)
     backbone = load_backbone(ckpt)
-    data = build_dataset("folder", None, "train", 64, mean=backbone.mean, std=backbone.std, n_classes=6,
-                         image_dir=image_dir, label_dir=label_dir)
+    data = build_dataset(
+        "folder",
+        None,
+        "train",
+        64,
+        mean=backbone.mean,
+        std=backbone.std,
+        n_classes=6,
+        image_dir=image_dir,
+        label_dir=label_dir,
+    )
     loader, _ = make_loader(data, info, int(batch_size), 0, shuffle=False, drop_last=True)
     torch.manual_seed(0)
     codebook = torch.nn.Parameter(init_codebook(16, backbone.embed_dim))

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from utils.distributed import all_reduce_mean, leave, setup
 from engine.loop import Trainer
+from utils.distributed import all_reduce_mean, leave, setup
 
 OVERFLOW_STEP = 1
 OVERFLOW_RANK = 1
@@ -19,15 +19,16 @@ def overflow_worker(rank, world, port, out_dir):
 
     Writes ``rank<r>.pt`` with the final parameters, the loss scale and which steps were taken.
     """
-    os.environ.update(CAUSE_SPAWN_RANK=str(rank), CAUSE_SPAWN_WORLD=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        CAUSE_SPAWN_RANK=str(rank), CAUSE_SPAWN_WORLD=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     info = setup("0", use_cpu=True)
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     stage = Trainer("overflow", info, out_dir, epochs=1, max_steps=None, save_every=0, amp=False, flags={}, shared={})
     # A CPU loss scaler stands in for the CUDA one: the skip logic is the same.
-    stage.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    stage.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     data = torch.Generator().manual_seed(rank + 1)
     stepped = []
     for step in range(4):
@@ -35,8 +36,15 @@ def overflow_worker(rank, world, port, out_dir):
         if step == OVERFLOW_STEP and rank == OVERFLOW_RANK:
             loss = loss * float("inf")
         stepped.append(stage.step(loss, [optimizer], list(model.parameters())))
-    torch.save({"params": [p.detach().clone() for p in model.parameters()], "scale": stage.scaler.get_scale(),
-                "stepped": stepped, "skipped": stage.skipped_steps}, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save(
+        {
+            "params": [p.detach().clone() for p in model.parameters()],
+            "scale": stage.scaler.get_scale(),
+            "stepped": stepped,
+            "skipped": stage.skipped_steps,
+        },
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
     leave()
 
 

@@ -35,10 +35,10 @@ def official_tensors(path, family):
     elif family == "mae":
         tensors = dict(raw["model"])
     elif family == "msn":
-        tensors = {k[len("module."):]: v for k, v in raw["target_encoder"].items()}
+        tensors = {k[len("module.") :]: v for k, v in raw["target_encoder"].items()}
     elif family == "mocov3":
         prefix = "module.base_encoder."
-        tensors = {k[len(prefix):]: v for k, v in raw["state_dict"].items() if k.startswith(prefix)}
+        tensors = {k[len(prefix) :]: v for k, v in raw["state_dict"].items() if k.startswith(prefix)}
     else:
         tensors = dict(raw)
     return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
@@ -54,7 +54,7 @@ def reference_patch_positions(patch_pos, h, w, family, num_registers):
         return official_sincos_table(h, w, d)
     grid = patch_pos.reshape(1, m, m, d).permute(0, 3, 1, 2)
     if family == "msn" and h == w:
-        grid = F.interpolate(grid, scale_factor=math.sqrt(h * w / m ** 2), mode="bicubic")
+        grid = F.interpolate(grid, scale_factor=math.sqrt(h * w / m**2), mode="bicubic")
     elif family == "msn":
         grid = F.interpolate(grid, scale_factor=(h / m, w / m), mode="bicubic")
     elif family == "dinov2" and num_registers:
@@ -84,7 +84,7 @@ def reference_tokens(t, family, img, num_heads, num_registers=0):
     x = x.flatten(2).transpose(1, 2)
     has_cls = "cls_token" in t
     pos = t["pos_embed"]
-    x = x + reference_patch_positions(pos[:, int(has_cls):], h, w, family, num_registers)
+    x = x + reference_patch_positions(pos[:, int(has_cls) :], h, w, family, num_registers)
     prefix = []
     if has_cls:
         prefix.append((t["cls_token"] + pos[:, :1]).expand(b, -1, -1))
@@ -100,11 +100,14 @@ def reference_tokens(t, family, img, num_heads, num_registers=0):
         y = reference_attention(y, t, f"{blk}.attn", num_heads)
         x = x + y * t.get(f"{blk}.ls1.gamma", torch.ones(d))
         y = F.layer_norm(x, (d,), t[f"{blk}.norm2.weight"], t[f"{blk}.norm2.bias"], eps)
-        y = F.linear(act(F.linear(y, t[f"{blk}.mlp.fc1.weight"], t[f"{blk}.mlp.fc1.bias"])),
-                     t[f"{blk}.mlp.fc2.weight"], t[f"{blk}.mlp.fc2.bias"])
+        y = F.linear(
+            act(F.linear(y, t[f"{blk}.mlp.fc1.weight"], t[f"{blk}.mlp.fc1.bias"])),
+            t[f"{blk}.mlp.fc2.weight"],
+            t[f"{blk}.mlp.fc2.bias"],
+        )
         x = x + y * t.get(f"{blk}.ls2.gamma", torch.ones(d))
     x = F.layer_norm(x, (d,), t["norm.weight"], t["norm.bias"], eps)
-    return x[:, int(has_cls) + num_registers:]
+    return x[:, int(has_cls) + num_registers :]
 
 
 # (family, fixture kwargs, expected heads, non-native input size (H, W))
@@ -120,8 +123,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("family,kwargs,heads,size", CASES,
-                         ids=[f"{c[0]}-reg{c[1].get('num_registers', 0)}" for c in CASES])
+@pytest.mark.parametrize(
+    "family,kwargs,heads,size", CASES, ids=[f"{c[0]}-reg{c[1].get('num_registers', 0)}" for c in CASES]
+)
 def test_official_layout_loads_and_matches_reference(tmp_path, family, kwargs, heads, size):
     path = make_fake_checkpoint(tmp_path / f"{family}.pth", family, **kwargs)
     model = load_backbone(path)
@@ -157,7 +161,7 @@ def test_msn_square_non_native_uses_single_sqrt_factor(tmp_path):
 def test_msn_official_factor_flooring_short_still_gives_full_grid():
     # M = 14, h = w = 29: the official factor sqrt(29^2 / 14^2) makes F.interpolate return 28x28.
     table = torch.randn(1, 14 * 14, 4, generator=torch.Generator().manual_seed(3))
-    factor = math.sqrt(29 * 29 / 14 ** 2)
+    factor = math.sqrt(29 * 29 / 14**2)
     grid = table.reshape(1, 14, 14, 4).permute(0, 3, 1, 2)
     assert F.interpolate(grid, scale_factor=factor, mode="bicubic").shape[-1] == 28
     out = interpolate_position_embedding(table, 29, 29, "msn")
@@ -169,13 +173,15 @@ def test_msn_official_factor_flooring_short_still_gives_full_grid():
 
 def test_position_rules_are_distinguishable():
     table = torch.randn(1, 16, 8, generator=torch.Generator().manual_seed(4))
-    outs = {rule: interpolate_position_embedding(table, 3, 6, rule)
-            for rule in ("offset", "msn", "antialias", "size", "sincos")}
+    outs = {
+        rule: interpolate_position_embedding(table, 3, 6, rule)
+        for rule in ("offset", "msn", "antialias", "size", "sincos")
+    }
     # MSN's factor h/M reproduces size=(h, w) sampling up to the rounding of the factor.
     torch.testing.assert_close(outs.pop("msn"), outs["size"])
     rules = list(outs)
     for i, a in enumerate(rules):
-        for b in rules[i + 1:]:
+        for b in rules[i + 1 :]:
             assert (outs[a] - outs[b]).abs().max() > 1e-3, (a, b)
     assert interpolate_position_embedding(table, 4, 4, "offset") is table
 
@@ -197,9 +203,7 @@ def test_sincos_token_order_follows_official_meshgrid():
         a, b = float(m // h), float(m % h)
         expected = torch.tensor([math.sin(a), math.cos(a), math.sin(b), math.cos(b)])
         torch.testing.assert_close(table[m], expected)
-    torch.testing.assert_close(
-        sincos_2d_position_embedding(5, 7, 16), official_sincos_table(5, 7, 16)
-    )
+    torch.testing.assert_close(sincos_2d_position_embedding(5, 7, 16), official_sincos_table(5, 7, 16))
 
 
 def test_unicom_fp16_weights_become_fp32_and_head_is_dropped(tmp_path):
@@ -223,11 +227,23 @@ def test_eps_and_activation_of_other_families(tmp_path):
     assert isinstance(act, nn.GELU) and act.approximate == "none"
 
 
-@pytest.mark.parametrize("family,width,heads", [
-    ("dino", 384, 6), ("dino", 768, 12), ("ibot", 1024, 16), ("msn", 384, 6), ("mae", 1024, 16),
-    ("dinov2", 1536, 24), ("dino", 48, 1), ("mocov3", 384, 12), ("mocov3", 768, 12),
-    ("mocov3", 1024, 16), ("unicom", 768, 12), ("unicom", 1024, 16),
-])
+@pytest.mark.parametrize(
+    "family,width,heads",
+    [
+        ("dino", 384, 6),
+        ("dino", 768, 12),
+        ("ibot", 1024, 16),
+        ("msn", 384, 6),
+        ("mae", 1024, 16),
+        ("dinov2", 1536, 24),
+        ("dino", 48, 1),
+        ("mocov3", 384, 12),
+        ("mocov3", 768, 12),
+        ("mocov3", 1024, 16),
+        ("unicom", 768, 12),
+        ("unicom", 1024, 16),
+    ],
+)
 def test_default_num_heads(family, width, heads):
     assert default_num_heads(family, width) == heads
 

@@ -85,14 +85,16 @@ def test_disk_full_while_saving(tmp_path, toy_dirs, dino_ckpt, capsys, monkeypat
                 return real_write(path, data)
             Path(path).write_bytes(b"")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
         return write
 
     for suffix in ("config_mediator.json", "modular.npy"):
         monkeypatch.setattr(atomic, "_write_file", full_disk(suffix))
         code, lines = run_stage(train_mediator, argv, capsys)
         target = Path(store_of(train_mediator, argv).output_dir("mediator")) / suffix
-        assert code == 2 and lines[-1] == (f"error: cannot write {target}: No space left on device; "
-                                           f"nothing was written there")
+        assert code == 2 and lines[-1] == (
+            f"error: cannot write {target}: No space left on device; nothing was written there"
+        )
         assert not target.exists() and leftovers(out) == []
     assert not Path(sidecar_path(str(target))).exists()
 
@@ -125,8 +127,13 @@ for i in range(100000):
 
 
 def test_sigkill_during_a_save_leaves_no_partial_artifact(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", SAVE_LOOP, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SAVE_LOOP, str(tmp_path)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        text=True,
+    )
     path = Path(proc.stdout.readline().strip())
     deadline = time.time() + 30
     while time.time() < deadline and not path.exists():
@@ -150,8 +157,10 @@ def test_n_classes_out_of_range_for_a_folder(tmp_path, toy_dirs, dino_ckpt, caps
     argv = flags(tmp_path / "out", dino_ckpt, toy_dirs["train"])
     argv[argv.index("--n_classes") + 1] = "256"
     code, lines = run_stage(train_mediator, argv, capsys)
-    assert code == 2 and lines[-1] == ("error: --n_classes 256 is out of range for --dataset folder: use 1 to 255 "
-                                       "(label PNGs hold class ids 0..254, 255 = ignore)")
+    assert code == 2 and lines[-1] == (
+        "error: --n_classes 256 is out of range for --dataset folder: use 1 to 255 "
+        "(label PNGs hold class ids 0..254, 255 = ignore)"
+    )
 
 
 @pytest.mark.parametrize("resolution,grid,smallest", [(56, "yes", 64), (32, "yes", 64), (8, "no", 16)])
@@ -184,8 +193,9 @@ def test_dataset_problems_are_found_by_the_check(tmp_path, dino_ckpt, capsys):
         Image.fromarray(np.full((32, 32), i % 6, np.uint8)).save(labels / f"{i:02d}.png")
     (images / "00.jpg").write_bytes((images / "00.jpg").read_bytes()[:100])  # truncated JPEG
     Image.fromarray(np.full((32, 32), 9, np.uint8)).save(labels / "11.png")  # class 9 of 6
-    code, lines = run_stage(train_mediator, flags(tmp_path / "out", dino_ckpt, (images, labels), "mlp",
-                                                  ["--check"]), capsys)
+    code, lines = run_stage(
+        train_mediator, flags(tmp_path / "out", dino_ckpt, (images, labels), "mlp", ["--check"]), capsys
+    )
     assert code == 2 and len(lines) == 2
     assert lines[0].startswith(f"error: cannot read image {images / '00.jpg'}")
     assert lines[1].startswith(f"error: label file {labels / '11.png'} holds values outside the dataset's range: 9")
@@ -221,8 +231,9 @@ def test_artifacts_that_do_not_match_are_refused(tmp_path, toy_dirs, dino_ckpt, 
     assert stop.value.code == 0 and "warning: segment_mlp.pth has no provenance record" in err
 
     # Another checkpoint under the same file name: the codebook is refused.
-    other = make_fake_checkpoint(tmp_path / "elsewhere" / "dino_tiny8.pth", "dino", embed_dim=48, depth=2,
-                                 patch_size=8, img_size=64, seed=5)
+    other = make_fake_checkpoint(
+        tmp_path / "elsewhere" / "dino_tiny8.pth", "dino", embed_dim=48, depth=2, patch_size=8, img_size=64, seed=5
+    )
     moved = list(argv)
     moved[moved.index("--ckpt") + 1] = str(other)
     code, lines = run_stage(train_front_door, moved + ["--check"], capsys)
@@ -237,9 +248,11 @@ def test_wrong_head_and_codebook_width(tmp_path, toy_dirs, dino_ckpt, capsys):
     assert code == 2 and "did you mean --head mlp?" in lines[-1]
     store.save("codebook", np.zeros((16, 32), np.float32), {})
     code, lines = run_stage(train_front_door, argv + ["--check"], capsys)
-    assert code == 2 and lines[-1] == (f"error: codebook {store.path('codebook')} is [16, 32] but this run needs "
-                                       f"[16, 48] (--num_codebook, backbone width): rerun train_mediator.py "
-                                       f"--overwrite")
+    assert code == 2 and lines[-1] == (
+        f"error: codebook {store.path('codebook')} is [16, 32] but this run needs "
+        f"[16, 48] (--num_codebook, backbone width): rerun train_mediator.py "
+        f"--overwrite"
+    )
 
 
 def test_folder_runs_get_their_own_artifact_directory(tmp_path):
@@ -264,9 +277,13 @@ def test_a_second_run_on_the_same_output_is_refused(tmp_path, toy_dirs, dino_ckp
         holder.wait()
     # The holder is gone: its lock is taken over with a warning, and released at the end.
     cli.run(train_mediator.main, train_mediator.parser(), argv=for_script(train_mediator, argv))
-    assert f"taking over the stale lock {directory}/{LOCK_NAME} of a run that is gone (pid {holder.pid}" in \
-        capsys.readouterr().err
-    assert not (Path(directory) / LOCK_NAME).exists() and Path(store_of(train_mediator, argv).path("codebook")).is_file()
+    assert (
+        f"taking over the stale lock {directory}/{LOCK_NAME} of a run that is gone (pid {holder.pid}"
+        in capsys.readouterr().err
+    )
+    assert (
+        not (Path(directory) / LOCK_NAME).exists() and Path(store_of(train_mediator, argv).path("codebook")).is_file()
+    )
 
 
 def test_ctrl_c_in_test_py_is_one_line(tmp_path, toy_dirs, dino_ckpt, capsys, monkeypatch):
@@ -307,7 +324,8 @@ def test_ctrl_c_in_crop_dataset_is_one_line(monkeypatch, capsys):
         crop_dataset.main(["--dataset", "cocostuff27", "--data_dir", "/nowhere"])
     assert stop.value.code == 130
     assert capsys.readouterr().err.strip().splitlines() == [
-        "crop_dataset.py: interrupted; the crops written so far are complete, rerun the same command to finish"]
+        "crop_dataset.py: interrupted; the crops written so far are complete, rerun the same command to finish"
+    ]
 
 
 def test_crop_workers_ignore_ctrl_c():
@@ -325,13 +343,16 @@ def test_empty_folder_and_label_of_the_wrong_size(tmp_path, dino_ckpt, capsys):
 
     images, labels = tmp_path / "images", tmp_path / "labels"
     images.mkdir(), labels.mkdir()
-    code, lines = run_stage(train_mediator, flags(tmp_path / "out", dino_ckpt, (images, labels), "mlp",
-                                                  ["--check"]), capsys)
+    code, lines = run_stage(
+        train_mediator, flags(tmp_path / "out", dino_ckpt, (images, labels), "mlp", ["--check"]), capsys
+    )
     assert code == 2 and lines[-1].startswith("error: no images (") and str(images) in lines[-1]
     for i in range(4):
         Image.new("RGB", (32, 32)).save(images / f"{i}.png")
         Image.fromarray(np.zeros((16 if i == 3 else 32, 32), np.uint8)).save(labels / f"{i}.png")
-    code, lines = run_stage(train_mediator, flags(tmp_path / "out", dino_ckpt, (images, labels), "mlp",
-                                                  ["--check"]), capsys)
-    assert code == 2 and lines == [f"error: label file {labels / '3.png'} is 32x16 but its image "
-                                   f"{images / '3.png'} is 32x32"]
+    code, lines = run_stage(
+        train_mediator, flags(tmp_path / "out", dino_ckpt, (images, labels), "mlp", ["--check"]), capsys
+    )
+    assert code == 2 and lines == [
+        f"error: label file {labels / '3.png'} is 32x16 but its image {images / '3.png'} is 32x32"
+    ]

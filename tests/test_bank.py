@@ -38,8 +38,11 @@ def literal_front_door_loss(feat, proj, proj_ema, codebook, bank_feats, bank_idx
     terms = []
     for b in range(batch):
         self_cols = {i: b * tokens + i for i in range(tokens)}
-        terms.append(literal_term(student[b], teacher, quantised[b], quantised.reshape(batch * tokens, -1),
-                                  self_cols, temp, pos, neg))
+        terms.append(
+            literal_term(
+                student[b], teacher, quantised[b], quantised.reshape(batch * tokens, -1), self_cols, temp, pos, neg
+            )
+        )
         if bank.shape[0]:
             terms.append(literal_term(student[b], bank, quantised[b], bank_codes, {}, temp, pos, neg))
     terms = [term for term in terms if term is not None]
@@ -110,12 +113,24 @@ def test_front_door_loss_skips_terms_without_positive():
     # Image 0's concepts appear nowhere else: its in-batch term has no positive pair, so
     # the loss is the mean of the two other terms, not of three.
     feat, proj, proj_ema, codebook, bank_feats, bank_idx = make_case(
-        torch.float64, [[2, 3, 4, 5], [0, 0, 1, 1], [1, 0, 7, 7]])
+        torch.float64, [[2, 3, 4, 5], [0, 0, 1, 1], [1, 0, 7, 7]]
+    )
     quantised = F.normalize(codebook[torch.tensor([[2, 3, 4, 5], [0, 0, 1, 1], [1, 0, 7, 7]])], dim=-1)
     student = F.normalize(proj, dim=-1)
     teacher = F.normalize(proj_ema, dim=-1).reshape(12, -1)
-    terms = [literal_term(student[b], teacher, quantised[b], quantised.reshape(12, -1),
-                          {i: 4 * b + i for i in range(4)}, 0.07, 0.3, 0.1) for b in range(3)]
+    terms = [
+        literal_term(
+            student[b],
+            teacher,
+            quantised[b],
+            quantised.reshape(12, -1),
+            {i: 4 * b + i for i in range(4)},
+            0.07,
+            0.3,
+            0.1,
+        )
+        for b in range(3)
+    ]
     assert terms[0] is None and terms[1] is not None and terms[2] is not None
     loss = front_door_loss(feat, proj, proj_ema, codebook, bank_feats, bank_idx)
     torch.testing.assert_close(loss, (terms[1] + terms[2]) / 2, rtol=1e-12, atol=0)
@@ -142,7 +157,8 @@ def test_front_door_loss_without_any_positive_is_connected_zero():
 
 def test_front_door_loss_gradients_reach_proj_only():
     feat, proj, proj_ema, codebook, bank_feats, bank_idx = make_case(
-        torch.float32, [[0, 0, 1, 2], [1, 2, 3, 0]], (0, 1, 1))
+        torch.float32, [[0, 0, 1, 2], [1, 2, 3, 0]], (0, 1, 1)
+    )
     for tensor in (feat, proj, proj_ema, codebook, bank_feats):
         tensor.requires_grad_(True)
     front_door_loss(feat, proj, proj_ema, codebook, bank_feats, bank_idx).backward()
@@ -188,8 +204,7 @@ def test_bank_matches_dict_of_lists_reference():
         bank.update(concepts, values.unsqueeze(1))
         for k, v in zip(concepts.tolist(), values.tolist()):
             expected[k] = (expected[k] + [v])[-4:]
-        assert stored(bank) == ([v for k in range(5) for v in expected[k]],
-                                [k for k in range(5) for _ in expected[k]])
+        assert stored(bank) == ([v for k in range(5) for v in expected[k]], [k for k in range(5) for _ in expected[k]])
 
 
 def test_bank_keeps_floor_half_of_each_concept():
@@ -264,7 +279,7 @@ def random_case(dtype, batch=3, tokens=5, bank_size=40, seed=1):
     return make_case(dtype, concepts, bank_concepts, proj_dim=6, seed=seed)
 
 
-@pytest.mark.parametrize("chunk_elements", [1, 39, 41, 81, 10 ** 6])
+@pytest.mark.parametrize("chunk_elements", [1, 39, 41, 81, 10**6])
 def test_front_door_loss_chunking_matches_literal(chunk_elements):
     # 40 bank keys and 15 batch keys: 1 element -> one anchor row per block; 39 -> one row
     # against the bank, two against the batch; 41 and 81 split the 15 rows unevenly.
@@ -327,8 +342,10 @@ def test_bank_defaults_and_smallest_sizes():
     defaults = ConceptBank(num_concepts=2, dim=3)
     assert defaults.capacity == 100 and defaults.keep_ratio == 0.5
     for sizes in ((0, 1, 1), (1, 0, 1), (1, 1, 0)):
-        with pytest.raises(ValueError, match=r"^ConceptBank needs num_concepts, dim, capacity >= 1, got "
-                                             + ", ".join(map(str, sizes)) + "$"):
+        with pytest.raises(
+            ValueError,
+            match=r"^ConceptBank needs num_concepts, dim, capacity >= 1, got " + ", ".join(map(str, sizes)) + "$",
+        ):
             ConceptBank(*sizes)
 
 
@@ -425,8 +442,11 @@ def test_bank_state_round_trip_continues_identically():
     generator = torch.Generator().manual_seed(0)
     bank = ConceptBank(5, 3, capacity=4, keep_ratio=0.5)
     for _ in range(6):
-        bank.update(torch.randint(0, 5, (20,), generator=generator), torch.randn(20, 3, generator=generator),
-                    generator=generator)
+        bank.update(
+            torch.randint(0, 5, (20,), generator=generator),
+            torch.randn(20, 3, generator=generator),
+            generator=generator,
+        )
     restored = ConceptBank(5, 3, capacity=4, keep_ratio=0.5)
     restored.load_state(bank.state())
     assert bank.state_dict() == {} and len(restored) == len(bank)
@@ -451,5 +471,5 @@ def test_bank_keeps_the_rows_with_the_smallest_keys_of_one_draw():
     expected = []
     for concept in range(3):
         rows = (concepts == concept).nonzero().squeeze(1)
-        expected += rows[keys[rows].argsort()[:len(rows) // 2]].sort().values.tolist()
+        expected += rows[keys[rows].argsort()[: len(rows) // 2]].sort().values.tolist()
     assert bank.contents()[0][:, 0].long().tolist() == expected

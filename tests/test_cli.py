@@ -23,6 +23,7 @@ def parser():
 def raising(exc):
     def main(args):
         raise exc
+
     return main
 
 
@@ -33,8 +34,9 @@ def test_bad_input_is_one_line_and_exit_2(capsys):
     assert capsys.readouterr().err == "error: data directory not found: /nowhere\n"
 
 
-@pytest.mark.parametrize("exc", [ValueError("shape mismatch in my new loss"), RuntimeError("bug"),
-                                 FileNotFoundError("an internal file")])
+@pytest.mark.parametrize(
+    "exc", [ValueError("shape mismatch in my new loss"), RuntimeError("bug"), FileNotFoundError("an internal file")]
+)
 def test_other_exceptions_propagate_with_their_traceback(exc):
     with pytest.raises(type(exc), match=str(exc)):
         cli.run(raising(exc), parser(), argv=[])
@@ -46,9 +48,11 @@ def test_project_errors_still_are_builtin_errors():
 
 
 def test_one_line_keeps_the_original_message_of_a_worker_error():
-    err = InvalidInputError("Caught InvalidInputError in DataLoader worker process 0.\nOriginal Traceback "
-                            "(most recent call last):\n  File \"x.py\", line 1\nutils.errors.InvalidInputError: "
-                            "cannot read image a.jpg")
+    err = InvalidInputError(
+        "Caught InvalidInputError in DataLoader worker process 0.\nOriginal Traceback "
+        '(most recent call last):\n  File "x.py", line 1\nutils.errors.InvalidInputError: '
+        "cannot read image a.jpg"
+    )
     assert one_line(err) == "cannot read image a.jpg"
 
 
@@ -58,8 +62,14 @@ def test_a_value_error_in_a_stage_shows_its_traceback(tmp_path):
     script.write_text(
         "import torch\nfrom modules.ops import grid_sample_tokens\nfrom engine import cli\nimport argparse\n"
         "def main(args):\n    grid_sample_tokens(torch.zeros(2, 3))\n"
-        "p = argparse.ArgumentParser(); p.add_argument('--gpu', default='0')\ncli.run(main, p)\n")
-    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT,
-                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+        "p = argparse.ArgumentParser(); p.add_argument('--gpu', default='0')\ncli.run(main, p)\n"
+    )
+    res = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert res.returncode == 1
     assert "Traceback (most recent call last)" in res.stderr and "ValueError: grid_sample_tokens" in res.stderr

@@ -21,9 +21,9 @@ def two_region_problem(seed, height=24, width=32, noise=0.6):
     rng = np.random.default_rng(seed)
     image = np.zeros((height, width, 3), np.uint8)
     image[:, : width // 2] = (200, 40, 30)
-    image[:, width // 2:] = (30, 60, 210)
+    image[:, width // 2 :] = (30, 60, 210)
     truth = np.zeros((height, width), np.int64)
-    truth[:, width // 2:] = 1
+    truth[:, width // 2 :] = 1
     onehot = np.stack([truth == 0, truth == 1]).astype(np.float32)
     scores = 3 * (onehot + rng.normal(0, noise, onehot.shape)).astype(np.float32)
     return image, torch.log_softmax(torch.from_numpy(scores), dim=0), truth
@@ -70,8 +70,9 @@ def test_unnormalize_matches_the_reference_inverse_transform():
     out = unnormalize_to_uint8(normalised, MEAN, STD)
     assert out.shape == (2, 8, 8, 3) and out.dtype == np.uint8
     for i in range(2):
-        inverse = VF.normalize(VF.normalize(normalised[i], [0.0] * 3, [1 / s for s in STD]),
-                               [-m for m in MEAN], [1.0] * 3)
+        inverse = VF.normalize(
+            VF.normalize(normalised[i], [0.0] * 3, [1 / s for s in STD]), [-m for m in MEAN], [1.0] * 3
+        )
         assert np.array_equal(out[i], np.array(VF.to_pil_image(inverse)))
     # truncation, not rounding: values never exceed the original pixel
     assert np.all(out.astype(int) - pixels.transpose(0, 2, 3, 1) <= 0)
@@ -109,7 +110,7 @@ def test_pool_serial_and_single_image_results_are_identical():
             first = pool(list(images), logits, iters=3)
             second = pool(torch.from_numpy(images), logits.numpy(), iters=3)
             # batches in flight together, collected out of order
-            jobs = [pool.submit(images[i:i + 2], logits[i:i + 2], iters=3) for i in range(0, 3, 2)]
+            jobs = [pool.submit(images[i : i + 2], logits[i : i + 2], iters=3) for i in range(0, 3, 2)]
             jobs.append(pool.submit(images[::-1].copy(), logits.flip(0), iters=3))
             results = [job.result() for job in reversed(jobs)][::-1]
             assert torch.equal(jobs[0].result(), results[0])  # a job can be read twice
@@ -202,7 +203,9 @@ def test_evaluation_with_overlapped_crf_equals_the_synchronous_one(tmp_path, toy
         store = artifact_store(args)
         if not os.path.exists(store.path("codebook")):
             torch.manual_seed(0)
-            atomic_np_save(np.random.default_rng(0).standard_normal((16, 48)).astype(np.float32), store.path("codebook"))
+            atomic_np_save(
+                np.random.default_rng(0).standard_normal((16, 48)).astype(np.float32), store.path("codebook")
+            )
             atomic_torch_save(SegmentMLP(48, 8, 16, 6).state_dict(), store.path("segment"))
             atomic_torch_save(Cluster(48, 8, 16, 6).state_dict(), store.path("cluster"))
         test_stage.main(args)

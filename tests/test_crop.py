@@ -33,8 +33,10 @@ def make_voc_train(root, height=31, width=46):
     base = os.path.join(root, "pascalvoc", "VOCdevkit", "VOC2012")
     for n, image_id in enumerate(VOC_TRAIN_IDS):
         rng = np.random.default_rng(n)
-        _write(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), os.path.join(base, "JPEGImages",
-                                                                                       f"{image_id}.jpg"))
+        _write(
+            rng.integers(0, 256, (height, width, 3), dtype=np.uint8),
+            os.path.join(base, "JPEGImages", f"{image_id}.jpg"),
+        )
         _write(_label(height, width, (0, 3, 20, 255), n), os.path.join(base, "SegmentationClass", f"{image_id}.png"))
     os.makedirs(os.path.join(base, "ImageSets", "Segmentation"), exist_ok=True)
     with open(os.path.join(base, "ImageSets", "Segmentation", "train.txt"), "w") as f:
@@ -46,8 +48,10 @@ def make_coco_train(root):
     base = os.path.join(root, "cocostuff")
     for n, image_id in enumerate(COCO_TRAIN_IDS):
         rng = np.random.default_rng(n)
-        _write(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8), os.path.join(base, "images", "train2017",
-                                                                               f"{image_id}.jpg"))
+        _write(
+            rng.integers(0, 256, (40, 52, 3), dtype=np.uint8),
+            os.path.join(base, "images", "train2017", f"{image_id}.jpg"),
+        )
         _write(_label(40, 52, (0, 156, 255, 181), n), os.path.join(base, "annotations", "train2017", f"{image_id}.png"))
     os.makedirs(os.path.join(base, "curated", "train2017"), exist_ok=True)
     with open(os.path.join(base, "curated", "train2017", "Coco164kFull_Stuff_Coarse.txt"), "w") as f:
@@ -133,10 +137,12 @@ def test_resume_rewrites_only_missing_crops(tmp_path):
 def test_workers_write_the_same_files(tmp_path):
     make_coco_train(tmp_path / "serial")
     shutil.copytree(tmp_path / "serial", tmp_path / "parallel")
-    serial = crop_dataset.crop_dataset("cocostuff27", str(tmp_path / "serial"), "double", num_workers=0,
-                                       progress=False)[0]
-    parallel = crop_dataset.crop_dataset("cocostuff27", str(tmp_path / "parallel"), "double", num_workers=2,
-                                         progress=False)[0]
+    serial = crop_dataset.crop_dataset(
+        "cocostuff27", str(tmp_path / "serial"), "double", num_workers=0, progress=False
+    )[0]
+    parallel = crop_dataset.crop_dataset(
+        "cocostuff27", str(tmp_path / "parallel"), "double", num_workers=2, progress=False
+    )[0]
     assert os.path.basename(serial) == "cocostuff_double_crop_0"
     tree = _tree(serial)
     assert len(tree) == 2 * 3 * 20 and tree == _tree(parallel)
@@ -151,8 +157,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and missing in err and "Traceback" not in err
 
     make_voc_train(tmp_path)
-    _write(_label(31, 46, (0, 21), 0),
-           os.path.join(tmp_path, "pascalvoc", "VOCdevkit", "VOC2012", "SegmentationClass", "2007_000039.png"))
+    _write(
+        _label(31, 46, (0, 21), 0),
+        os.path.join(tmp_path, "pascalvoc", "VOCdevkit", "VOC2012", "SegmentationClass", "2007_000039.png"),
+    )
     with pytest.raises(SystemExit) as exit_info:
         crop_dataset.main(["--dataset", "pascalvoc", "--data_dir", str(tmp_path), "--num_workers", "2"])
     assert exit_info.value.code == 2
@@ -168,8 +176,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_script_exits_with_code_2_and_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "crop_dataset.py", "--dataset", "cityscapes", "--data_dir",
-                             str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "crop_dataset.py", "--dataset", "cityscapes", "--data_dir", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "leftImg8bit" in result.stderr
 

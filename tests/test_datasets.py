@@ -8,14 +8,25 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 import loader.datasets as datasets
-from loader.datasets import (BENCHMARKS, DATASETS, DatasetError, DatasetNotFoundError, build_dataset, cropped_dir,
-                             dataset_info, incomplete_marker)
+from loader.datasets import (
+    BENCHMARKS,
+    DATASETS,
+    DatasetError,
+    DatasetNotFoundError,
+    build_dataset,
+    cropped_dir,
+    dataset_info,
+    incomplete_marker,
+)
 from loader.toy import ensure_toy
 
 COCO_VAL_IDS = ["000000000139", "000000000285", "000000000632"]
 COCO_TRAIN_IDS = ["000000000009", "000000000025"]
-CITY_VAL = [("frankfurt", "frankfurt_000000_000294"), ("frankfurt", "frankfurt_000000_000576"),
-            ("lindau", "lindau_000000_000019")]
+CITY_VAL = [
+    ("frankfurt", "frankfurt_000000_000294"),
+    ("frankfurt", "frankfurt_000000_000576"),
+    ("lindau", "lindau_000000_000019"),
+]
 VOC_VAL_IDS = ["2007_000033", "2007_000042"]
 
 
@@ -124,10 +135,13 @@ def test_cocostuff27_val(tmp_path):
     assert len(build_dataset("cocostuff27", str(tmp_path), "train", 64, crops=False)) == 2
 
 
-@pytest.mark.parametrize("name,table", [
-    ("coco81", {0: 1, 255: -1, 156: 0, 91: 0, 148: 0, 11: -1}),
-    ("coco171", {0: 0, 255: -1, 156: 145, 91: 80, 148: 137, 11: -1}),
-])
+@pytest.mark.parametrize(
+    "name,table",
+    [
+        ("coco81", {0: 1, 255: -1, 156: 0, 91: 0, 148: 0, 11: -1}),
+        ("coco171", {0: 0, 255: -1, 156: 145, 91: 80, 148: 137, 11: -1}),
+    ],
+)
 def test_coco81_and_171_use_the_full_list(tmp_path, name, table):
     base = make_coco(tmp_path)
     dataset = build_dataset(name, str(tmp_path), "val", 40)
@@ -164,8 +178,11 @@ def test_image_normalisation_follows_mean_and_std(tmp_path):
     make_voc(tmp_path)
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     img = build_dataset("pascalvoc", str(tmp_path), "val", 30, mean=mean, std=std)[0]["img"]
-    raw = T.ToTensor()(T.Resize((30, 30), interpolation=InterpolationMode.NEAREST)(
-        Image.open(os.path.join(tmp_path, "pascalvoc", "VOCdevkit", "VOC2012", "JPEGImages", "2007_000033.jpg"))))
+    raw = T.ToTensor()(
+        T.Resize((30, 30), interpolation=InterpolationMode.NEAREST)(
+            Image.open(os.path.join(tmp_path, "pascalvoc", "VOCdevkit", "VOC2012", "JPEGImages", "2007_000033.jpg"))
+        )
+    )
     torch.testing.assert_close(img, T.Normalize(mean, std)(raw))
 
 
@@ -281,19 +298,24 @@ def test_unreadable_and_missing_files_are_named(tmp_path):
     _write(_rgb(4, 4, 0), str(colour_label))
     _write(_rgb(4, 4, 0), str(tmp_path / "imgs" / "x.png"))
     with pytest.raises(DatasetError, match="mode RGB; expected a single-channel"):
-        build_dataset("folder", None, "val", 4, image_dir=str(tmp_path / "imgs"),
-                      label_dir=str(colour_label.parent), n_classes=3)[0]
+        build_dataset(
+            "folder", None, "val", 4, image_dir=str(tmp_path / "imgs"), label_dir=str(colour_label.parent), n_classes=3
+        )[0]
     os.remove(colour_label)
     with pytest.raises(DatasetNotFoundError, match="label file not found: .*x.png"):
-        build_dataset("folder", None, "val", 4, image_dir=str(tmp_path / "imgs"),
-                      label_dir=str(colour_label.parent), n_classes=3)
+        build_dataset(
+            "folder", None, "val", 4, image_dir=str(tmp_path / "imgs"), label_dir=str(colour_label.parent), n_classes=3
+        )
 
 
-@pytest.mark.parametrize("maker,name,values,bad", [
-    (make_coco, "cocostuff27", (0, 255, 200, 182), "182, 200"),
-    (make_cityscapes, "cityscapes", (7, 34, 255), "34"),
-    (make_voc, "pascalvoc", (0, 21, 254, 255), "21, 254"),
-])
+@pytest.mark.parametrize(
+    "maker,name,values,bad",
+    [
+        (make_coco, "cocostuff27", (0, 255, 200, 182), "182, 200"),
+        (make_cityscapes, "cityscapes", (7, 34, 255), "34"),
+        (make_voc, "pascalvoc", (0, 21, 254, 255), "21, 254"),
+    ],
+)
 def test_label_values_out_of_range_are_reported(tmp_path, maker, name, values, bad):
     maker(tmp_path, values=values)
     with pytest.raises(DatasetError, match=f"holds values outside the dataset's range: {bad} "):

@@ -1,4 +1,5 @@
 """DINOv3 (Meta's and Hugging Face's layouts), safetensors files, timm state dicts by name, normalisation."""
+
 import json
 import math
 import re
@@ -50,8 +51,9 @@ def reference_dinov3_tokens(t, img, num_heads, eps=1e-5):
     x = F.conv2d(img, t["patch_embed.proj.weight"], t["patch_embed.proj.bias"], stride=p)
     b, d, h, w = x.shape
     prefix = 1 + t["storage_tokens"].shape[1]
-    x = torch.cat([t["cls_token"].expand(b, -1, -1), t["storage_tokens"].expand(b, -1, -1),
-                   x.flatten(2).transpose(1, 2)], dim=1)
+    x = torch.cat(
+        [t["cls_token"].expand(b, -1, -1), t["storage_tokens"].expand(b, -1, -1), x.flatten(2).transpose(1, 2)], dim=1
+    )
     head = d // num_heads
     ys, xs = [(torch.arange(n, dtype=torch.float32) + 0.5) / n * 2 - 1 for n in (h, w)]
     coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(h * w, 2)
@@ -72,18 +74,25 @@ def reference_dinov3_tokens(t, img, num_heads, eps=1e-5):
             bias = bias * t[f"{blk}.attn.qkv.bias_mask"]
         qkv = F.linear(y, t[f"{blk}.attn.qkv.weight"], bias).reshape(b, -1, 3, num_heads, head)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        attn = torch.softmax(rope(q) @ rope(k).transpose(-2, -1) * head ** -0.5, dim=-1)
-        y = F.linear((attn @ v).transpose(1, 2).reshape(b, -1, d), t[f"{blk}.attn.proj.weight"],
-                     t[f"{blk}.attn.proj.bias"])
+        attn = torch.softmax(rope(q) @ rope(k).transpose(-2, -1) * head**-0.5, dim=-1)
+        y = F.linear(
+            (attn @ v).transpose(1, 2).reshape(b, -1, d), t[f"{blk}.attn.proj.weight"], t[f"{blk}.attn.proj.bias"]
+        )
         x = x + y * t[f"{blk}.ls1.gamma"]
         y = F.layer_norm(x, (d,), t[f"{blk}.norm2.weight"], t[f"{blk}.norm2.bias"], eps)
         if f"{blk}.mlp.w1.weight" in t:
             gate = F.silu(F.linear(y, t[f"{blk}.mlp.w1.weight"], t[f"{blk}.mlp.w1.bias"]))
-            y = F.linear(gate * F.linear(y, t[f"{blk}.mlp.w2.weight"], t[f"{blk}.mlp.w2.bias"]),
-                         t[f"{blk}.mlp.w3.weight"], t[f"{blk}.mlp.w3.bias"])
+            y = F.linear(
+                gate * F.linear(y, t[f"{blk}.mlp.w2.weight"], t[f"{blk}.mlp.w2.bias"]),
+                t[f"{blk}.mlp.w3.weight"],
+                t[f"{blk}.mlp.w3.bias"],
+            )
         else:
-            y = F.linear(F.gelu(F.linear(y, t[f"{blk}.mlp.fc1.weight"], t[f"{blk}.mlp.fc1.bias"])),
-                         t[f"{blk}.mlp.fc2.weight"], t[f"{blk}.mlp.fc2.bias"])
+            y = F.linear(
+                F.gelu(F.linear(y, t[f"{blk}.mlp.fc1.weight"], t[f"{blk}.mlp.fc1.bias"])),
+                t[f"{blk}.mlp.fc2.weight"],
+                t[f"{blk}.mlp.fc2.bias"],
+            )
         x = x + y * t[f"{blk}.ls2.gamma"]
     return F.layer_norm(x, (d,), t["norm.weight"], t["norm.bias"], eps)[:, prefix:]
 
@@ -105,9 +114,17 @@ def dinov3(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     torch.save(meta, root / "dinov3_vits16_pretrain_lvd1689m-08c60483.pth")
     folder = save_hf_dinov3(root / "dinov3-vits16-pretrain-lvd1689m", meta, num_heads=heads)
-    return {"model": model, "meta": meta, "swiglu": "w1" in str(list(meta)), "width": width, "heads": heads,
-            "hidden": hidden, "meta_path": root / "dinov3_vits16_pretrain_lvd1689m-08c60483.pth",
-            "hf_folder": folder, "hf_file": folder / "model.safetensors"}
+    return {
+        "model": model,
+        "meta": meta,
+        "swiglu": "w1" in str(list(meta)),
+        "width": width,
+        "heads": heads,
+        "hidden": hidden,
+        "meta_path": root / "dinov3_vits16_pretrain_lvd1689m-08c60483.pth",
+        "hf_folder": folder,
+        "hf_file": folder / "model.safetensors",
+    }
 
 
 def images(height, width, seed=0):
@@ -212,12 +229,20 @@ def test_near_miss_and_junk_files_are_refused_in_one_line(dinov3, tmp_path):
     meta, d = dinov3["meta"], dinov3["width"]
     cases = {
         "no_storage.pth": ({k: v for k, v in meta.items() if k != "storage_tokens"}, r"lacks \['storage_tokens'\]"),
-        "wide_storage.pth": (dict(meta, storage_tokens=torch.zeros(1, 4, d + 1)),
-                             rf"storage_tokens has shape \[1, 4, {d + 1}\], expected \[1, 4, {d}\]"),
-        "bad_fc.pth": (dict(meta, **{k: torch.zeros(7, 7) for k in meta if k.startswith("blocks.1.mlp.")
-                                     and k.endswith("2.weight")}), r"blocks\.1\.mlp\.\w+\.weight has shape \[7, 7\]"),
-        "extra.pth": (dict(meta, **{"blocks.0.attn.q_norm.weight": torch.ones(64)}),
-                      r"unexpected \['blocks.0.attn.q_norm.weight'\]"),
+        "wide_storage.pth": (
+            dict(meta, storage_tokens=torch.zeros(1, 4, d + 1)),
+            rf"storage_tokens has shape \[1, 4, {d + 1}\], expected \[1, 4, {d}\]",
+        ),
+        "bad_fc.pth": (
+            dict(
+                meta, **{k: torch.zeros(7, 7) for k in meta if k.startswith("blocks.1.mlp.") and k.endswith("2.weight")}
+            ),
+            r"blocks\.1\.mlp\.\w+\.weight has shape \[7, 7\]",
+        ),
+        "extra.pth": (
+            dict(meta, **{"blocks.0.attn.q_norm.weight": torch.ones(64)}),
+            r"unexpected \['blocks.0.attn.q_norm.weight'\]",
+        ),
     }
     for name, (tensors, pattern) in cases.items():
         torch.save(tensors, tmp_path / name)
@@ -228,8 +253,11 @@ def test_near_miss_and_junk_files_are_refused_in_one_line(dinov3, tmp_path):
     save_file(hf, str(tmp_path / "no_key.safetensors"))
     message = one_line_error(UnknownCheckpointError, lambda: load_backbone(tmp_path / "no_key.safetensors"))
     assert "missing ['blocks.1.attn.qkv.weight']" in message and "layer.1.attention.q_proj.weight" in message
-    junk = {"text.safetensors": b"this is not a weights file\n", "empty.safetensors": b"",
-            "truncated.safetensors": dinov3["hf_file"].read_bytes()[:3000]}
+    junk = {
+        "text.safetensors": b"this is not a weights file\n",
+        "empty.safetensors": b"",
+        "truncated.safetensors": dinov3["hf_file"].read_bytes()[:3000],
+    }
     for name, content in junk.items():
         (tmp_path / name).write_bytes(content)
         message = one_line_error(UnknownCheckpointError, lambda: load_backbone(tmp_path / name))
@@ -244,8 +272,9 @@ def test_near_miss_and_junk_files_are_refused_in_one_line(dinov3, tmp_path):
     assert "not a dinov3 checkpoint (expected Meta's plain state dict holding cls_token, storage_tokens" in message
 
 
-@pytest.mark.parametrize("family,kwargs", [("dino", {}), ("dinov2", dict(embed_dim=64, num_registers=4)),
-                                           ("unicom", {})])
+@pytest.mark.parametrize(
+    "family,kwargs", [("dino", {}), ("dinov2", dict(embed_dim=64, num_registers=4)), ("unicom", {})]
+)
 def test_safetensors_load_wherever_a_pth_does(tmp_path, family, kwargs):
     pth = make_fake_checkpoint(tmp_path / f"{family}.pth", family, **kwargs)
     tensors = {k: v.contiguous() for k, v in torch.load(pth, weights_only=True).items()}
@@ -302,11 +331,18 @@ def test_random_dinov3_architecture():
     assert backbone(images(32, 48)).shape == (2, 6, 192)
 
 
-@pytest.mark.parametrize("norm,expected", [
-    (None, (IMAGENET_MEAN, IMAGENET_STD)), ("sat", (SAT_MEAN, SAT_STD)), ("CLIP", (CLIP_MEAN, CLIP_STD)),
-    ("imagenet", (IMAGENET_MEAN, IMAGENET_STD)), ((0.5, 0.5, 0.5, 0.25, 0.25, 0.25), ((0.5,) * 3, (0.25,) * 3)),
-    ("0.1,0.2,0.3, 0.4 0.5 0.6", ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))), ((SAT_MEAN, SAT_STD), (SAT_MEAN, SAT_STD)),
-])
+@pytest.mark.parametrize(
+    "norm,expected",
+    [
+        (None, (IMAGENET_MEAN, IMAGENET_STD)),
+        ("sat", (SAT_MEAN, SAT_STD)),
+        ("CLIP", (CLIP_MEAN, CLIP_STD)),
+        ("imagenet", (IMAGENET_MEAN, IMAGENET_STD)),
+        ((0.5, 0.5, 0.5, 0.25, 0.25, 0.25), ((0.5,) * 3, (0.25,) * 3)),
+        ("0.1,0.2,0.3, 0.4 0.5 0.6", ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))),
+        ((SAT_MEAN, SAT_STD), (SAT_MEAN, SAT_STD)),
+    ],
+)
 def test_norm_argument_sets_the_backbone_normalisation(dinov3, norm, expected):
     backbone = load_backbone(dinov3["meta_path"], norm=norm)
     assert (backbone.mean, backbone.std) == expected

@@ -26,7 +26,7 @@ def test_amp_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     for state in ranks:
         assert state["stepped"] == expected and state["skipped"] == 1
         assert all(torch.isfinite(p).all() for p in state["params"])
-    assert ranks[0]["scale"] == ranks[1]["scale"] == 2.0 ** 7
+    assert ranks[0]["scale"] == ranks[1]["scale"] == 2.0**7
     for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 

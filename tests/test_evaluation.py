@@ -25,6 +25,7 @@ MEAN, STD = PatchBackbone.mean, PatchBackbone.std
 def literal_evaluation(batches, backbone, segment, cluster, crf_alpha):
     """Per image, as SPEC §7 reads: flip-TTA teacher features, bilinear to the label size, cosine
     scores, argmax; the probe; the CRF of log_softmax(alpha * scores) and of the probe's one-hot map."""
+
     def as_image(tokens):
         return tokens.reshape(tokens.shape[0], SIDE, SIDE, -1).permute(0, 3, 1, 2)
 
@@ -77,8 +78,9 @@ def test_evaluation_counts_what_a_literal_per_image_evaluation_counts():
     args = argparse.Namespace(n_classes=C, save_images=5, linear_crf=True, crf_alpha=2.5)
 
     with CRFPool(num_workers=0) as crf_pool:
-        metrics, used, kept = test_stage.evaluate(args, batches, backbone, segment, cluster, torch.device("cpu"),
-                                                  {}, crf_pool)
+        metrics, used, kept = test_stage.evaluate(
+            args, batches, backbone, segment, cluster, torch.device("cpu"), {}, crf_pool
+        )
     preds, labels = literal_evaluation(batches, backbone, segment, cluster, crf_alpha=2.5)
 
     assert sorted(metrics) == sorted(preds)
@@ -102,8 +104,9 @@ def literal_prediction(image, backbone, segment, cluster, window, stride, crf_al
     img = ((pixels - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None])[None]
     height, width = img.shape[-2:]
     scale = window / min(height, width)
-    small = F.interpolate(img, size=(round(height * scale), round(width * scale)), mode="bilinear",
-                          align_corners=False, antialias=True)[0]
+    small = F.interpolate(
+        img, size=(round(height * scale), round(width * scale)), mode="bilinear", align_corners=False, antialias=True
+    )[0]
     total, count = torch.zeros(C, *small.shape[-2:]), torch.zeros(small.shape[-2:])
 
     def starts(length):
@@ -112,18 +115,29 @@ def literal_prediction(image, backbone, segment, cluster, window, stride, crf_al
     with torch.no_grad():
         for y in starts(small.shape[1]):
             for x in starts(small.shape[2]):
-                crop = small[None, :, y:y + window, x:x + window]
+                crop = small[None, :, y : y + window, x : x + window]
                 teacher = segment.head_ema
-                u = sum(torch.flip(teacher(backbone(torch.flip(crop, [3]) if flip else crop))
-                                   .reshape(1, SIDE, SIDE, -1).permute(0, 3, 1, 2), [3] if flip else [])
-                        for flip in (False, True)) / 2
+                u = (
+                    sum(
+                        torch.flip(
+                            teacher(backbone(torch.flip(crop, [3]) if flip else crop))
+                            .reshape(1, SIDE, SIDE, -1)
+                            .permute(0, 3, 1, 2),
+                            [3] if flip else [],
+                        )
+                        for flip in (False, True)
+                    )
+                    / 2
+                )
                 feats = F.interpolate(u, size=(window, window), mode="bilinear", align_corners=False)
-                scores = torch.einsum("brhw,cr->bchw", F.normalize(feats, dim=1),
-                                      F.normalize(cluster.cluster_probe, dim=1))[0]
-                total[:, y:y + window, x:x + window] += scores
-                count[y:y + window, x:x + window] += 1
-    scores = F.interpolate((total / count)[None], size=(image.height, image.width), mode="bilinear",
-                           align_corners=False)[0]
+                scores = torch.einsum(
+                    "brhw,cr->bchw", F.normalize(feats, dim=1), F.normalize(cluster.cluster_probe, dim=1)
+                )[0]
+                total[:, y : y + window, x : x + window] += scores
+                count[y : y + window, x : x + window] += 1
+    scores = F.interpolate(
+        (total / count)[None], size=(image.height, image.width), mode="bilinear", align_corners=False
+    )[0]
     plain = scores.argmax(0)
     crf = dense_crf(np.asarray(image), torch.log_softmax(crf_alpha * scores, 0)).argmax(0)
     return plain, crf
@@ -141,8 +155,16 @@ def test_predict_image_is_the_literal_whole_picture_recipe():
     # A smooth picture twice the window's size on its long side, not a multiple of the stride.
     rgb = F.interpolate(torch.rand(1, 3, 4, 6), size=(37, 61), mode="bilinear", align_corners=False)[0]
     image = Image.fromarray((rgb.permute(1, 2, 0).numpy() * 255).astype(np.uint8))
-    args = argparse.Namespace(head="mlp", test_resolution=window, train_resolution=2 * window, overlap=0.5,
-                              batch_size=2, crf=False, crf_alpha=2.5, crf_max_megapixels=1.0)
+    args = argparse.Namespace(
+        head="mlp",
+        test_resolution=window,
+        train_resolution=2 * window,
+        overlap=0.5,
+        batch_size=2,
+        crf=False,
+        crf_alpha=2.5,
+        crf_max_megapixels=1.0,
+    )
     plain, crf = literal_prediction(image, backbone, segment, cluster, window, window // 2, crf_alpha=2.5)
     assert torch.equal(predict.predict_image(image, args, backbone, segment, cluster, torch.device("cpu")), plain)
     args.crf = True

@@ -40,7 +40,9 @@ def test_cached_stage_trains_exactly_like_uncached(tmp_path, toy_dirs, dino_ckpt
         out = tmp_path / name
         argv = flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--epoch", "2", *extra], resolution=96)
         train_mediator.main(parse(train_mediator, argv))
-        codebooks.append(np.load(dataset_dir(out, toy_dirs["train"][0]) / "modularity" / "dino_tiny8" / "16" / "modular.npy"))
+        codebooks.append(
+            np.load(dataset_dir(out, toy_dirs["train"][0]) / "modularity" / "dino_tiny8" / "16" / "modular.npy")
+        )
     np.testing.assert_array_equal(codebooks[0], codebooks[1])
     cached = list((tmp_path / "cache").rglob("*.npy"))
     assert len(cached) == 16

@@ -7,14 +7,17 @@ import torch.nn.functional as F
 from modules.inference import crf_size, resize_short_side, sliding_window_scores, upsample_argmax, window_starts
 
 
-@pytest.mark.parametrize("length,window,stride,expected", [
-    (64, 64, 32, [0]),
-    (100, 64, 32, [0, 32, 36]),
-    (128, 64, 32, [0, 32, 64]),  # the last stride lands flush with the edge
-    (10, 4, 1, [0, 1, 2, 3, 4, 5, 6]),  # stride 1: every offset
-    (10, 4, 4, [0, 4, 6]),  # stride = window: no overlap but the last one
-    (5, 1, 1, [0, 1, 2, 3, 4]),
-])
+@pytest.mark.parametrize(
+    "length,window,stride,expected",
+    [
+        (64, 64, 32, [0]),
+        (100, 64, 32, [0, 32, 36]),
+        (128, 64, 32, [0, 32, 64]),  # the last stride lands flush with the edge
+        (10, 4, 1, [0, 1, 2, 3, 4, 5, 6]),  # stride 1: every offset
+        (10, 4, 4, [0, 4, 6]),  # stride = window: no overlap but the last one
+        (5, 1, 1, [0, 1, 2, 3, 4]),
+    ],
+)
 def test_window_starts_are_stride_apart_and_the_last_is_flush(length, window, stride, expected):
     assert window_starts(length, window, stride) == expected
 
@@ -27,13 +30,16 @@ def test_window_starts_errors_name_the_sizes():
             window_starts(100, 64, stride)
 
 
-@pytest.mark.parametrize("height,width,expected", [
-    (40, 60, (20, 30)),  # landscape, scaled down
-    (60, 40, (30, 20)),  # portrait
-    (10, 15, (20, 30)),  # scaled up
-    (14, 21, (20, 30)),  # scaled up by less than 2
-    (20, 33, (20, 33)),  # already at the side: unchanged
-])
+@pytest.mark.parametrize(
+    "height,width,expected",
+    [
+        (40, 60, (20, 30)),  # landscape, scaled down
+        (60, 40, (30, 20)),  # portrait
+        (10, 15, (20, 30)),  # scaled up
+        (14, 21, (20, 30)),  # scaled up by less than 2
+        (20, 33, (20, 33)),  # already at the side: unchanged
+    ],
+)
 def test_resize_short_side_keeps_the_aspect_ratio_and_antialiases_only_down(height, width, expected):
     img = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(0))
     out = resize_short_side(img, 20)
@@ -41,8 +47,9 @@ def test_resize_short_side_keeps_the_aspect_ratio_and_antialiases_only_down(heig
     if expected == (height, width):
         assert out is img
     else:
-        literal = F.interpolate(img, size=expected, mode="bilinear", align_corners=False,
-                                antialias=expected[0] < height)
+        literal = F.interpolate(
+            img, size=expected, mode="bilinear", align_corners=False, antialias=expected[0] < height
+        )
         assert torch.equal(out, literal)
 
 
@@ -57,8 +64,8 @@ def test_sliding_window_scores_average_the_windows_covering_each_pixel():
     total, count = torch.zeros(2, 6, 9), torch.zeros(6, 9)
     for y in (0, 2):
         for x in (0, 3, 5):
-            total[:, y:y + 4, x:x + 4] += window_mean(img[None, :, y:y + 4, x:x + 4])[0]
-            count[y:y + 4, x:x + 4] += 1
+            total[:, y : y + 4, x : x + 4] += window_mean(img[None, :, y : y + 4, x : x + 4])[0]
+            count[y : y + 4, x : x + 4] += 1
     torch.testing.assert_close(scores, total / count, rtol=1e-6, atol=1e-6)
     assert scores.dtype == torch.float32
 
@@ -97,8 +104,15 @@ def test_crf_size_keeps_pictures_up_to_the_budget_and_never_drops_a_side():
     assert crf_size(1, 10_000_000, 1_000_000) == (1, 1_000_000)
     assert crf_size(10_000_000, 1, 1_000_000) == (1_000_000, 1)
     assert crf_size(3, 5_000_000, 1_000_000) == (1, 1_000_000)
-    for height, width in [(4000, 3000), (1080, 1920), (7, 900_001), (900_001, 7), (2, 2_000_001),
-                          (1, 10_000_000), (10_000_000, 1)]:
+    for height, width in [
+        (4000, 3000),
+        (1080, 1920),
+        (7, 900_001),
+        (900_001, 7),
+        (2, 2_000_001),
+        (1, 10_000_000),
+        (10_000_000, 1),
+    ]:
         crf_height, crf_width = crf_size(height, width, 1_000_000)
         assert type(crf_height) is int and type(crf_width) is int  # sizes for PIL's resize
         assert 1 <= crf_height <= height and 1 <= crf_width <= width and crf_height * crf_width <= 1_000_000

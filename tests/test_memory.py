@@ -24,8 +24,14 @@ print(json.dumps({"peak_kib": after, "growth_kib": after - before, "grad_finite"
 def test_modularity_loss_at_published_shapes_fits_in_memory():
     # B=16, K=2048, P=100, D=384: one literal B×K×P×P float32 tensor alone is 1.25 GiB and the
     # literal forward+backward grows the process by about 3.8 GiB.
-    res = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"})
+    res = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"},
+    )
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["grad_finite"]

@@ -10,17 +10,19 @@ from utils.metrics import UnsupervisedMetrics
 
 def brute_force_scores(pred, label, n_classes):
     """Literal formulation: try every cluster -> class permutation, keep the best one."""
-    pairs = [(int(p), int(l)) for p, l in zip(pred.reshape(-1), label.reshape(-1))
-             if 0 <= l < n_classes and 0 <= p < n_classes]
-    best = max(itertools.permutations(range(n_classes)),
-               key=lambda perm: sum(perm[p] == l for p, l in pairs))
+    pairs = [
+        (int(p), int(y))
+        for p, y in zip(pred.reshape(-1), label.reshape(-1))
+        if 0 <= y < n_classes and 0 <= p < n_classes
+    ]
+    best = max(itertools.permutations(range(n_classes)), key=lambda perm: sum(perm[p] == y for p, y in pairs))
     ious = []
     for c in range(n_classes):
-        tp = sum(best[p] == c and l == c for p, l in pairs)
-        fp = sum(best[p] == c and l != c for p, l in pairs)
-        fn = sum(best[p] != c and l == c for p, l in pairs)
+        tp = sum(best[p] == c and y == c for p, y in pairs)
+        fp = sum(best[p] == c and y != c for p, y in pairs)
+        fn = sum(best[p] != c and y == c for p, y in pairs)
         ious.append(math.nan if tp + fp + fn == 0 else 100.0 * tp / (tp + fp + fn))
-    matched = sum(best[p] == l for p, l in pairs)
+    matched = sum(best[p] == y for p, y in pairs)
     return list(best), ious, 100.0 * matched / len(pairs)
 
 
@@ -87,7 +89,7 @@ def test_accumulation_equals_one_big_update():
     whole.update(pred, label)
     batched = UnsupervisedMetrics(6)
     for i in range(0, 8, 3):
-        batched.update(pred[i:i + 3], label[i:i + 3])
+        batched.update(pred[i : i + 3], label[i : i + 3])
     assert torch.equal(whole.histogram, batched.histogram)
     assert whole.compute() == batched.compute()
 
@@ -190,9 +192,15 @@ def test_one_class_is_allowed_and_error_texts_are_exact():
     assert scores["n_pixels"] == 1 and scores["mIoU"] == 100.0 and scores["assignment"] == [0]
     with pytest.raises(ValueError, match=r"^n_classes must be a positive integer, got 0$"):
         UnsupervisedMetrics(0)
-    with pytest.raises(RuntimeError, match=r"^no labelled pixel has been counted yet: call update\(\) "
-                                          r"before compute\(\) or map\(\)$"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"^no labelled pixel has been counted yet: call update\(\) "
+        r"before compute\(\) or map\(\)$",
+    ):
         UnsupervisedMetrics(2).map(torch.tensor([0]))
-    with pytest.raises(RuntimeError, match=r"^no labelled pixel has been counted yet: call update\(\) "
-                                          r"before compute\(\)$"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"^no labelled pixel has been counted yet: call update\(\) "
+        r"before compute\(\)$",
+    ):
         UnsupervisedMetrics(2, hungarian=False).compute()

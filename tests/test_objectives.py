@@ -111,11 +111,11 @@ def test_front_door_step_with_dropout_matches_the_recipe_under_the_same_seed(hea
     if head == "tr":
         segment.set_codebook(codebook)
     torch.manual_seed(21)
-    out = front_door_step(segment, tokens, label, codebook, None, C,
-                          generator=torch.Generator().manual_seed(11))
+    out = front_door_step(segment, tokens, label, codebook, None, C, generator=torch.Generator().manual_seed(11))
     torch.manual_seed(21)
-    want = front_door_recipe(segment, tokens, label, codebook, torch.zeros(0, E), torch.zeros(0, dtype=torch.long),
-                             head, seed=11)
+    want = front_door_recipe(
+        segment, tokens, label, codebook, torch.zeros(0, E), torch.zeros(0, dtype=torch.long), head, seed=11
+    )
     torch.testing.assert_close(out["loss_front"], want[0], **TOL)
     torch.testing.assert_close(out["loss_linear"], want[1], **TOL)
     torch.testing.assert_close(out["teacher_proj"], want[5], **TOL)
@@ -123,8 +123,11 @@ def test_front_door_step_with_dropout_matches_the_recipe_under_the_same_seed(hea
 
 def grads(segment, prefixes):
     """Gradients of the named parameters that received one."""
-    return {name: p.grad.clone() for name, p in segment.named_parameters()
-            if name.startswith(prefixes) and p.grad is not None}
+    return {
+        name: p.grad.clone()
+        for name, p in segment.named_parameters()
+        if name.startswith(prefixes) and p.grad is not None
+    }
 
 
 def filled_bank(codebook, seed=5):
@@ -145,8 +148,7 @@ def test_front_door_step_matches_the_spec_recipe(head, with_bank):
     segment = make_segment(head)
     if head == "tr":
         segment.set_codebook(codebook)
-    out = front_door_step(segment, tokens, label, codebook, bank, C,
-                          generator=torch.Generator().manual_seed(11))
+    out = front_door_step(segment, tokens, label, codebook, bank, C, generator=torch.Generator().manual_seed(11))
     out["loss"].backward()
     trained = ("head.", "projection_head.", "linear.")
     got = grads(segment, trained)
@@ -155,7 +157,8 @@ def test_front_door_step_matches_the_spec_recipe(head, with_bank):
 
     segment.zero_grad(set_to_none=True)
     loss_front, loss_linear, n_correct, n_counted, sampled, z_bar = front_door_recipe(
-        segment, tokens, label, codebook, bank_feats, bank_idx, head, seed=11)
+        segment, tokens, label, codebook, bank_feats, bank_idx, head, seed=11
+    )
     (loss_front + loss_linear).backward()
     want = grads(segment, trained)
 
@@ -199,8 +202,11 @@ def test_front_door_step_without_grid_uses_every_token():
         z_bar = segment.projection_head_ema(segment.head_ema(tokens))
         z = segment.projection_head(segment.head(tokens))
     torch.testing.assert_close(out["teacher_proj"], z_bar, **TOL)
-    torch.testing.assert_close(out["loss_front"], front_door_loss(tokens, z, z_bar, codebook, torch.zeros(0, E),
-                                                                  torch.zeros(0, dtype=torch.long)), **TOL)
+    torch.testing.assert_close(
+        out["loss_front"],
+        front_door_loss(tokens, z, z_bar, codebook, torch.zeros(0, E), torch.zeros(0, dtype=torch.long)),
+        **TOL,
+    )
 
 
 @pytest.mark.parametrize("setting", [dict(temp=0.5), dict(pos=-1.0), dict(neg=1.5)], ids=["temp", "pos", "neg"])
@@ -247,8 +253,9 @@ def test_fine_tuning_step_matches_the_spec_recipe(head, reference):
         segment.set_codebook(codebook)
     gen = torch.Generator().manual_seed(4)
     probe = nn.Parameter(torch.rand(C, R, generator=gen) * 0.4 - 0.2)
-    out = fine_tuning_step(segment, probe, tokens, label, C, generator=torch.Generator().manual_seed(9),
-                           reference=reference)
+    out = fine_tuning_step(
+        segment, probe, tokens, label, C, generator=torch.Generator().manual_seed(9), reference=reference
+    )
     out["loss"].backward()
     got = {**grads(segment, ("linear.", "head_ema.")), "probe": probe.grad.clone()}
     assert all(p.grad is None for name, p in segment.named_parameters() if name.startswith(("head.", "projection")))
@@ -287,8 +294,12 @@ def test_fine_tuning_step_without_grid_and_with_its_temperature():
 
 def cosine_argmax(x, codebook):
     """SPEC §2 literally: index of the most cosine-similar codebook row, per token."""
-    return torch.tensor([[max(range(codebook.shape[0]), key=lambda k: F.cosine_similarity(t, codebook[k], dim=0))
-                          for t in image] for image in x])
+    return torch.tensor(
+        [
+            [max(range(codebook.shape[0]), key=lambda k: F.cosine_similarity(t, codebook[k], dim=0)) for t in image]
+            for image in x
+        ]
+    )
 
 
 def test_update_bank_stores_each_teacher_projection_under_its_tokens_concept():
@@ -322,8 +333,11 @@ def test_update_bank_keeps_the_banks_random_half_with_the_given_generator():
     bank = ConceptBank(K, E)
     update_bank(bank, codebook, sampled, teacher_proj, generator=torch.Generator().manual_seed(8))
     want = ConceptBank(K, E)
-    want.update(cosine_argmax(sampled, codebook).reshape(-1), teacher_proj.reshape(-1, E),
-                generator=torch.Generator().manual_seed(8))
+    want.update(
+        cosine_argmax(sampled, codebook).reshape(-1),
+        teacher_proj.reshape(-1, E),
+        generator=torch.Generator().manual_seed(8),
+    )
     assert len(bank) > 0
     for got_t, want_t in zip(bank.contents(), want.contents()):
         torch.testing.assert_close(got_t, want_t, rtol=0, atol=0)

@@ -140,7 +140,7 @@ def test_modularity_loss_rejects_bad_shapes():
 
 def literal_grid_sample(x, order, k):
     batch, tokens, _ = x.shape
-    side = int(round(tokens ** 0.5))
+    side = int(round(tokens**0.5))
     cells = side // k
     out = torch.empty(batch, cells * cells, x.shape[2], dtype=x.dtype)
     n = 0
@@ -157,7 +157,7 @@ def literal_grid_sample(x, order, k):
 def unfold_grid_sample(x, order, k):
     """The unfold formulation: cells as k×k patches, one row-major pick per patch."""
     batch, tokens, dim = x.shape
-    side = int(round(tokens ** 0.5))
+    side = int(round(tokens**0.5))
     image = x.transpose(1, 2).reshape(batch, dim, side, side)
     patches = image.unfold(2, k, k).unfold(3, k, k).permute(0, 2, 3, 4, 5, 1)
     patches = patches.reshape(-1, k * k, dim)
@@ -194,7 +194,7 @@ def test_grid_sample_draws_exactly_torch_randint():
     torch.manual_seed(11)
     _, default_order = grid_sample_tokens(x)
     torch.manual_seed(11)
-    assert torch.equal(default_order, torch.randint(4 ** 2, size=(8,)))
+    assert torch.equal(default_order, torch.randint(4**2, size=(8,)))
 
 
 def test_grid_sample_is_reproducible_and_reuses_order():
@@ -300,8 +300,9 @@ def test_modularity_loss_shapes_dtypes_and_default_temperature():
         modularity_loss(codebook, feats[0])
     mixed = modularity_loss(codebook.float(), feats)
     assert mixed.dtype == torch.float64
-    torch.testing.assert_close(mixed, literal_modularity_loss(codebook.float().double(), feats),
-                               **TOLERANCES[torch.float64])
+    torch.testing.assert_close(
+        mixed, literal_modularity_loss(codebook.float().double(), feats), **TOLERANCES[torch.float64]
+    )
     assert torch.equal(soft_comembership(codebook, feats), soft_comembership(codebook, feats, temp=0.1))
     weights, edges = modularity_matrix(feats.to(torch.bfloat16))
     assert weights.dtype == torch.bfloat16 and edges.dtype == torch.bfloat16

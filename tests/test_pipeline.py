@@ -17,11 +17,11 @@ import predict
 import test as test_stage
 import train_front_door
 import train_mediator
-from utils.atomic import atomic_np_save, atomic_torch_save
-from tests._backbone_fixtures import make_fake_checkpoint
 from engine.cli import artifact_store
+from tests._backbone_fixtures import make_fake_checkpoint
 from tests._stage_flags import dataset_dir, flags, for_script, parse
 from utils import atomic
+from utils.atomic import atomic_np_save, atomic_torch_save
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,9 +57,15 @@ def test_all_stages_learn_and_write_artifacts(tmp_path, toy_dirs, dino_ckpt, hea
     train_mediator.main(parse(train_mediator, train))
     train_front_door.main(parse(train_front_door, train))
     fine_tuning.main(parse(fine_tuning, train))
-    val = flags(out, dino_ckpt, toy_dirs["val"], head,
-                ["--save_images", "2", "--crf_workers", "0", "--linear_crf", "yes"], resolution=96,
-                trained_on=toy_dirs["train"])
+    val = flags(
+        out,
+        dino_ckpt,
+        toy_dirs["val"],
+        head,
+        ["--save_images", "2", "--crf_workers", "0", "--linear_crf", "yes"],
+        resolution=96,
+        trained_on=toy_dirs["train"],
+    )
     test_stage.main(parse(test_stage, val))
 
     art = dataset_dir(out, toy_dirs["train"][0]) / "dino_tiny8" / "16"
@@ -87,8 +93,15 @@ def test_all_stages_learn_and_write_artifacts(tmp_path, toy_dirs, dino_ckpt, hea
         assert metrics[key]["mIoU"] > collapse_miou, (key, collapse_miou, scores)
     for key in ("linear", "linear_crf"):
         assert metrics[key]["pAcc"] > majority_pacc, (key, majority_pacc, scores)
-    for name in ("iou.md", "confusion.png", "panels/0000.png", "panels/0001.png", "front_door.jsonl",
-                 "front_door_loss.png", "config_test.json"):
+    for name in (
+        "iou.md",
+        "confusion.png",
+        "panels/0000.png",
+        "panels/0001.png",
+        "front_door.jsonl",
+        "front_door_loss.png",
+        "config_test.json",
+    ):
         assert (run / name).is_file(), name
     config = json.loads((run / "config_front_door.json").read_text())
     assert config["grad_clip"] == 1.0 and config["weight_decay"] == 1e-4 and config["num_queries"] == 144
@@ -96,8 +109,10 @@ def test_all_stages_learn_and_write_artifacts(tmp_path, toy_dirs, dino_ckpt, hea
     assert len(records) == 3 * 4 and {"loss_front", "loss_linear", "probe_acc", "lr"} <= set(records[0])
     # The learning-rate schedules (SPEC): stage 1 x0.2 every epoch, stage 3 x0.5 every two epochs.
     stage1_run = dataset_dir(out, toy_dirs["train"][0]) / "modularity" / "dino_tiny8" / "16"
-    for log, expected in ((stage1_run / "mediator.jsonl", [5e-3, 1e-3, 2e-4]),
-                          (run / "fine_tuning.jsonl", [5e-3, 5e-3, 2.5e-3])):
+    for log, expected in (
+        (stage1_run / "mediator.jsonl", [5e-3, 1e-3, 2e-4]),
+        (run / "fine_tuning.jsonl", [5e-3, 5e-3, 2.5e-3]),
+    ):
         lrs = {}
         for line in log.read_text().splitlines():
             record = json.loads(line)
@@ -107,10 +122,20 @@ def test_all_stages_learn_and_write_artifacts(tmp_path, toy_dirs, dino_ckpt, hea
     # predict.py on a folder of plain images, clusters renamed with test.py's matching.
     preds = tmp_path / "pred"
     images = toy_dirs["val"][0]
-    predict.main(parse(predict, 
-        flags(out, dino_ckpt, toy_dirs["val"], head, ["--inputs", str(images), "--output", str(preds),
-                                                       "--metrics", str(run / "metrics.json")], resolution=96,
-              trained_on=toy_dirs["train"])))
+    predict.main(
+        parse(
+            predict,
+            flags(
+                out,
+                dino_ckpt,
+                toy_dirs["val"],
+                head,
+                ["--inputs", str(images), "--output", str(preds), "--metrics", str(run / "metrics.json")],
+                resolution=96,
+                trained_on=toy_dirs["train"],
+            ),
+        )
+    )
     names = sorted(p.name for p in images.iterdir())
     assert sorted(p.name for p in preds.glob("*.color.png")) == [f"{n}.color.png" for n in names]
     ids = np.array(Image.open(preds / f"{names[0]}.png"))
@@ -139,37 +164,70 @@ def released_segment_state(dim, r, e, c):
 
 def test_test_stage_loads_released_layout(tmp_path, toy_dirs, dino_ckpt):
     out = tmp_path / "CAUSE"
-    args = parse(test_stage, flags(out, dino_ckpt, toy_dirs["val"], "mlp",
-                                                ["--crf", "no", "--baseline", "none", "--save_images", "0"]))
+    args = parse(
+        test_stage,
+        flags(out, dino_ckpt, toy_dirs["val"], "mlp", ["--crf", "no", "--baseline", "none", "--save_images", "0"]),
+    )
     store = artifact_store(args)
     atomic_np_save(np.random.default_rng(0).standard_normal((16, 48)).astype(np.float32), store.path("codebook"))
     atomic_torch_save(released_segment_state(48, 8, 16, 6), store.path("segment"))
     probe = torch.tensor([[1.0, 0, 0, 0, 0, 0, 0, 0], [0, 1.0, 0, 0, 0, 0, 0, 0]]).repeat(3, 1)
     atomic_torch_save(OrderedDict(codebook=torch.zeros(16, 48), cluster_probe=probe), store.path("cluster"))
     test_stage.main(args)
-    metrics = json.loads((dataset_dir(out, toy_dirs["val"][0]) / "dino_tiny8" / "16" / "mlp" / "metrics.json").read_text())
+    metrics = json.loads(
+        (dataset_dir(out, toy_dirs["val"][0]) / "dino_tiny8" / "16" / "mlp" / "metrics.json").read_text()
+    )
     assert set(metrics) >= {"cluster", "linear"} and "cluster_crf" not in metrics
     # Only the first two centroids are distinct (rows repeat), so at most two clusters get pixels.
     assert metrics["clusters_used"] <= 2
 
 
 def run_script(*argv, env=None):
-    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_missing_artifact_and_dataset_are_one_line_errors(tmp_path, toy_dirs, dino_ckpt):
-    res = run_script("fine_tuning.py", *for_script("fine_tuning.py", flags(tmp_path / "CAUSE", dino_ckpt,
-                                                                            toy_dirs["train"])))
+    res = run_script(
+        "fine_tuning.py", *for_script("fine_tuning.py", flags(tmp_path / "CAUSE", dino_ckpt, toy_dirs["train"]))
+    )
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "run train_mediator.py first" in res.stderr.strip().splitlines()[-1]
 
-    res = run_script("test.py", "--dataset", "folder", "--image_dir", str(toy_dirs["val"][0]), "--n_classes", "6",
-                     "--ckpt", dino_ckpt, "--out", str(tmp_path / "CAUSE"), "--cpu")
+    res = run_script(
+        "test.py",
+        "--dataset",
+        "folder",
+        "--image_dir",
+        str(toy_dirs["val"][0]),
+        "--n_classes",
+        "6",
+        "--ckpt",
+        dino_ckpt,
+        "--out",
+        str(tmp_path / "CAUSE"),
+        "--cpu",
+    )
     assert res.returncode == 2 and "Traceback" not in res.stderr and "predict.py" in res.stderr
 
-    res = run_script("train_mediator.py", "--dataset", "cocostuff27", "--data_dir", str(tmp_path / "nowhere"),
-                     "--ckpt", dino_ckpt, "--out", str(tmp_path / "CAUSE"), "--cpu")
+    res = run_script(
+        "train_mediator.py",
+        "--dataset",
+        "cocostuff27",
+        "--data_dir",
+        str(tmp_path / "nowhere"),
+        "--ckpt",
+        dino_ckpt,
+        "--out",
+        str(tmp_path / "CAUSE"),
+        "--cpu",
+    )
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert str(tmp_path / "nowhere") in res.stderr.strip().splitlines()[-1]
 
@@ -194,8 +252,20 @@ def test_two_process_stage1_matches_single_process(tmp_path, toy_dirs, dino_ckpt
     env = {"PYTHONPATH": str(ROOT)}
     res = run_script(worker, dino_ckpt, str(images), str(labels), "8", str(single), env=env)
     assert res.returncode == 0, res.stderr
-    res = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker, dino_ckpt,
-                     str(images), str(labels), "4", str(double), env=env)
+    res = run_script(
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        worker,
+        dino_ckpt,
+        str(images),
+        str(labels),
+        "4",
+        str(double),
+        env=env,
+    )
     assert res.returncode == 0, res.stderr
     a, b = json.loads(single.read_text()), json.loads(double.read_text())
     assert (a["world"], b["world"]) == (1, 2)
@@ -204,17 +274,23 @@ def test_two_process_stage1_matches_single_process(tmp_path, toy_dirs, dino_ckpt
 
 
 def test_backbone_normalisation_reaches_the_dataset(tmp_path, toy_dirs):
-    from models.backbone import CLIP_MEAN, CLIP_STD, load_backbone
     from engine.cli import Run
     from engine.config import resolve
+    from models.backbone import CLIP_MEAN, CLIP_STD, load_backbone
     from utils.distributed import setup
 
-    unicom = load_backbone(str(make_fake_checkpoint(tmp_path / "FP16-ViT-B-16.pt", "unicom", embed_dim=48,
-                                                    depth=2, patch_size=16, img_size=64)))
+    unicom = load_backbone(
+        str(
+            make_fake_checkpoint(
+                tmp_path / "FP16-ViT-B-16.pt", "unicom", embed_dim=48, depth=2, patch_size=16, img_size=64
+            )
+        )
+    )
     assert (unicom.family, unicom.mean, unicom.std) == ("unicom", tuple(CLIP_MEAN), tuple(CLIP_STD))
     images, labels = toy_dirs["val"]
-    args = parse(test_stage, ["--dataset", "folder", "--image_dir", str(images), "--label_dir",
-                                           str(labels), "--n_classes", "6"])
+    args = parse(
+        test_stage, ["--dataset", "folder", "--image_dir", str(images), "--label_dir", str(labels), "--n_classes", "6"]
+    )
     run = Run(resolve(args, 16, 6), setup("0", use_cpu=True), unicom, None)
     item = run.dataset("val", 96)[0]
     raw = torch.from_numpy(np.array(Image.open(sorted(images.iterdir())[0]).convert("RGB"))).float() / 255
@@ -229,8 +305,10 @@ def test_drop_last_flag_keeps_or_skips_the_incomplete_batch(tmp_path, toy_dirs, 
     from models.backbone import load_backbone
     from utils.distributed import setup
 
-    args = parse(train_mediator, flags(tmp_path, dino_ckpt, toy_dirs["train"],
-                                       extra=["--batch_size", "5", "--drop_last", drop_last]))
+    args = parse(
+        train_mediator,
+        flags(tmp_path, dino_ckpt, toy_dirs["train"], extra=["--batch_size", "5", "--drop_last", drop_last]),
+    )
     loader, sampler = Run(resolve(args, 8, 6), setup("0", use_cpu=True), load_backbone(dino_ckpt), None).train_loader()
     sampler.set_epoch(0)
     batches = [batch["ind"].tolist() for batch in loader]
@@ -241,18 +319,28 @@ def test_drop_last_flag_keeps_or_skips_the_incomplete_batch(tmp_path, toy_dirs, 
 def test_run_sh_with_a_unicom_checkpoint(tmp_path, toy_dirs):
     """Every stage and the test stage run with a Unicom-format checkpoint."""
     # Spaces in the checkpoint, output and data paths (run.sh quotes them).
-    ckpt = make_fake_checkpoint(tmp_path / "check points" / "FP16-ViT-B-16.pt", "unicom", embed_dim=48, depth=2,
-                                patch_size=16, img_size=64)
+    ckpt = make_fake_checkpoint(
+        tmp_path / "check points" / "FP16-ViT-B-16.pt", "unicom", embed_dim=48, depth=2, patch_size=16, img_size=64
+    )
     images, labels = toy_dirs["train"]
     # 128 px: patch 16 then leaves 4 grid-sampled tokens per image (at 64 px, one: a NaN modularity loss).
-    extra = (f"--image_dir {images} --label_dir {labels} --n_classes 6 --num_codebook 16 --batch_size 4 "
-             f"--num_workers 0 --train_resolution 128 --cpu")
-    env = {"dataset": "folder", "ckpt": str(ckpt), "out": str(tmp_path / "CAUSE out"), "extra": extra,
-           "head_flags": "--projection_dim 16 --reduced_dim 8", "train_flags": "--max_steps 2 --epoch 1",
-           "test_flags": "--crf_workers 0 --save_images 1 --test_resolution 128",
-           "data_dir": str(tmp_path / "my data")}
-    res = subprocess.run(["bash", "run.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, **env})
+    extra = (
+        f"--image_dir {images} --label_dir {labels} --n_classes 6 --num_codebook 16 --batch_size 4 "
+        f"--num_workers 0 --train_resolution 128 --cpu"
+    )
+    env = {
+        "dataset": "folder",
+        "ckpt": str(ckpt),
+        "out": str(tmp_path / "CAUSE out"),
+        "extra": extra,
+        "head_flags": "--projection_dim 16 --reduced_dim 8",
+        "train_flags": "--max_steps 2 --epoch 1",
+        "test_flags": "--crf_workers 0 --save_images 1 --test_resolution 128",
+        "data_dir": str(tmp_path / "my data"),
+    }
+    res = subprocess.run(
+        ["bash", "run.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **env}
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     run = dataset_dir(tmp_path / "CAUSE out", images) / "FP16-ViT-B-16" / "16" / "mlp"
     metrics = json.loads((run / "metrics.json").read_text())
@@ -266,9 +354,26 @@ def test_corrupt_image_in_a_worker_is_a_one_line_error(tmp_path, dino_ckpt):
     images.mkdir()
     for i in range(4):
         (images / f"{i}.png").write_bytes(b"not a png")
-    res = run_script("train_mediator.py", "--dataset", "folder", "--image_dir", str(images), "--n_classes", "3",
-                     "--ckpt", dino_ckpt, "--out", str(tmp_path / "CAUSE"), "--num_workers", "1",
-                     "--batch_size", "2", "--train_resolution", "64", "--cpu")
+    res = run_script(
+        "train_mediator.py",
+        "--dataset",
+        "folder",
+        "--image_dir",
+        str(images),
+        "--n_classes",
+        "3",
+        "--ckpt",
+        dino_ckpt,
+        "--out",
+        str(tmp_path / "CAUSE"),
+        "--num_workers",
+        "1",
+        "--batch_size",
+        "2",
+        "--train_resolution",
+        "64",
+        "--cpu",
+    )
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert lines[-1].startswith("error: ") and any(f"{i}.png" in lines[-1] for i in range(4))
@@ -280,8 +385,13 @@ def test_ctrl_c_stops_a_stage_without_artifacts(tmp_path, toy_dirs, dino_ckpt):
 
     out = tmp_path / "CAUSE"
     argv = flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--epoch", "1000"])
-    proc = subprocess.Popen([sys.executable, "train_mediator.py", *for_script("train_mediator.py", argv)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "train_mediator.py", *for_script("train_mediator.py", argv)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     log = dataset_dir(out, toy_dirs["train"][0]) / "modularity" / "dino_tiny8" / "16" / "mediator.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.is_file() and log.read_text().count("\n") >= 2):

@@ -43,13 +43,21 @@ def write_odd_pictures(folder):
     exif = Image.Exif()
     exif[EXIF_ORIENTATION] = 6  # stored 100 wide x 60 high, displayed rotated: 60 wide x 100 high
     Image.fromarray(gradient(60, 100)).save(folder / "rotated.jpg", exif=exif)
-    return {"tall.jpg": (517, 333), "gray.png": (70, 90), "alpha.png": (50, 81), "deep16.png": (66, 99),
-            "rotated.jpg": (100, 60)}
+    return {
+        "tall.jpg": (517, 333),
+        "gray.png": (70, 90),
+        "alpha.png": (50, 81),
+        "deep16.png": (66, 99),
+        "rotated.jpg": (100, 60),
+    }
 
 
 def run_predict(ckpt, head, paths, inputs, output, *extra):
-    args = parse(predict, head_flags(ckpt, head, paths, output.parent / "CAUSE")
-                                       + ["--inputs", str(inputs), "--output", str(output), *extra])
+    args = parse(
+        predict,
+        head_flags(ckpt, head, paths, output.parent / "CAUSE")
+        + ["--inputs", str(inputs), "--output", str(output), *extra],
+    )
     return predict.main(args)
 
 
@@ -103,8 +111,12 @@ def test_16_bit_palette_and_exif_pictures_are_read_as_displayed(tmp_path):
 def test_output_equal_to_inputs_is_refused_and_leaves_inputs_untouched(tmp_path, dino_ckpt, released, capsys):
     write_odd_pictures(tmp_path / "in")
     before = digest(tmp_path / "in")
-    code, _, err = run_cli(predict, head_flags(dino_ckpt, "mlp", released["mlp"], tmp_path / "CAUSE") + [
-        "--inputs", str(tmp_path / "in"), "--output", str(tmp_path / "in"), "--overwrite"], capsys)
+    code, _, err = run_cli(
+        predict,
+        head_flags(dino_ckpt, "mlp", released["mlp"], tmp_path / "CAUSE")
+        + ["--inputs", str(tmp_path / "in"), "--output", str(tmp_path / "in"), "--overwrite"],
+        capsys,
+    )
     assert code == 2 and "Traceback" not in err
     assert "is an input folder" in err.strip().splitlines()[-1]
     assert digest(tmp_path / "in") == before
@@ -141,8 +153,12 @@ def test_corrupt_file_is_skipped_by_name_and_the_exit_code_says_so(tmp_path, din
     for name in ("a.png", "c.png"):
         Image.fromarray(gradient(64, 70)).save(folder / name)
     (folder / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    code, out, err = run_cli(predict, head_flags(dino_ckpt, "mlp", released["mlp"], tmp_path / "CAUSE") + [
-        "--inputs", str(folder), "--output", str(tmp_path / "out"), "--crf", "no"], capsys)
+    code, out, err = run_cli(
+        predict,
+        head_flags(dino_ckpt, "mlp", released["mlp"], tmp_path / "CAUSE")
+        + ["--inputs", str(folder), "--output", str(tmp_path / "out"), "--crf", "no"],
+        capsys,
+    )
     assert code == EXIT_SKIPPED_INPUTS == 4, err[-2000:]
     warnings = [line for line in err.splitlines() if line.startswith("warning: skipped")]
     assert len(warnings) == 1 and str(folder / "b.png") in warnings[0]
@@ -155,8 +171,17 @@ def test_released_heads_load_by_path_in_test_and_predict(tmp_path, toy_dirs, din
     out = tmp_path / "CAUSE"
     images, labels = toy_dirs["val"]
     flags = head_flags(dino_ckpt, "tr", released["tr"], out) + [
-        "--image_dir", str(images), "--label_dir", str(labels), "--crf", "no", "--baseline", "none",
-        "--save_images", "1"]
+        "--image_dir",
+        str(images),
+        "--label_dir",
+        str(labels),
+        "--crf",
+        "no",
+        "--baseline",
+        "none",
+        "--save_images",
+        "1",
+    ]
     test_stage.main(parse(test_stage, flags))
     metrics_path = next(out.rglob("metrics.json"))
     metrics = json.loads(metrics_path.read_text())
@@ -168,15 +193,21 @@ def test_released_heads_load_by_path_in_test_and_predict(tmp_path, toy_dirs, din
     assert ids.shape == (96, 96) and set(np.unique(ids).tolist()) <= set(metrics["cluster"]["assignment"])
 
 
-@pytest.mark.parametrize("change,expected", [
-    (["--head", "mlp"], "head=tr"),
-    (["--n_classes", "5"], "n_classes=6"),
-    (["--train_resolution", "96", "--test_resolution", "96"], "num_queries=64"),
-    (["--reduced_dim", "12"], "reduced_dim=8"),
-])
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        (["--head", "mlp"], "head=tr"),
+        (["--n_classes", "5"], "n_classes=6"),
+        (["--train_resolution", "96", "--test_resolution", "96"], "num_queries=64"),
+        (["--reduced_dim", "12"], "reduced_dim=8"),
+    ],
+)
 def test_mismatched_head_is_one_line_naming_both_sides(tmp_path, dino_ckpt, released, change, expected):
-    argv = head_flags(dino_ckpt, "tr", released["tr"], tmp_path / "CAUSE") + change + [
-        "--inputs", str(tmp_path), "--output", str(tmp_path / "out")]
+    argv = (
+        head_flags(dino_ckpt, "tr", released["tr"], tmp_path / "CAUSE")
+        + change
+        + ["--inputs", str(tmp_path), "--output", str(tmp_path / "out")]
+    )
     Image.fromarray(gradient(64, 64)).save(tmp_path / "p.png")
     with pytest.raises(BadInputError) as err:  # the pre-flight check reads the file before any module is built
         predict.main(parse(predict, argv))
@@ -187,8 +218,12 @@ def test_mismatched_head_is_one_line_naming_both_sides(tmp_path, dino_ckpt, rele
 
 def test_mismatched_head_from_the_command_line_exits_2(tmp_path, dino_ckpt, released, capsys):
     Image.fromarray(gradient(64, 64)).save(tmp_path / "p.png")
-    code, _, err = run_cli(test_stage, head_flags(dino_ckpt, "mlp", released["tr"], tmp_path / "CAUSE") + [
-        "--image_dir", str(tmp_path), "--label_dir", str(tmp_path)], capsys)
+    code, _, err = run_cli(
+        test_stage,
+        head_flags(dino_ckpt, "mlp", released["tr"], tmp_path / "CAUSE")
+        + ["--image_dir", str(tmp_path), "--label_dir", str(tmp_path)],
+        capsys,
+    )
     lines = err.strip().splitlines()
     assert code == 2 and "Traceback" not in err
     assert "holds head=tr, width=48" in lines[-1] and "expected head=mlp" in lines[-1]

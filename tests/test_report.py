@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 import test as test_stage
+from engine.report import SECTIONS, STAGES, render_report
 from tests._released_heads import head_flags, write_released_heads
 from tests._stage_flags import dataset_dir, parse
-from engine.report import SECTIONS, STAGES, render_report
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 N_EXAMPLES = 2
@@ -35,9 +35,22 @@ def report(tmp_path_factory, toy_dirs, dino_ckpt):
     images, labels = toy_dirs["val"]
     data = dataset_dir(out, images)
     write_stage_logs(data / "dino_tiny8" / "16" / "mlp", data / "modularity" / "dino_tiny8" / "16")
-    test_stage.main(parse(test_stage, head_flags(dino_ckpt, "mlp", paths, out) + [
-        "--image_dir", str(images), "--label_dir", str(labels), "--crf_workers", "0",
-        "--save_images", str(N_EXAMPLES)]))
+    test_stage.main(
+        parse(
+            test_stage,
+            head_flags(dino_ckpt, "mlp", paths, out)
+            + [
+                "--image_dir",
+                str(images),
+                "--label_dir",
+                str(labels),
+                "--crf_workers",
+                "0",
+                "--save_images",
+                str(N_EXAMPLES),
+            ],
+        )
+    )
     run = data / "dino_tiny8" / "16" / "mlp"
     return run / "report.html", json.loads((run / "metrics.json").read_text())
 
@@ -76,8 +89,12 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         assert f'<section id="{section}">' in dom.stdout, section
     assert dom.stdout.count("<img") == 1 + 1 + len(STAGES) + N_EXAMPLES
     shot = tmp_path / "report.png"
-    res = subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1200,2400", path.as_uri()],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [*flags, f"--screenshot={shot}", "--window-size=1200,2400", path.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0 and shot.is_file(), res.stderr[-2000:]
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
     assert pixels.shape == (2400, 1200)
@@ -86,8 +103,15 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
 
 
 def test_a_missing_stage_log_is_said_not_hidden(tmp_path):
-    result = {"dataset": "toy", "head": "mlp", "backbone": "b", "n_classes": 2, "clusters_used": 1,
-              "class_names": ["a", "b"], "cluster": {"mIoU": 50.0, "pAcc": 60.0, "iou": [100.0, float("nan")]}}
+    result = {
+        "dataset": "toy",
+        "head": "mlp",
+        "backbone": "b",
+        "n_classes": 2,
+        "clusters_used": 1,
+        "class_names": ["a", "b"],
+        "cluster": {"mIoU": 50.0, "pAcc": 60.0, "iou": [100.0, float("nan")]},
+    }
     page = render_report({"seed": 0}, result, None, [], [str(tmp_path)])
     for stage in STAGES:
         assert f"no {stage}.jsonl log found" in page

@@ -19,9 +19,9 @@ import train_front_door
 import train_mediator
 from engine import cli
 from engine.loop import Trainer, step_schedules
+from tests._stage_flags import dataset_dir, flags, for_script, parse
 from utils.distributed import setup
 from utils.errors import NonFiniteLossError, WorkerFailedError
-from tests._stage_flags import dataset_dir, flags, for_script, parse
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,9 +46,15 @@ def start(script, argv):
     # The same intra-op thread count as this process, so that CPU results are bit-identical.
     # SIGINT back to its default: a shell ignores it in background jobs, and Python would inherit that.
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    return subprocess.Popen([sys.executable, script, *for_script(script, argv)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        [sys.executable, script, *for_script(script, argv)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def wait_for_steps(proc, log, state, steps, timeout=120):
@@ -105,7 +111,11 @@ def test_sigkilled_stage2_resumes_to_the_uninterrupted_artifact(tmp_path, traine
 def test_interrupted_stage3_keeps_the_old_artifacts_and_resumes(tmp_path, trained, toy_dirs, dino_ckpt):
     out = copy_of(trained, tmp_path)
     argv = flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--epoch", "5", "--save_every", "2"])
-    run, segment, cluster = artifacts(out, toy_dirs) / "mlp", artifacts(out, toy_dirs) / "segment_mlp.pth", artifacts(out, toy_dirs) / "cluster_mlp.pth"
+    run, segment, cluster = (
+        artifacts(out, toy_dirs) / "mlp",
+        artifacts(out, toy_dirs) / "segment_mlp.pth",
+        artifacts(out, toy_dirs) / "cluster_mlp.pth",
+    )
     stage2 = segment.read_bytes()
     fine_tuning.main(parse(fine_tuning, argv))
     shutil.copy(segment, tmp_path / "segment_ref.pth")
@@ -129,8 +139,9 @@ def test_interrupted_stage3_keeps_the_old_artifacts_and_resumes(tmp_path, traine
     assert not list(run.glob("state_*"))
 
 
-def test_nan_loss_stops_the_stage_and_keeps_the_last_good_state(tmp_path, trained, toy_dirs, dino_ckpt, capsys,
-                                                                 monkeypatch):
+def test_nan_loss_stops_the_stage_and_keeps_the_last_good_state(
+    tmp_path, trained, toy_dirs, dino_ckpt, capsys, monkeypatch
+):
     out = copy_of(trained, tmp_path)
     os.remove(artifacts(out, toy_dirs) / "segment_mlp.pth")
     argv = flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--epoch", "2", "--save_every", "1"])
@@ -161,8 +172,11 @@ def test_nan_loss_stops_the_stage_and_keeps_the_last_good_state(tmp_path, traine
     # The state is only resumed with the flags it was saved with, and --resume yes needs one.
     monkeypatch.setattr(train_front_door, "front_door_step", real_step)
     with pytest.raises(SystemExit) as stop:
-        cli.run(train_front_door.main, train_front_door.parser(),
-                for_script(train_front_door, argv + ["--resume", "auto", "--lr", "0.01"]))
+        cli.run(
+            train_front_door.main,
+            train_front_door.parser(),
+            for_script(train_front_door, argv + ["--resume", "auto", "--lr", "0.01"]),
+        )
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and "--lr 0.001 -> 0.01" in err[-1] and "--resume no" in err[-1]
     other = flags(tmp_path / "other", dino_ckpt, toy_dirs["train"], "mlp", ["--resume", "yes"])
@@ -173,8 +187,17 @@ def test_nan_loss_stops_the_stage_and_keeps_the_last_good_state(tmp_path, traine
 
 def test_a_state_with_non_finite_parameters_is_never_saved(tmp_path):
     model = torch.nn.Linear(3, 2)
-    trainer = Trainer("toy", setup("0", use_cpu=True), str(tmp_path), epochs=1, max_steps=None, save_every=1,
-                      amp=False, flags={}, shared={"model": model})
+    trainer = Trainer(
+        "toy",
+        setup("0", use_cpu=True),
+        str(tmp_path),
+        epochs=1,
+        max_steps=None,
+        save_every=1,
+        amp=False,
+        flags={},
+        shared={"model": model},
+    )
     trainer.save_state()
     saved = (tmp_path / "state_toy.pt").read_bytes()
     with torch.no_grad():
@@ -192,8 +215,7 @@ def spawned_workers(parent):
 
 def test_a_killed_rank_stops_the_job_and_resume_completes_it(tmp_path, trained, toy_dirs, dino_ckpt):
     out = copy_of(trained, tmp_path)
-    argv = flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--epoch", "5", "--save_every", "1",
-                                                            "--port", free_port()])
+    argv = flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--epoch", "5", "--save_every", "1", "--port", free_port()])
     argv[argv.index("--gpu") + 1] = "0,1"
     run = artifacts(out, toy_dirs) / "mlp"
     proc = start("train_front_door.py", argv)

@@ -123,9 +123,13 @@ def literal_tr_head(tokens, codebook, sd, prefix):
 
     def attn(name, q, k, v):
         return literal_attention(
-            q, k, v,
-            sd[f"{p}.{name}.in_proj_weight"], sd[f"{p}.{name}.in_proj_bias"],
-            sd[f"{p}.{name}.out_proj.weight"], sd[f"{p}.{name}.out_proj.bias"],
+            q,
+            k,
+            v,
+            sd[f"{p}.{name}.in_proj_weight"],
+            sd[f"{p}.{name}.in_proj_bias"],
+            sd[f"{p}.{name}.out_proj.weight"],
+            sd[f"{p}.{name}.out_proj.bias"],
         )
 
     def norm(name, x):
@@ -412,8 +416,10 @@ def test_first_teacher_update_follows_the_tied_reference_teacher(kind):
             optimizer.zero_grad()
         project.update_teacher(0.9, tied=step == 0)
         with torch.no_grad():
-            for student, teacher in ((literal.head, literal.head_ema),
-                                     (literal.projection_head, literal.projection_head_ema)):
+            for student, teacher in (
+                (literal.head, literal.head_ema),
+                (literal.projection_head, literal.projection_head_ema),
+            ):
                 for param, param_ema in zip(student.parameters(), teacher.parameters()):
                     param_ema.data = 0.9 * param_ema.data + (1 - 0.9) * param.data  # the reference's update
         for (name, ours), theirs in zip(project.named_parameters(), literal.parameters()):
@@ -557,8 +563,11 @@ def test_cluster_init_is_symmetric_uniform():
 
 def test_tr_codebook_follows_the_head_and_error_text():
     head = HeadTR(4, 3, num_queries=4).double()
-    with pytest.raises(RuntimeError, match=r"^the TR head has no codebook: call set_codebook\(\) with the "
-                                          r"stage-1 modular\.npy first$"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"^the TR head has no codebook: call set_codebook\(\) with the "
+        r"stage-1 modular\.npy first$",
+    ):
         head(torch.randn(1, 4, 4, dtype=torch.float64))
     head.set_codebook(torch.randn(5, 4))
     assert head.codebook.dtype == torch.float64

@@ -27,8 +27,9 @@ def one_step_grads(segment, reference):
     return ({name: p.grad for name, p in segment.named_parameters()}, probe.grad)
 
 
-@pytest.mark.parametrize("make", [lambda: SegmentMLP(16, 8, 12, 5), lambda: SegmentTR(16, 8, 12, 5, 64)],
-                         ids=["mlp", "tr"])
+@pytest.mark.parametrize(
+    "make", [lambda: SegmentMLP(16, 8, 12, 5), lambda: SegmentTR(16, 8, 12, 5, 64)], ids=["mlp", "tr"]
+)
 def test_reference_stage3_trains_the_teacher_head_and_label_free_does_not(make):
     for reference in (True, False):
         torch.manual_seed(1)
@@ -68,15 +69,25 @@ def test_label_free_stage3_leaves_the_teacher_head_bit_identical(tmp_path, toy_d
         copies[choice] = tmp_path / choice
         copies[choice].mkdir()
         for name in ("segment_mlp.pth", "cluster_mlp.pth", "cluster_mlp.pth.json") + (
-                ("segment_mlp.pth.json",) if choice == "no" else ()):
+            ("segment_mlp.pth.json",) if choice == "no" else ()
+        ):
             shutil.copy(path.parent / name, copies[choice] / name)
     # test.py reports the protocol of the head it evaluates, from the head's own provenance record;
     # a head by path without one is "unknown".
-    evaluate = flags(out, dino_ckpt, toy_dirs["val"], "mlp", ["--crf", "no", "--save_images", "0"],
-                     trained_on=toy_dirs["train"])
+    evaluate = flags(
+        out, dino_ckpt, toy_dirs["val"], "mlp", ["--crf", "no", "--save_images", "0"], trained_on=toy_dirs["train"]
+    )
     for by_path, expected in ((None, "reference"), ("no", "label_free"), ("yes", "unknown")):
-        extra = [] if by_path is None else ["--segment", str(copies[by_path] / "segment_mlp.pth"),
-                                            "--cluster", str(copies[by_path] / "cluster_mlp.pth")]
+        extra = (
+            []
+            if by_path is None
+            else [
+                "--segment",
+                str(copies[by_path] / "segment_mlp.pth"),
+                "--cluster",
+                str(copies[by_path] / "cluster_mlp.pth"),
+            ]
+        )
         test_stage.main(parse(test_stage, evaluate + extra))
         assert json.loads((path.parent / "mlp" / "metrics.json").read_text())["stage3"] == expected, by_path
     assert moved["no"] == [] and len(moved["yes"]) > 0

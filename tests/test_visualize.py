@@ -7,17 +7,34 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.visualize import (CITYSCAPES_COLORS, colorize, colormap, dataset_colormap, plot_confusion,
-                             plot_losses, save_iou_table, save_panel)
+from utils.visualize import (
+    CITYSCAPES_COLORS,
+    colorize,
+    colormap,
+    dataset_colormap,
+    plot_confusion,
+    plot_losses,
+    save_iou_table,
+    save_panel,
+)
 
 
 def test_colormap_is_the_pascal_palette_and_distinct():
     cmap = colormap(27)
     assert cmap.shape == (27, 3) and cmap.dtype == np.uint8
-    assert cmap[:9].tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128],
-                                 [128, 0, 128], [0, 128, 128], [128, 128, 128], [64, 0, 0]]
-    assert cmap[15].tolist() == [192, 128, 128]     # VOC person
-    assert cmap[20].tolist() == [0, 64, 128]        # VOC tv monitor
+    assert cmap[:9].tolist() == [
+        [0, 0, 0],
+        [128, 0, 0],
+        [0, 128, 0],
+        [128, 128, 0],
+        [0, 0, 128],
+        [128, 0, 128],
+        [0, 128, 128],
+        [128, 128, 128],
+        [64, 0, 0],
+    ]
+    assert cmap[15].tolist() == [192, 128, 128]  # VOC person
+    assert cmap[20].tolist() == [0, 64, 128]  # VOC tv monitor
     assert len({tuple(c) for c in colormap(512)}) == 512
     with pytest.raises(ValueError, match="n_classes"):
         colormap(0)
@@ -26,9 +43,9 @@ def test_colormap_is_the_pascal_palette_and_distinct():
 def test_dataset_colormap():
     city = dataset_colormap("cityscapes", 27)
     assert city.shape == (27, 3)
-    assert city[0].tolist() == [128, 64, 128]      # road, label id 7
-    assert city[19].tolist() == [0, 0, 142]        # car, label id 26
-    assert city[26].tolist() == [119, 11, 32]      # bicycle, label id 33
+    assert city[0].tolist() == [128, 64, 128]  # road, label id 7
+    assert city[19].tolist() == [0, 0, 142]  # car, label id 26
+    assert city[26].tolist() == [119, 11, 32]  # bicycle, label id 33
     assert len(CITYSCAPES_COLORS) == 27
     assert np.array_equal(dataset_colormap("cocostuff27", 27), colormap(27))
     with pytest.raises(ValueError, match="27 classes"):
@@ -58,8 +75,8 @@ def test_save_panel_writes_the_pictures_at_native_resolution(tmp_path):
     picture = np.array(Image.open(path).convert("RGB"))
     assert picture.shape == (height + 24, 5 * width + 4 * 4, 3)
     assert np.array_equal(picture[24:, :width], image)
-    assert np.array_equal(picture[24:, width + 4: 2 * width + 4], colorize(gt, cmap))
-    assert np.array_equal(picture[24:, 4 * (width + 4):], colorize(cluster, cmap))
+    assert np.array_equal(picture[24:, width + 4 : 2 * width + 4], colorize(gt, cmap))
+    assert np.array_equal(picture[24:, 4 * (width + 4) :], colorize(cluster, cmap))
     assert os.listdir(path.parent) == ["0.png"]
 
 
@@ -81,7 +98,7 @@ def test_plot_losses_from_jsonl_and_list(tmp_path):
     plot_losses(str(log), str(out))
     with Image.open(out) as picture:
         assert picture.format == "PNG"
-        assert picture.size == (600, 440)          # two subplots: loss, loss_lin
+        assert picture.size == (600, 440)  # two subplots: loss, loss_lin
     plot_losses(records, str(out), keys=["loss"])
     assert Image.open(out).size == (600, 220)
     log.write_text('{"step": 0, "loss": 1}\nnot json\n')

@@ -12,9 +12,9 @@ import pytest
 import fine_tuning
 import train_front_door
 import train_mediator
+from engine.loop import Trainer
 from modules.bank import ConceptBank
 from modules.segment import SegmentBase
-from engine.loop import Trainer
 from tests._stage_flags import flags, parse
 
 
@@ -57,15 +57,35 @@ def stage_runs(tmp_path_factory, toy_dirs, dino_ckpt):
         records["update_teacher"] = spy(monkeypatch, SegmentBase, "update_teacher")
         records["stage2_step"] = spy(monkeypatch, Trainer, "step")
         monkeypatch.setattr(train_front_door, "ConceptBank", RecordedBank)
-        train_front_door.main(parse(train_front_door, base + [
-            "--contrastive_temp", "0.2", "--pos_thresh", "0.4", "--neg_thresh", "0.05", "--bank_capacity", "7",
-            "--bank_keep_ratio", "0.25", "--ema_momentum", "0.9", "--grad_clip", "0.7"]))
+        train_front_door.main(
+            parse(
+                train_front_door,
+                base
+                + [
+                    "--contrastive_temp",
+                    "0.2",
+                    "--pos_thresh",
+                    "0.4",
+                    "--neg_thresh",
+                    "0.05",
+                    "--bank_capacity",
+                    "7",
+                    "--bank_keep_ratio",
+                    "0.25",
+                    "--ema_momentum",
+                    "0.9",
+                    "--grad_clip",
+                    "0.7",
+                ],
+            )
+        )
         monkeypatch.undo()
 
         records["fine_tuning_step"] = spy(monkeypatch, fine_tuning, "fine_tuning_step")
         records["stage3_step"] = spy(monkeypatch, Trainer, "step")
-        fine_tuning.main(parse(fine_tuning, base + [
-            "--modularity_temp", "0.3", "--reference_stage3", "no", "--grad_clip", "0.6"]))
+        fine_tuning.main(
+            parse(fine_tuning, base + ["--modularity_temp", "0.3", "--reference_stage3", "no", "--grad_clip", "0.6"])
+        )
     finally:
         monkeypatch.undo()
     return records

@@ -51,8 +51,10 @@ def unnormalize_to_uint8(img, mean, std):
 def _check_image(image):
     image = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"dense_crf expects an RGB uint8 image [H, W, 3], got {image.dtype} array of "
-                         f"shape {image.shape} (use unnormalize_to_uint8 on normalised tensors)")
+        raise ValueError(
+            f"dense_crf expects an RGB uint8 image [H, W, 3], got {image.dtype} array of "
+            f"shape {image.shape} (use unnormalize_to_uint8 on normalised tensors)"
+        )
     return image
 
 
@@ -75,8 +77,7 @@ def dense_crf(image, logits, iters=10):
     scores = _check_scores(logits)
     height, width = image.shape[:2]
     n_classes = scores.shape[0]
-    scores = F.interpolate(scores.unsqueeze(0), size=(height, width), mode="bilinear",
-                           align_corners=False)[0]
+    scores = F.interpolate(scores.unsqueeze(0), size=(height, width), mode="bilinear", align_corners=False)[0]
     probs = F.softmax(scores, dim=0).numpy()
     unary = np.ascontiguousarray(dcrf_utils.unary_from_softmax(probs))
     crf = dcrf.DenseCRF2D(width, height, n_classes)
@@ -111,8 +112,9 @@ def _prepare_batch(images, logits, iters):
     if len(images) != scores.shape[0]:
         raise ValueError(f"got {len(images)} images but class scores for {scores.shape[0]}")
     if len({image.shape for image in images}) > 1:
-        raise ValueError("all images of a CRF batch must have the same size, got "
-                         f"{sorted({image.shape for image in images})}")
+        raise ValueError(
+            f"all images of a CRF batch must have the same size, got {sorted({image.shape for image in images})}"
+        )
     scores = scores.numpy()
     return [(image, scores[i], int(iters)) for i, image in enumerate(images)]
 
@@ -157,10 +159,14 @@ class CRFJob:
             except Exception as failure:
                 error = failure
                 self.crf_pool._discard_pool()
-        reason = "timed out" if isinstance(error, multiprocessing.TimeoutError) else \
-            f"failed ({type(error).__name__}: {error})"
-        warnings.warn(f"CRF worker pool {reason}; computing the CRF of this batch serially",
-                      RuntimeWarning, stacklevel=3)
+        reason = (
+            "timed out"
+            if isinstance(error, multiprocessing.TimeoutError)
+            else f"failed ({type(error).__name__}: {error})"
+        )
+        warnings.warn(
+            f"CRF worker pool {reason}; computing the CRF of this batch serially", RuntimeWarning, stacklevel=3
+        )
         return [_crf_task(task) for task in self.tasks]
 
 

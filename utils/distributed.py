@@ -73,8 +73,7 @@ def setup(gpu="0", use_cpu=False, timeout_min=DEFAULT_TIMEOUT_MIN):
     device = _device(local_rank, gpu_ids, use_cpu)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(minutes=timeout_min))
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=timeout_min))
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
@@ -94,8 +93,9 @@ def leave():
 
 
 def _spawned(local_rank, main, args, world, port):
-    os.environ.update(CAUSE_SPAWN_RANK=str(local_rank), CAUSE_SPAWN_WORLD=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        CAUSE_SPAWN_RANK=str(local_rank), CAUSE_SPAWN_WORLD=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     try:
         main(args)
         leave()
@@ -132,9 +132,10 @@ def launch(main, args):
         if err.signal_name is None and err.exit_code in EXIT_CODES and err.exit_code > 1:
             raise SpawnedExit(err.exit_code) from None
         how = f"was killed by {err.signal_name}" if err.signal_name else f"exited with code {err.exit_code}"
-        raise WorkerFailedError(f"process {err.error_index} of {len(gpu_ids)} {how}; the other processes were "
-                                f"stopped (a resumable state, if one was saved, continues with --resume auto)"
-                                ) from None
+        raise WorkerFailedError(
+            f"process {err.error_index} of {len(gpu_ids)} {how}; the other processes were "
+            f"stopped (a resumable state, if one was saved, continues with --resume auto)"
+        ) from None
 
 
 def all_reduce_mean_grads(params, info):
@@ -157,7 +158,7 @@ def all_reduce_mean_grads(params, info):
     flat /= info.world_size
     offset = 0
     for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
 
 

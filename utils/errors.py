@@ -80,5 +80,5 @@ def one_line(err):
     last = lines[-1]
     for head in (f"{type(err).__module__}.{type(err).__name__}: ", f"{type(err).__name__}: "):
         if last.startswith(head):
-            return last[len(head):]
+            return last[len(head) :]
     return last

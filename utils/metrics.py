@@ -42,11 +42,11 @@ class UnsupervisedMetrics:
         pred = torch.as_tensor(pred)
         label = torch.as_tensor(label)
         if pred.shape != label.shape:
-            raise ValueError(f"prediction shape {tuple(pred.shape)} does not match label shape "
-                             f"{tuple(label.shape)}")
+            raise ValueError(f"prediction shape {tuple(pred.shape)} does not match label shape {tuple(label.shape)}")
         if pred.is_floating_point() or label.is_floating_point():
-            raise ValueError("prediction and label must be integer tensors (class ids), got "
-                             f"{pred.dtype} and {label.dtype}")
+            raise ValueError(
+                f"prediction and label must be integer tensors (class ids), got {pred.dtype} and {label.dtype}"
+            )
         n = self.n_classes
         pred = pred.reshape(-1).long()
         label = label.to(pred.device).reshape(-1).long()
@@ -59,8 +59,7 @@ class UnsupervisedMetrics:
         if not self.hungarian:
             return torch.arange(self.n_classes)
         if int(self.histogram.sum()) == 0:
-            raise RuntimeError("no labelled pixel has been counted yet: call update() before "
-                               "compute() or map()")
+            raise RuntimeError("no labelled pixel has been counted yet: call update() before compute() or map()")
         clusters, classes = linear_sum_assignment(self.histogram.numpy(), maximize=True)
         assignment = np.empty(self.n_classes, dtype=np.int64)
         assignment[clusters] = classes

@@ -24,12 +24,33 @@ from utils.atomic import atomic_save_image, atomic_write_bytes
 
 # Official Cityscapes colours of label ids 7 (road) .. 33 (bicycle): the 27 classes used.
 CITYSCAPES_COLORS = (
-    (128, 64, 128), (244, 35, 232), (250, 170, 160), (230, 150, 140), (70, 70, 70),
-    (102, 102, 156), (190, 153, 153), (180, 165, 180), (150, 100, 100), (150, 120, 90),
-    (153, 153, 153), (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35),
-    (152, 251, 152), (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142),
-    (0, 0, 70), (0, 60, 100), (0, 0, 90), (0, 0, 110), (0, 80, 100),
-    (0, 0, 230), (119, 11, 32),
+    (128, 64, 128),
+    (244, 35, 232),
+    (250, 170, 160),
+    (230, 150, 140),
+    (70, 70, 70),
+    (102, 102, 156),
+    (190, 153, 153),
+    (180, 165, 180),
+    (150, 100, 100),
+    (150, 120, 90),
+    (153, 153, 153),
+    (153, 153, 153),
+    (250, 170, 30),
+    (220, 220, 0),
+    (107, 142, 35),
+    (152, 251, 152),
+    (70, 130, 180),
+    (220, 20, 60),
+    (255, 0, 0),
+    (0, 0, 142),
+    (0, 0, 70),
+    (0, 60, 100),
+    (0, 0, 90),
+    (0, 0, 110),
+    (0, 80, 100),
+    (0, 0, 230),
+    (119, 11, 32),
 )
 DEFAULT_PANEL_TITLES = ("image", "ground truth", "cluster", "CRF", "Hungarian")
 
@@ -40,7 +61,7 @@ def colormap(n_classes):
     Bit ``3j + c`` of the id sets bit ``7 - j`` of channel ``c`` (0 -> black, 1 -> dark red,
     2 -> dark green, ...).
     """
-    if not 1 <= n_classes <= 2 ** 24:
+    if not 1 <= n_classes <= 2**24:
         raise ValueError(f"colormap needs 1 <= n_classes <= 2**24, got {n_classes}")
     ids = np.arange(n_classes, dtype=np.int64)
     colors = np.zeros((n_classes, 3), dtype=np.int64)
@@ -55,8 +76,9 @@ def dataset_colormap(name, n_classes):
     """The colour map a dataset's pictures use -> uint8 [n_classes, 3]."""
     if name == "cityscapes":
         if n_classes != len(CITYSCAPES_COLORS):
-            raise ValueError(f"the cityscapes colour map has {len(CITYSCAPES_COLORS)} classes, "
-                             f"got n_classes={n_classes}")
+            raise ValueError(
+                f"the cityscapes colour map has {len(CITYSCAPES_COLORS)} classes, got n_classes={n_classes}"
+            )
         return np.array(CITYSCAPES_COLORS, dtype=np.uint8)
     return colormap(n_classes)
 
@@ -80,8 +102,9 @@ def _save_figure(fig, path, dpi):
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def save_panel(path, image_uint8, gt, cluster, crf, mapped, cmap, titles=DEFAULT_PANEL_TITLES,
-               gap=4, title_height=24, dpi=100):
+def save_panel(
+    path, image_uint8, gt, cluster, crf, mapped, cmap, titles=DEFAULT_PANEL_TITLES, gap=4, title_height=24, dpi=100
+):
     """Writes one PNG row: image | ground truth | raw cluster map | CRF map | Hungarian map.
 
     image_uint8: RGB [H, W, 3]; gt, cluster, crf, mapped: ids [H, W] (a ``None`` map and
@@ -111,8 +134,14 @@ def save_panel(path, image_uint8, gt, cluster, crf, mapped, cmap, titles=DEFAULT
     for i, (picture, name) in enumerate(zip(pictures, names)):
         x0 = i * (width + gap)
         fig.figimage(picture, xo=x0, yo=0, origin="upper")
-        fig.text((x0 + width / 2) / total_width, 1 - title_height / 2 / total_height, name,
-                 ha="center", va="center", fontsize=9)
+        fig.text(
+            (x0 + width / 2) / total_width,
+            1 - title_height / 2 / total_height,
+            name,
+            ha="center",
+            va="center",
+            fontsize=9,
+        )
     _save_figure(fig, path, dpi)
 
 
@@ -145,8 +174,7 @@ def plot_losses(records, out_png, keys=None, x_key="step"):
     if keys is None:
         keys = []
         for record in records:
-            keys += [k for k, v in record.items()
-                     if _is_number(v) and k not in (x_key, "epoch") and k not in keys]
+            keys += [k for k, v in record.items() if _is_number(v) and k not in (x_key, "epoch") and k not in keys]
     if not keys:
         raise ValueError(f"no numeric values to plot in {len(records)} records")
     fig = Figure(figsize=(6.0, 2.2 * len(keys)), dpi=100)
@@ -173,8 +201,7 @@ def plot_confusion(histogram, class_names, out_png, normalize=True):
     """
     hist = histogram.cpu().numpy() if isinstance(histogram, torch.Tensor) else np.asarray(histogram)
     if hist.ndim != 2 or hist.shape[0] != hist.shape[1] or hist.shape[0] != len(class_names):
-        raise ValueError(f"expected a [C, C] histogram with C={len(class_names)} class names, "
-                         f"got shape {hist.shape}")
+        raise ValueError(f"expected a [C, C] histogram with C={len(class_names)} class names, got shape {hist.shape}")
     matrix = hist.T.astype(np.float64)
     if normalize:
         row_sums = matrix.sum(axis=1, keepdims=True)
@@ -183,8 +210,7 @@ def plot_confusion(histogram, class_names, out_png, normalize=True):
     side = max(4.0, 0.3 * n + 2.0)
     fig = Figure(figsize=(side + 1.0, side), dpi=100)
     ax = fig.subplots()
-    shown = ax.imshow(matrix, cmap="viridis", interpolation="nearest",
-                      vmin=0.0, vmax=1.0 if normalize else None)
+    shown = ax.imshow(matrix, cmap="viridis", interpolation="nearest", vmin=0.0, vmax=1.0 if normalize else None)
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
     ax.set_xticks(range(n), labels=class_names, rotation=90, fontsize=7)
     ax.set_yticks(range(n), labels=class_names, fontsize=7)
@@ -253,8 +279,16 @@ def save_legend(path, names, cmap, title=None, dpi=100):
         column, row = divmod(i, rows)
         y = 1 - (top + (row + 0.5) * row_height) / height
         x = column / columns
-        fig.patches.append(Rectangle((x + 0.03 / columns, y - 0.09 / height), 0.12 / columns, 0.18 / height,
-                                     transform=fig.transFigure, facecolor=cmap[i] / 255.0, edgecolor="black",
-                                     linewidth=0.5))
+        fig.patches.append(
+            Rectangle(
+                (x + 0.03 / columns, y - 0.09 / height),
+                0.12 / columns,
+                0.18 / height,
+                transform=fig.transFigure,
+                facecolor=cmap[i] / 255.0,
+                edgecolor="black",
+                linewidth=0.5,
+            )
+        )
         fig.text(x + 0.2 / columns, y, f"{i}: {name}", ha="left", va="center", fontsize=8)
     _save_figure(fig, path, dpi)
