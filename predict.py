@@ -1,48 +1,43 @@
 """Segment your own images, whole and at their own size, with a trained CAUSE head.
 
     python predict.py --dataset cocostuff27 --ckpt checkpoint/dino_vitbase8_pretrain.pth --head tr \
-        --inputs "photos/*.jpg" --output predictions/ [--metrics CAUSE/.../tr/metrics.json]
+        --inputs "photos/*.jpg" --output predictions/ [--metrics CAUSE/.../tr/metrics.json] [--ids_only]
 
-Scheme: each picture (EXIF orientation applied) is resized to a short side of the window size
-(the TR head's training resolution, whose patch grid is its query grid; ``--test_resolution``
-for the MLP head) and covered by square windows of that size with ``--overlap``; every window
-is segmented with flip TTA, the cluster scores of overlapping windows are averaged, then
-brought back to the picture's own size. The optional dense CRF runs at the picture's size, or
-on a copy scaled down to ``--crf_max_megapixels`` (default 1) whose labels are then enlarged
-(nearest): its time and memory grow with pixels x classes (about 30 s and 2 GB per megapixel
-with 27 classes on one CPU core), so a 12-MP photo at full size would need minutes and ~16 GB.
+Each picture (EXIF orientation applied) is resized to a short side of the window size (the TR head's
+training resolution, whose patch grid is its query grid; ``--test_resolution`` for the MLP head) and
+covered by square windows of that size with ``--overlap``; every window is segmented with flip TTA, the
+cluster scores of overlapping windows are averaged, then brought back to the picture's own size
+(``engine.segmenter.CauseSegmenter.predict``). The dense CRF runs at the picture's size, or on a copy
+scaled down to ``--crf_max_megapixels`` whose labels are then enlarged (nearest): its time and memory
+grow with pixels x classes (about 30 s and 2 GB per megapixel with 27 classes on one CPU core).
 
-Per input ``x.jpg`` (names keep the extension; a glob over several folders mirrors them):
-``x.jpg.png`` (class or cluster ids, uint8, 255 = none), ``x.jpg.color.png`` and
-``x.jpg.overlay.png``; plus ``legend.png``. With ``--metrics`` (test.py's metrics.json) the
-clusters become their Hungarian-matched classes. Never writes into an input folder or over an
-existing file (unless ``--overwrite``). An unreadable picture is skipped with a warning; the
+Per input ``x.jpg`` (a glob over several folders mirrors them): ``x.jpg.png`` (class or cluster ids,
+uint8, 255 = none), ``x.jpg.color.png``, ``x.jpg.overlay.png``, and ``legend.png``; ``--ids_only``
+writes the id maps alone (pseudo-labels), with the pictures decoded by ``--num_workers`` processes and
+the CRF in ``--crf_workers`` processes while the network segments the next picture. With ``--metrics``
+(test.py's metrics.json) clusters become their matched classes. Never writes into an input folder or
+over an existing file (unless ``--overwrite``). An unreadable picture is skipped with a warning; the
 exit code is then 4.
 """
 
+import collections
 import json
 import os
 import sys
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from engine import cli
 from engine.build import load_trained
-from engine.config import build_parser, str2bool
+from engine.config import build_parser, count, fraction, positive, str2bool
+from engine.segmenter import CauseSegmenter
 from loader.images import list_images, open_rgb, output_stems
-from loader.transforms import image_to_tensor
-from modules.inference import (
-    crf_size,
-    flip_tta_features,
-    resize_short_side,
-    sliding_window_scores,
-    upsample,
-    upsample_argmax,
-)
-from utils.crf import dense_crf
+from utils.crf import CRFPool
 from utils.errors import EXIT_SKIPPED_INPUTS, InputNotFoundError, InvalidInputError, one_line
 from utils.visualize import colorize, dataset_colormap, overlay, save_legend, save_png
 
@@ -57,14 +52,11 @@ def parser():
     g.add_argument("--inputs", required=True, help="an image file, a folder of images, or a glob (quote it)")
     g.add_argument("--output", default="predictions", help="folder for the predicted maps (not an input folder)")
     g.add_argument("--crf", type=str2bool, default=True, help="yes/no: dense-CRF post-processing")
-    g.add_argument(
-        "--crf_max_megapixels",
-        type=float,
-        default=1.0,
-        help="the CRF runs on a copy scaled down to this many megapixels when the picture is larger",
-    )
-    g.add_argument("--overlap", type=float, default=0.5, help="overlap of neighbouring windows, in [0, 1)")
+    g.add_argument("--crf_workers", type=count, default=None, help="CRF processes (default: CPU count; 0 = serial)")
+    g.add_argument("--crf_max_megapixels", type=positive, default=1.0, help="the CRF runs on a copy this small")
+    g.add_argument("--overlap", type=fraction, default=0.5, help="overlap of neighbouring windows, below 1")
     g.add_argument("--metrics", default=None, help="metrics.json from test.py: map clusters to matched classes")
+    g.add_argument("--ids_only", action="store_true", help="write the id maps only (pseudo-labels of a folder)")
     g.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
     return p
 
@@ -83,105 +75,82 @@ def load_matching(path, key):
     return torch.tensor(result[key]["assignment"]), list(result.get("class_names", []))
 
 
-def window_size(cfg, segment):
-    """A head with a fixed grid (TR) sees its training resolution; the MLP head --test_resolution."""
-    return cfg.train_resolution if segment.fixed_grid else cfg.test_resolution
-
-
-def check_output(args, files, stems):
+def check_output(cfg, files, stems):
     """Refuse (one line) to write into an input folder or over existing files; -> output paths per input."""
-    out = os.path.realpath(args.output)
     input_dirs = {os.path.realpath(os.path.dirname(f)) for f in files}
-    if os.path.isdir(args.inputs):
-        input_dirs.add(os.path.realpath(args.inputs))
-    if out in input_dirs:
-        raise InvalidInputError(
-            f"--output {args.output} is an input folder; predict.py never writes beside your images: "
-            f"choose another --output"
-        )
-    targets = [[os.path.join(args.output, stem + suffix) for suffix in SUFFIXES] for stem in stems]
-    existing = [t for group in targets for t in group if os.path.lexists(t)]
-    legend = os.path.join(args.output, LEGEND)
-    if os.path.lexists(legend):
-        existing.append(legend)
-    if existing and not args.overwrite:
-        raise InvalidInputError(
-            f"{len(existing)} output file(s) already exist, e.g. {existing[0]}; pass --overwrite to "
-            f"replace them or choose another --output"
-        )
+    if os.path.isdir(cfg.inputs):
+        input_dirs.add(os.path.realpath(cfg.inputs))
+    if os.path.realpath(cfg.output) in input_dirs:
+        raise InvalidInputError(f"--output {cfg.output} is an input folder; predict.py never writes beside your images")
+    suffixes = SUFFIXES[:1] if cfg.ids_only else SUFFIXES
+    targets = [[os.path.join(cfg.output, stem + suffix) for suffix in suffixes] for stem in stems]
+    existing = [t for group in targets + [[os.path.join(cfg.output, LEGEND)]] for t in group if os.path.lexists(t)]
+    if existing and not cfg.overwrite:
+        message = f"{len(existing)} output file(s) already exist, e.g. {existing[0]}; pass --overwrite to replace them"
+        raise InvalidInputError(message)
     return targets
 
 
-def predict_image(image, args, backbone, segment, cluster, device):
-    """One displayed RGB PIL image -> int64 [H, W] cluster ids at its own size, on the CPU."""
-    window = window_size(args, segment)
-    stride = max(1, round(window * (1.0 - args.overlap)))
-    img = image_to_tensor(image, backbone.mean, backbone.std).to(device)[None]
-    small = resize_short_side(img, window)[0]
+class Pictures(Dataset):
+    """The input pictures, decoded in the DataLoader's workers: (index, displayed RGB image, or why not)."""
 
-    def cluster_scores(windows):
-        u, _ = flip_tta_features(backbone, segment.head_ema, windows)
-        return cluster.scores(upsample(u.float(), windows.shape[-2:]))
+    def __init__(self, files):
+        self.files = files
 
-    scores = sliding_window_scores(small, window, stride, cluster_scores, args.batch_size)
-    size = (image.height, image.width)
-    if not args.crf:
-        return upsample_argmax(scores, size).cpu()
-    scores = scores.cpu()
-    crf_h, crf_w = crf_size(*size, int(args.crf_max_megapixels * 1e6))
-    pixels = np.asarray(image if (crf_h, crf_w) == size else image.resize((crf_w, crf_h), Image.Resampling.BILINEAR))
-    labels = dense_crf(pixels, torch.log_softmax(scores * args.crf_alpha, dim=0)).argmax(0)
-    if (crf_h, crf_w) != size:
-        labels = torch.nn.functional.interpolate(labels[None, None].float(), size=size, mode="nearest")[0, 0].long()
-    return labels
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        try:
+            return index, open_rgb(self.files[index])
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            return index, one_line(err) or type(err).__name__
 
 
 def main(args):
     """Segments every input; returns the list of skipped files."""
     run = cli.prepare(args, splits=())
-    backbone, device = run.backbone, run.device
-    args = run.cfg
-    if not 0.0 <= args.overlap < 1.0:
-        raise InvalidInputError(f"--overlap must be in [0, 1), got {args.overlap}")
-    if args.n_classes >= NONE:
-        raise InvalidInputError(f"{args.n_classes} classes do not fit the uint8 maps (255 = none)")
-    files = list_images(args.inputs)
-    stems = output_stems(files)
-    targets = check_output(args, files, stems)
-    segment, cluster = load_trained(args, run.store, backbone.embed_dim, device)
-    if args.metrics:
-        assignment, names = load_matching(args.metrics, "cluster_crf" if args.crf else "cluster")
-        names = names or [f"class {c}" for c in range(args.n_classes)]
-        title = "matched classes"
-    else:
-        assignment, names = None, [f"cluster {c}" for c in range(args.n_classes)]
-        title = "clusters (pass --metrics to name them)"
-    cmap = dataset_colormap(args.dataset, args.n_classes)
-    skipped = []
-    with torch.no_grad():
-        for path, (ids_path, color_path, overlay_path) in tqdm(
-            list(zip(files, targets)), desc="[predict]", dynamic_ncols=True, unit="image"
-        ):
-            try:
-                image = open_rgb(path)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-                tqdm.write(f"warning: skipped {path}: {one_line(err) or type(err).__name__}", file=sys.stderr)
-                skipped.append(path)
-                continue
-            pred = predict_image(image, args, backbone, segment, cluster, device)
-            if assignment is not None:
-                pred = assignment[pred]
-            ids = pred.numpy().astype(np.uint8)
+    cfg = run.cfg
+    if cfg.n_classes >= NONE:
+        raise InvalidInputError(f"{cfg.n_classes} classes do not fit the uint8 maps (255 = none)")
+    files = list_images(cfg.inputs)
+    targets = check_output(cfg, files, output_stems(files))
+    segment, cluster = load_trained(cfg, run.store, run.backbone.embed_dim, run.device)
+    classes = load_matching(cfg.metrics, "cluster_crf" if cfg.crf else "cluster") if cfg.metrics else None
+    window = cfg.train_resolution if segment.fixed_grid else cfg.test_resolution
+    segmenter = CauseSegmenter(run.backbone, segment, cluster, window, cfg.crf_alpha, classes)
+    names = (classes and classes[1]) or [f"{'class' if classes else 'cluster'} {c}" for c in range(cfg.n_classes)]
+    cmap, skipped = dataset_colormap(cfg.dataset, cfg.n_classes), []
+
+    def write(index, image, job):
+        ids = job.result()
+        ids = (ids if classes is None else classes[0][ids]).numpy().astype(np.uint8)
+        save_png(targets[index][0], ids)
+        if not cfg.ids_only:
             colored = colorize(ids, cmap)
-            save_png(ids_path, ids)
-            save_png(color_path, colored)
-            save_png(overlay_path, overlay(np.asarray(image), colored), compress_level=1)  # a photo: zlib gains little
-    save_legend(os.path.join(args.output, LEGEND), names, cmap, title=title)
-    written = len(files) - len(skipped)
-    print(
-        f"{written} of {len(files)} images segmented into {args.output}"
-        + (f"; {len(skipped)} unreadable file(s) skipped" if skipped else "")
-    )
+            save_png(targets[index][1], colored)
+            save_png(
+                targets[index][2], overlay(np.asarray(image), colored), compress_level=1
+            )  # a photo: zlib gains little
+
+    pictures = DataLoader(Pictures(files), batch_size=None, num_workers=cfg.num_workers)
+    pending = collections.deque()  # pictures whose CRF runs in the pool while the next one is segmented
+    with torch.no_grad(), CRFPool(num_workers=cfg.crf_workers) if cfg.crf else nullcontext() as pool:
+        for index, image in tqdm(pictures, desc="[predict]", dynamic_ncols=True, unit="image"):
+            if isinstance(image, str):
+                tqdm.write(f"warning: skipped {files[index]}: {image}", file=sys.stderr)
+                skipped.append(files[index])
+                continue
+            scores = segmenter.picture_scores(image, cfg.overlap, cfg.batch_size)
+            pending.append((index, image, segmenter.labels_job(image, scores, cfg.crf, cfg.crf_max_megapixels, pool)))
+            if len(pending) > max(1, pool.num_workers if pool else 0):
+                write(*pending.popleft())
+        while pending:
+            write(*pending.popleft())
+    if not cfg.ids_only:
+        title = "matched classes" if classes else "clusters (pass --metrics to name them)"
+        save_legend(os.path.join(cfg.output, LEGEND), names, cmap, title=title)
+    print(f"{len(files) - len(skipped)} of {len(files)} images segmented into {cfg.output}")
     return skipped
 
 

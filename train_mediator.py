@@ -13,7 +13,6 @@ from engine.config import build_parser
 from engine.loop import fit
 from modules.objectives import mediator_loss
 from modules.segment import init_codebook
-from utils.distributed import barrier
 
 
 def parser():
@@ -31,7 +30,7 @@ def main(args):
         return
     run.write_config("mediator")
     codebook = torch.nn.Parameter(init_codebook(cfg.num_codebook, run.backbone.embed_dim).to(run.device))
-    optimizer = torch.optim.Adam([codebook], lr=cfg.lr * run.info.world_size)
+    optimizer = torch.optim.Adam([codebook], lr=run.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.2)
     trainer = run.trainer(shared={"codebook": codebook, "optimizer": optimizer, "scheduler": scheduler})
     tokens = run.tokens()
@@ -51,13 +50,10 @@ def main(args):
         start, end = fit(trainer, loader, sampler, train_step, loss_of, [scheduler], desc="[mediator]")
         if run.info.is_main:
             store.save("codebook", codebook.detach().float().cpu().numpy().astype(np.float32), run.flags())
-            print(
-                f"[mediator] codebook {tuple(codebook.shape)} saved to {store.path('codebook')}; fixed-batch "
-                f"modularity loss {start:.4f} -> {end:.4f}"
-            )
+            where = f"{tuple(codebook.shape)} saved to {store.path('codebook')}"
+            print(f"[mediator] codebook {where}; fixed-batch modularity loss {start:.4f} -> {end:.4f}")
         trainer.remove_states()
     trainer.finish({"codebook": store.path("codebook"), **trainer.loss_summary("loss", start, end)}, ["loss"])
-    barrier(run.info)
 
 
 if __name__ == "__main__":

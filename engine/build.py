@@ -8,8 +8,8 @@ import os
 
 import torch
 
-from engine.store import ArtifactMismatchError
-from models.backbone import load_backbone
+from engine.store import PRODUCER, ArtifactMismatchError
+from models.backbone import checkpoint_files, load_backbone
 from modules.segment import SEGMENT_HEADS, Cluster
 
 # What a wrong value in each field of a file points at.
@@ -25,19 +25,18 @@ _FLAG_OF = {
 
 
 def build_backbone(cfg, device):
-    return load_backbone(cfg.ckpt or None, family=cfg.family, arch=cfg.arch, num_heads=cfg.num_heads).to(device)
+    backbone = load_backbone(cfg.ckpt or None, family=cfg.family, arch=cfg.arch, num_heads=cfg.num_heads, norm=cfg.norm)
+    return backbone.to(device)
 
 
 def feature_cache_key(cfg, backbone):
     """Everything that determines the training tokens of one item, as a JSON-able dict."""
-    ckpt = os.path.abspath(cfg.ckpt) if cfg.ckpt else None
-    stat = os.stat(ckpt) if ckpt else None
+    files = [os.path.abspath(path) for path in checkpoint_files(cfg.ckpt)] if cfg.ckpt else []
     dtype = torch.float16 if cfg.amp and not cfg.cpu and torch.cuda.is_available() else torch.float32
     return {
-        "ckpt": ckpt,
-        "ckpt_size": stat.st_size if stat else None,
-        "ckpt_mtime": stat.st_mtime if stat else None,
-        "arch": None if ckpt else cfg.arch,
+        "ckpt": files,
+        "ckpt_stat": [(os.path.getsize(f), os.path.getmtime(f)) for f in files],
+        "arch": backbone.arch or (None if files else cfg.arch),
         "family": backbone.family,
         "num_heads": backbone.num_heads,
         "dataset": cfg.dataset,
@@ -156,6 +155,9 @@ def load_into(module, state, path):
 def read_artifact(store, kind, cfg, dim):
     """``kind``'s state dict from the store, checked against what these flags build (one line if not)."""
     state = store.state(kind)
+    if kind == "cluster" and set(state) != {"codebook", "cluster_probe"}:
+        holds = f"holds {sorted(state)[:4]}, not codebook and cluster_probe"
+        raise ArtifactMismatchError(f"{store.path(kind)} {holds}: rerun {PRODUCER['cluster']}")
     describe, expected = _DESCRIBE[kind]
     check_fits(store.path(kind), describe(state), expected(cfg, dim))
     return state
@@ -165,9 +167,10 @@ def read_codebook(store, cfg, dim):
     """The stage-1 mediator as a float32 tensor [K, D], checked against ``--num_codebook`` and the width."""
     codebook = torch.from_numpy(store.codebook())
     if tuple(codebook.shape) != (cfg.num_codebook, dim):
+        shapes = f"is {list(codebook.shape)} but this run needs [{cfg.num_codebook}, {dim}]"
+        fix = f"rerun {PRODUCER['codebook']} --overwrite"
         raise ArtifactMismatchError(
-            f"codebook {store.path('codebook')} has shape {tuple(codebook.shape)}, expected "
-            f"({cfg.num_codebook}, {dim}) for this backbone (--num_codebook {cfg.num_codebook})"
+            f"codebook {store.path('codebook')} {shapes} (--num_codebook, backbone width): {fix}"
         )
     return codebook
 

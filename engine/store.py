@@ -2,19 +2,16 @@
 
 Artifacts follow the reference's layout under the output root (default ``CAUSE/``)::
 
-    <out>/<dataset>/modularity/<baseline>/<K>/modular.npy      stage 1
+    <out>/<dataset>/modularity/<baseline>/<K>/modular.npy      stage 1 (its logs next to it)
     <out>/<dataset>/<baseline>/<K>/segment_<head>.pth           stages 2 and 3
     <out>/<dataset>/<baseline>/<K>/cluster_<head>.pth           stage 3
+    <out>/<dataset>/<baseline>/<K>/<head>/                      the head's logs, configs, states, tests
 
-where ``<baseline>`` is the checkpoint's file stem and ``<dataset>`` the dataset's name, or
-``folder-<name>-<hash>`` for ``--dataset folder`` (one directory per image folder). Logs,
-configs, resumable states and test outputs of a head go to its run directory
-``<out>/<dataset>/<baseline>/<K>/<head>/``; those of stage 1 next to the codebook.
-
-Every artifact has a provenance record next to it (``segment_mlp.pth.json``): its own sha256,
-the dataset, the backbone checkpoint, the sha256 of each upstream artifact as it was read, and
-the flags it was trained with. The weights files themselves keep the released layout.
-A :class:`RunLock` keeps two runs from writing one directory at the same time.
+``<baseline>`` is the checkpoint's file stem, ``<dataset>`` the dataset's name or
+``folder-<name>-<hash>`` for ``--dataset folder``. Every artifact has a provenance record next to
+it (``segment_mlp.pth.json``): its sha256, the dataset (with a manifest of its files), the
+backbone, the sha256 of each upstream artifact *as it was read* and the flags. A :class:`RunLock`
+keeps two runs from writing one directory at the same time.
 """
 
 import hashlib
@@ -23,6 +20,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 import warnings
 
@@ -32,7 +30,6 @@ import torch
 from utils.atomic import atomic_np_save, atomic_torch_save, atomic_write_bytes, pid_alive
 from utils.errors import InputNotFoundError, InvalidInputError
 
-KINDS = ("codebook", "segment", "cluster")
 UPSTREAM = {"codebook": None, "segment": "codebook", "cluster": "segment"}
 PRODUCER = {"codebook": "train_mediator.py", "segment": "train_front_door.py", "cluster": "fine_tuning.py"}
 LOCK_NAME = "run.lock"
@@ -43,7 +40,7 @@ class MissingArtifactError(InputNotFoundError):
 
 
 class ArtifactMismatchError(InvalidInputError):
-    """An artifact does not fit the network it is loaded into (head, width, classes) or this run."""
+    """An artifact does not fit the network it is loaded into, or this run."""
 
 
 class CorruptArtifactError(InvalidInputError):
@@ -77,19 +74,18 @@ def folder_dir_name(image_dir):
     return f"folder-{os.path.basename(folder.rstrip(os.sep)) or 'root'}-{digest}"
 
 
-def backbone_identity(ckpt, arch):
-    """The checkpoint as path, size and a fast hash (sha256 of its size, first and last MiB)."""
-    if not ckpt:
+def backbone_identity(files, arch):
+    """The checkpoint's files (one, or a Hugging Face folder's) as paths, sizes and a hash of their ends."""
+    if not files:
         return {"random": arch}
-    path = os.path.abspath(ckpt)
-    size = os.path.getsize(path)
-    digest = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        digest.update(f.read(1 << 20))
-        if size > 2 << 20:
-            f.seek(size - (1 << 20))
+    digest, size = hashlib.sha256(), 0
+    for path in files:
+        size += os.path.getsize(path)
+        with open(path, "rb") as f:
             digest.update(f.read(1 << 20))
-    return {"path": path, "size": size, "sha256_ends": digest.hexdigest()}
+            f.seek(max(0, os.path.getsize(path) - (1 << 20)))
+            digest.update(f.read())
+    return {"path": os.path.abspath(files[0]), "size": size, "sha256_ends": digest.hexdigest()}
 
 
 def _describe_backbone(identity):
@@ -99,36 +95,34 @@ def _describe_backbone(identity):
 
 
 def _same_backbone(recorded, current):
-    if "random" in recorded or "random" in current:
-        return recorded.get("random") == current.get("random")
-    return (recorded.get("size"), recorded.get("sha256_ends")) == (current["size"], current["sha256_ends"])
+    keys = ("random", "size", "sha256_ends")
+    return all(recorded.get(k) == current.get(k) for k in keys)
 
 
-def _first_line(err):
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:160]
+def _what_it_is(data):
+    """A few words on a file that is no PyTorch file: empty, text, or its first bytes."""
+    if not data:
+        return "is empty"
+    try:
+        return f"is a text file ({data[:40].decode().strip()!r}...), not PyTorch weights"
+    except UnicodeDecodeError:
+        return f"is not a PyTorch file (it begins with {data[:8]!r})"
 
 
 class ArtifactStore:
     """The codebook, segment and cluster files of one configuration, read and written with provenance.
 
-    ``root``: ``<out>/<dataset dir>``; ``baseline``: the backbone's name; ``head``: mlp or tr
-    (None for stage 1); ``given``: kind -> a path that replaces the tree's (``--segment`` ...);
-    ``identity``: the dataset and backbone this run uses, recorded with every artifact it saves
-    and compared with the records of those it reads. Every file read through the store is
-    hashed as read, so a record names exactly the upstream bytes that were used.
+    ``root``: ``<out>/<dataset dir>``; ``head``: mlp or tr (None for stage 1); ``given``: kind -> a path
+    that replaces the tree's (``--segment`` ...); ``identity``: the dataset and backbone of this run,
+    recorded with every artifact it saves and compared with the records of those it reads. Every
+    file read through the store is hashed as read (``loaded``), so a record names the bytes used.
     """
 
     def __init__(self, root, baseline, num_codebook, head=None, given=None, identity=None):
-        self.root = root
-        self.baseline = baseline
-        self.num_codebook = num_codebook
-        self.head = head
+        self.root, self.baseline, self.num_codebook, self.head = root, baseline, num_codebook, head
         self.given = {k: v for k, v in (given or {}).items() if v}
         self.identity = identity or {}
         self.loaded = {}
-
-    # -- where ---------------------------------------------------------------------------
 
     @property
     def mediator_dir(self):
@@ -156,22 +150,16 @@ class ArtifactStore:
         """The directory a stage writes: the mediator's for stage 1, the head's run directory else."""
         return self.mediator_dir if stage == "mediator" else self.run_dir
 
-    # -- reading -------------------------------------------------------------------------
-
-    def _missing(self, kind):
-        path = self.path(kind)
-        if kind in self.given:
-            return MissingArtifactError(f"{kind} file not found: {path}")
-        flags = "--num_codebook" if kind == "codebook" else "--head"
-        return MissingArtifactError(
-            f"{kind} {path} not found: run {PRODUCER[kind]} first with the same --dataset/--ckpt/{flags}/--out"
-        )
-
     def read_bytes(self, kind):
-        """The file's bytes; their sha256 is remembered as what this run used of ``kind``."""
+        """The file's bytes; their sha256 is what this run used of ``kind``."""
         path = self.path(kind)
         if not os.path.isfile(path):
-            raise self._missing(kind)
+            if kind in self.given:
+                raise MissingArtifactError(f"{kind} file not found: {path}")
+            flags = "--num_codebook" if kind == "codebook" else "--head"
+            raise MissingArtifactError(
+                f"{kind} {path} not found: run {PRODUCER[kind]} first with the same --dataset/--ckpt/{flags}/--out"
+            )
         with open(path, "rb") as f:
             data = f.read()
         self.loaded[kind] = hashlib.sha256(data).hexdigest()
@@ -179,94 +167,72 @@ class ArtifactStore:
 
     def codebook(self):
         """The stage-1 mediator as a float32 array [K, D]; a missing or unreadable file is one line."""
-        path = self.path("codebook")
-        data = self.read_bytes("codebook")
+        path, data, fix = (
+            self.path("codebook"),
+            self.read_bytes("codebook"),
+            f"rerun {PRODUCER['codebook']} --overwrite",
+        )
         try:
             codebook = np.load(io.BytesIO(data), allow_pickle=False)
-        except (OSError, ValueError, EOFError) as err:
-            raise CorruptArtifactError(
-                f"codebook {path} is not a readable .npy file ({_first_line(err)}): "
-                f"rerun {PRODUCER['codebook']} --overwrite"
-            ) from None
+        except (OSError, ValueError, EOFError):
+            raise CorruptArtifactError(f"codebook {path} is not a readable .npy file: {fix}") from None
         if codebook.ndim != 2 or not np.issubdtype(codebook.dtype, np.floating):
-            raise CorruptArtifactError(
-                f"codebook {path} holds a {codebook.dtype} array of shape {codebook.shape}, "
-                f"not a [K, D] float codebook: rerun {PRODUCER['codebook']} --overwrite"
-            )
+            what = f"a {codebook.dtype} array of shape {codebook.shape}"
+            raise CorruptArtifactError(f"codebook {path} holds {what}, not a [K, D] float codebook: {fix}")
         return codebook.astype(np.float32, copy=False)
 
     def state(self, kind):
         """A released-layout state dict (``module.`` prefixes removed); a bad file is one line."""
-        path = self.path(kind)
-        data = self.read_bytes(kind)
+        path, data = self.path(kind), self.read_bytes(kind)
+        fix = f"rerun {PRODUCER[kind]}"
+        if not data.startswith((b"PK", b"\x80")):
+            raise CorruptArtifactError(f"{kind} weights {path} {_what_it_is(data)}: {fix}")
         try:
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as err:  # any failure to unpickle a file the user pointed at is a bad file, not a bug
-            what = "is empty" if not data else f"is not a readable PyTorch file ({_first_line(err)})"
-            raise CorruptArtifactError(f"{kind} weights {path} {what}: rerun {PRODUCER[kind]}") from None
+        except Exception:  # any failure to unpickle a file the user pointed at is a bad file, not a bug
+            raise CorruptArtifactError(f"{kind} weights {path} is a truncated or damaged PyTorch file: {fix}") from None
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
-            raise CorruptArtifactError(f"{kind} weights {path} hold no state dict of tensors: rerun {PRODUCER[kind]}")
-        return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
-
-    # -- writing -------------------------------------------------------------------------
+            raise CorruptArtifactError(f"{kind} weights {path} hold no state dict of tensors: {fix}")
+        return {k.removeprefix("module."): v for k, v in state.items()}
 
     def save(self, kind, obj, flags):
         """Save ``obj`` (an array for the codebook, a state dict else) atomically, then its provenance record.
 
-        The record names the upstream artifact by the sha256 of the bytes this run read of it (or
-        wrote: stage 3's cluster names the segment saved with it). Returns the file's sha256.
+        The record names the upstream artifact by the sha256 of the bytes this run read of it (or wrote:
+        stage 3's cluster names the segment saved with it). Returns the file's sha256.
         """
         path = self.tree_path(kind)
         sha = atomic_np_save(obj, path) if kind == "codebook" else atomic_torch_save(obj, path)
-        record = {
-            "kind": kind,
-            "file": os.path.basename(path),
-            "sha256": sha,
-            **self.identity,
-            "flags": flags,
-            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
+        record = {"kind": kind, "file": os.path.basename(path), "sha256": sha, **self.identity, "flags": flags}
+        record["created"] = time.strftime("%Y-%m-%d %H:%M:%S")
         upstream = UPSTREAM[kind]
-        if upstream is not None and upstream in self.loaded:
-            record["upstream"] = {
-                "kind": upstream,
-                "file": os.path.basename(self.path(upstream)),
-                "sha256": self.loaded[upstream],
-            }
+        if upstream in self.loaded:
+            name = os.path.basename(self.path(upstream))
+            record["upstream"] = {"kind": upstream, "file": name, "sha256": self.loaded[upstream]}
         atomic_write_bytes(sidecar_path(path), json.dumps(record, indent=2, default=str).encode())
-        self.loaded[kind] = sha  # what this run now holds of ``kind`` (stage 3's cluster pairs with its segment)
+        self.loaded[kind] = sha
         return sha
-
-    # -- provenance ----------------------------------------------------------------------
 
     def record(self, kind):
         """The provenance record of ``kind``'s file, or None (with a warning) when it cannot be checked."""
         path = self.path(kind)
-        name = os.path.basename(path)
-        record_path = sidecar_path(path)
+        name, record_path = os.path.basename(path), sidecar_path(path)
+        unchecked = "used without checking what it was trained from"
         if not os.path.isfile(record_path):
-            warnings.warn(
-                f"{name} has no provenance record ({os.path.basename(record_path)}), e.g. a released "
-                f"artifact: used without checking what it was trained from",
-                ProvenanceWarning,
-            )
+            why = f"has no provenance record ({os.path.basename(record_path)}), e.g. a released artifact"
+            warnings.warn(f"{name} {why}: {unchecked}", ProvenanceWarning)
             return None
         try:
             with open(record_path) as f:
                 record = json.load(f)
         except (OSError, ValueError):
-            warnings.warn(
-                f"{record_path} is unreadable: {name} is used without checking what it was trained from",
-                ProvenanceWarning,
-            )
+            warnings.warn(f"{record_path} is unreadable: {name} is {unchecked}", ProvenanceWarning)
             return None
         if not isinstance(record, dict) or record.get("sha256") != file_sha256(path):
             warnings.warn(
-                f"{name} was replaced after {os.path.basename(record_path)} was written: used without "
-                f"checking what it was trained from",
-                ProvenanceWarning,
+                f"{name} was replaced after {os.path.basename(record_path)} was written: {unchecked}", ProvenanceWarning
             )
             return None
         return record
@@ -276,51 +242,55 @@ class ArtifactStore:
         record = self.record(kind)
         if record is None:
             return []
-        name, script = os.path.basename(self.path(kind)), PRODUCER[kind]
-        problems = []
+        name, script, problems = os.path.basename(self.path(kind)), PRODUCER[kind], []
         recorded, current = record.get("backbone"), self.identity.get("backbone")
         if recorded is not None and current is not None and not _same_backbone(recorded, current):
             problems.append(
                 f"{name} was trained with backbone {_describe_backbone(recorded)} but this run uses "
                 f"{_describe_backbone(current)}: rerun {script}"
             )
-        if "dataset" in record and "dataset" in self.identity and record["dataset"] != self.identity["dataset"]:
+        data, now = record.get("dataset"), self.identity.get("dataset")
+        if data is not None and now is not None and _dataset_differs(data, now):
             problems.append(
-                f"{name} was trained on dataset {record['dataset']} but this run uses "
-                f"{self.identity['dataset']}: rerun {script}"
+                f"{name} was trained on dataset {_describe_data(data)} but this run uses "
+                f"{_describe_data(now)}: rerun {script}"
             )
         upstream = record.get("upstream")
-        if upstream is not None:
+        if upstream is not None and os.path.isfile(self.path(upstream["kind"])):
             up_path = self.path(upstream["kind"])
-            if os.path.isfile(up_path):
-                now = file_sha256(up_path)
-                if now != upstream["sha256"]:
-                    problems.append(
-                        f"{name} was trained on {upstream['kind']} sha {upstream['sha256'][:12]} but "
-                        f"{os.path.basename(up_path)} is now sha {now[:12]}: rerun {script}"
-                    )
+            if file_sha256(up_path) != upstream["sha256"]:
+                problems.append(
+                    f"{name} was trained on {upstream['kind']} sha {upstream['sha256'][:12]} but "
+                    f"{os.path.basename(up_path)} is now sha {file_sha256(up_path)[:12]}: rerun {script}"
+                )
         return problems
 
 
-def _describe_holder(holder):
-    return (
-        f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')} "
-        f"({holder.get('command', '?')})"
+def _dataset_differs(recorded, current):
+    """Names, folders and (when both sides have one) the manifests of the files."""
+    keys = set(recorded) | set(current) if "manifest" in recorded and "manifest" in current else {"name", "image_dir"}
+    return any(recorded.get(k) != current.get(k) for k in keys - {"files"})
+
+
+def _describe_data(identity):
+    text = f"{identity['name']}" + (f" in {identity['image_dir']}" if identity.get("image_dir") else "")
+    return text + (
+        f" (manifest {identity['manifest'][:12]}, {identity['files']} files)" if "manifest" in identity else ""
     )
 
 
 class RunLock:
-    """Exclusive use of an output directory by one run: a ``run.lock`` file naming its holder.
+    """Exclusive use of an output directory by one run: a ``run.lock`` naming its holder, with a heartbeat.
 
-    A lock whose process is gone (same host, dead pid) is taken over with a warning; any
-    other held lock is a one-line refusal. Use as a context manager, or call
-    :meth:`acquire` / :meth:`release`.
+    The holder rewrites its heartbeat every ``stale_after / 4`` seconds. A lock whose process is gone
+    (same host, dead pid) or whose heartbeat is older than ``stale_after`` seconds (a job killed on any
+    host) is taken over with a warning; any other held lock is a one-line refusal.
     """
 
-    def __init__(self, directory):
-        self.directory = directory
+    def __init__(self, directory, stale_after=600.0):
+        self.directory, self.stale_after = directory, stale_after
         self.path = os.path.join(directory, LOCK_NAME)
-        self.held = False
+        self.held, self._stop = False, threading.Event()
 
     def _holder(self):
         try:
@@ -329,6 +299,10 @@ class RunLock:
         except (OSError, ValueError):
             return {}
 
+    def _stale(self, holder, host):
+        gone = holder.get("host") == host and not pid_alive(int(holder.get("pid", -1)))
+        return gone or time.time() - float(holder.get("heartbeat", 0)) > self.stale_after
+
     def acquire(self):
         try:
             os.makedirs(self.directory, exist_ok=True)
@@ -336,37 +310,47 @@ class RunLock:
             raise InvalidInputError(
                 f"cannot create the output folder {self.directory}: {err.strerror or err}"
             ) from None
-        me = {
+        command = " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:300]
+        self.me = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:300],
+            "command": command,
+            "heartbeat": time.time(),
         }
         tmp = f"{self.path}.tmp{os.getpid()}"
-        atomic_write_bytes(tmp, json.dumps(me).encode())
+        atomic_write_bytes(tmp, json.dumps(self.me).encode())
         try:
             for _ in range(2):
                 try:
                     os.link(tmp, self.path)  # creates the lock with its content, or fails if it is held
                     self.held = True
+                    threading.Thread(target=self._beat, daemon=True).start()
                     return self
                 except FileExistsError:
                     holder = self._holder()
-                    stale = holder.get("host") == me["host"] and not pid_alive(int(holder.get("pid", -1)))
-                    if not stale:
-                        raise OutputLockedError(
-                            f"{self.directory} is in use by another run: {_describe_holder(holder)}; wait for it "
-                            f"or use another --out (delete {self.path} if that run is gone)"
-                        ) from None
-                    warnings.warn(
-                        f"taking over the stale lock {self.path} of a run that is gone ({_describe_holder(holder)})"
+                    who = (
+                        f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')} "
+                        f"({holder.get('command', '?')})"
                     )
+                    if not self._stale(holder, self.me["host"]):
+                        raise OutputLockedError(
+                            f"{self.directory} is in use by another run: {who}; wait for it or "
+                            f"use another --out (delete {self.path} if that run is gone)"
+                        ) from None
+                    warnings.warn(f"taking over the stale lock {self.path} of a run that is gone ({who})")
                     os.remove(self.path)
             raise OutputLockedError(f"{self.directory} is in use by another run that started at the same time")
         finally:
             os.remove(tmp)
 
+    def _beat(self):
+        while not self._stop.wait(self.stale_after / 4):
+            if self._holder().get("pid") == self.me["pid"]:
+                atomic_write_bytes(self.path, json.dumps({**self.me, "heartbeat": time.time()}).encode())
+
     def release(self):
+        self._stop.set()
         if self.held and self._holder().get("pid") == os.getpid():
             os.remove(self.path)
         self.held = False

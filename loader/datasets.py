@@ -12,7 +12,9 @@ data on disk raises :class:`DatasetError` or :class:`DatasetNotFoundError` with 
 message naming the path and what was expected, so scripts can print it and exit.
 """
 
+import hashlib
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -225,6 +227,20 @@ class SegmentationDataset(Dataset):
     def image_paths(self) -> list[str]:
         return [image for image, _ in self.samples]
 
+    @property
+    def labelled(self) -> bool:
+        return any(label is not None for _, label in self.samples)
+
+    def manifest(self) -> dict:
+        """The identity of the files by content: a hash of their paths (below their common folder), sizes
+        and modification times, and their count."""
+        files = [path for pair in self.samples for path in pair if path is not None]
+        root, digest = os.path.commonpath(files) if files else "", hashlib.sha256()
+        for path in files:
+            stat = os.stat(path)
+            digest.update(f"{os.path.relpath(path, root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        return {"manifest": digest.hexdigest(), "files": len(files)}
+
     def __len__(self):
         return len(self.samples)
 
@@ -331,14 +347,26 @@ def _cropped_samples(
     return [(os.path.join(image_dir, f"{i}.jpg"), os.path.join(label_dir, f"{i}.png")) for i in range(count)]
 
 
+def broken_links(directory: str, names: list[str]) -> list[str]:
+    """The entries of ``names`` that are symbolic links to nothing (dangling, or a loop)."""
+    return [
+        n
+        for n in names
+        if os.path.islink(os.path.join(directory, n)) and not os.path.exists(os.path.join(directory, n))
+    ]
+
+
 def folder_samples(image_dir: str, label_dir: str | None = None) -> list[tuple[str, str | None]]:
-    """Images of a directory (sorted by name) paired with ``label_dir/<stem>.png`` if given."""
+    """Images of a directory (sorted by name) paired with ``label_dir/<stem>.png`` if given.
+
+    Broken links among the images are left out with a warning that counts and names them.
+    """
     _require_dir(image_dir, "image folder", _FOLDER_LAYOUT)
-    files = sorted(
-        f
-        for f in os.listdir(image_dir)
-        if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(image_dir, f))
-    )
+    names = sorted(f for f in os.listdir(image_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
+    broken = broken_links(image_dir, names)
+    if broken:
+        warnings.warn(f"{len(broken)} broken link(s) in {image_dir} left out, e.g. {broken[0]} (dangling or a loop)")
+    files = [f for f in names if os.path.isfile(os.path.join(image_dir, f))]
     if not files:
         raise DatasetNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {image_dir}")
     if label_dir is None:

@@ -13,6 +13,7 @@ the network sees:
 
 import glob
 import os
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -83,9 +84,14 @@ def list_images(inputs: str) -> list[str]:
     else:
         files = sorted(glob.glob(inputs, recursive=True))
         what = f"matching {inputs}"
+    broken = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.islink(f) and not os.path.exists(f)]
+    if broken:
+        warnings.warn(f"{len(broken)} broken link(s) {what} left out, e.g. {broken[0]} (dangling or a loop)")
     files = [os.path.abspath(f) for f in files if is_image_file(f)]
     if not files:
-        raise InputNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) {what}")
+        raise InputNotFoundError(
+            f"no images ({', '.join(IMAGE_EXTENSIONS)}) {what}" + (" but broken links" if broken else "")
+        )
     return files
 
 

@@ -95,10 +95,7 @@ def soft_comembership(
 
 
 def modularity_loss(
-    concepts: torch.Tensor,
-    feats: torch.Tensor,
-    temp: float = 0.1,
-    chunk_size: int | None = None,
+    concepts: torch.Tensor, feats: torch.Tensor, temp: float = 0.1, chunk_size: int | None = None
 ) -> torch.Tensor:
     """Negative mean modularity Q of the soft concept assignment (SPEC §3).
 

@@ -15,10 +15,7 @@ def grid_side(num_tokens: int) -> int:
 
 
 def grid_sample_tokens(
-    x: torch.Tensor,
-    order: torch.Tensor | None = None,
-    k: int = 4,
-    generator: torch.Generator | None = None,
+    x: torch.Tensor, order: torch.Tensor | None = None, k: int = 4, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per non-overlapping k×k cell of the square token grid (SPEC §1).
 

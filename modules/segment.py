@@ -42,11 +42,7 @@ def _reduce(f1: nn.Module, f2: nn.Module, drop: nn.Module, tokens: torch.Tensor)
 
 def _reduction_convs(dim: int, reduced_dim: int) -> tuple[nn.Conv2d, nn.Sequential]:
     f1 = nn.Conv2d(dim, reduced_dim, kernel_size=1)
-    f2 = nn.Sequential(
-        nn.Conv2d(dim, dim, kernel_size=1),
-        nn.ReLU(),
-        nn.Conv2d(dim, reduced_dim, kernel_size=1),
-    )
+    f2 = nn.Sequential(nn.Conv2d(dim, dim, kernel_size=1), nn.ReLU(), nn.Conv2d(dim, reduced_dim, kernel_size=1))
     return f1, f2
 
 

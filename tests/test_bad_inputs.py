@@ -88,7 +88,7 @@ def test_disk_full_while_saving(tmp_path, toy_dirs, dino_ckpt, capsys, monkeypat
 
         return write
 
-    for suffix in ("config_mediator.json", "modular.npy"):
+    for suffix in ("config_mediator.running.json", "modular.npy"):
         monkeypatch.setattr(atomic, "_write_file", full_disk(suffix))
         code, lines = run_stage(train_mediator, argv, capsys)
         target = Path(store_of(train_mediator, argv).output_dir("mediator")) / suffix
@@ -97,6 +97,41 @@ def test_disk_full_while_saving(tmp_path, toy_dirs, dino_ckpt, capsys, monkeypat
         )
         assert not target.exists() and leftovers(out) == []
     assert not Path(sidecar_path(str(target))).exists()
+
+
+def test_disk_full_while_logging_keeps_the_log_line_complete(tmp_path, toy_dirs, dino_ckpt, capsys, monkeypatch):
+    import engine.loop
+
+    argv = flags(tmp_path / "out", dino_ckpt, toy_dirs["train"], "mlp", ["--epoch", "1", "--max_steps", "3"])
+    real_open, writes = open, []
+
+    class FullDisk:
+        def __init__(self, file):
+            self.file = file
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, text):
+            writes.append(text)
+            if len(writes) == 2:  # the second record: half of it reaches the disk
+                self.file.write(text[: len(text) // 2])
+                self.file.flush()
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.file.write(text)
+
+    def logging_open(path, mode="r", *args, **kwargs):
+        file = real_open(path, mode, *args, **kwargs)
+        return FullDisk(file) if str(path).endswith(".running.jsonl") and "a" in mode else file
+
+    monkeypatch.setattr(engine.loop, "open", logging_open, raising=False)
+    code, lines = run_stage(train_mediator, argv, capsys)
+    log = Path(store_of(train_mediator, argv).output_dir("mediator")) / "mediator.running.jsonl"
+    assert code == 2 and lines[-1].startswith(f"error: cannot write {log}: No space left on device;")
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1]
 
 
 def test_sigint_during_a_save_leaves_the_previous_artifact(tmp_path, monkeypatch):
@@ -211,7 +246,9 @@ def trained_codebook_and_segment(tmp_path, toy_dirs, dino_ckpt):
 def test_artifacts_that_do_not_match_are_refused(tmp_path, toy_dirs, dino_ckpt, capsys):
     argv, args, store = trained_codebook_and_segment(tmp_path, toy_dirs, dino_ckpt)
     record = json.loads(Path(sidecar_path(store.path("segment"))).read_text())
-    assert record["dataset"] == {"name": "folder", "image_dir": str(toy_dirs["train"][0])}
+    assert {k: record["dataset"][k] for k in ("name", "image_dir", "files")} == {
+        "name": "folder", "image_dir": str(toy_dirs["train"][0]), "files": 32}
+    assert len(record["dataset"]["manifest"]) == 64  # the sha256 of the training files' paths, sizes and times
     assert record["upstream"]["kind"] == "codebook" and record["backbone"]["size"] == os.path.getsize(dino_ckpt)
     assert set(torch.load(store.path("segment"), weights_only=True)) == set(build_segment(args, 48).state_dict())
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import predict
 import test as test_stage
+from engine.segmenter import CauseSegmenter
 from modules.segment import Cluster, SegmentMLP
 from tests._stub_backbone import PatchBackbone
 from utils.crf import CRFPool, dense_crf, unnormalize_to_uint8
@@ -77,10 +77,9 @@ def test_evaluation_counts_what_a_literal_per_image_evaluation_counts():
         batches.append({"img": img + 0.05 * torch.randn(img.shape), "label": label})
     args = argparse.Namespace(n_classes=C, save_images=5, linear_crf=True, crf_alpha=2.5)
 
+    segmenter = CauseSegmenter(backbone, segment, cluster, size, crf_alpha=2.5)
     with CRFPool(num_workers=0) as crf_pool:
-        metrics, used, kept = test_stage.evaluate(
-            args, batches, backbone, segment, cluster, torch.device("cpu"), {}, crf_pool
-        )
+        metrics, used, kept = test_stage.evaluate(args, batches, segmenter, {}, crf_pool)
     preds, labels = literal_evaluation(batches, backbone, segment, cluster, crf_alpha=2.5)
 
     assert sorted(metrics) == sorted(preds)
@@ -155,18 +154,9 @@ def test_predict_image_is_the_literal_whole_picture_recipe():
     # A smooth picture twice the window's size on its long side, not a multiple of the stride.
     rgb = F.interpolate(torch.rand(1, 3, 4, 6), size=(37, 61), mode="bilinear", align_corners=False)[0]
     image = Image.fromarray((rgb.permute(1, 2, 0).numpy() * 255).astype(np.uint8))
-    args = argparse.Namespace(
-        head="mlp",
-        test_resolution=window,
-        train_resolution=2 * window,
-        overlap=0.5,
-        batch_size=2,
-        crf=False,
-        crf_alpha=2.5,
-        crf_max_megapixels=1.0,
-    )
+    segmenter = CauseSegmenter(backbone, segment, cluster, window, crf_alpha=2.5)
     plain, crf = literal_prediction(image, backbone, segment, cluster, window, window // 2, crf_alpha=2.5)
-    assert torch.equal(predict.predict_image(image, args, backbone, segment, cluster, torch.device("cpu")), plain)
-    args.crf = True
-    assert torch.equal(predict.predict_image(image, args, backbone, segment, cluster, torch.device("cpu")), crf)
+    assert torch.equal(segmenter.predict(image, crf=False, overlap=0.5, batch_size=2), plain)
+    assert torch.equal(segmenter.predict(image, crf=True, overlap=0.5, batch_size=2), crf)
+    assert torch.equal(segmenter.predict(np.asarray(image), crf=True, overlap=0.5, batch_size=2), crf)
     assert plain.shape == (37, 61) and not torch.equal(plain, crf)

@@ -392,16 +392,17 @@ def test_ctrl_c_stops_a_stage_without_artifacts(tmp_path, toy_dirs, dino_ckpt):
         stderr=subprocess.PIPE,
         text=True,
     )
-    log = dataset_dir(out, toy_dirs["train"][0]) / "modularity" / "dino_tiny8" / "16" / "mediator.jsonl"
+    log = dataset_dir(out, toy_dirs["train"][0]) / "modularity" / "dino_tiny8" / "16" / "mediator.running.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.is_file() and log.read_text().count("\n") >= 2):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in stderr.strip().splitlines()[-1]
-    # No artifact; at most the resumable state of finished epochs (docs/resume.md) besides config and log.
+    # No artifact; at most the resumable state of finished epochs (docs/resume.md) besides the config and
+    # log of the interrupted run, kept apart from a complete run's.
     names = sorted(p.name for p in log.parent.iterdir() if not p.name.startswith("state_mediator.pt"))
-    assert names == ["config_mediator.json", "mediator.jsonl"]
+    assert names == ["config_mediator.running.json", "mediator.running.jsonl"]
 
 
 def test_gpu_list_spawns_one_process_per_id(tmp_path, toy_dirs, dino_ckpt):

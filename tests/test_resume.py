@@ -93,11 +93,11 @@ def test_sigkilled_stage2_resumes_to_the_uninterrupted_artifact(tmp_path, traine
     shutil.copy(segment, tmp_path / "segment_ref.pth")
 
     proc = start("train_front_door.py", argv)
-    wait_for_steps(proc, run / "front_door.jsonl", run / "state_front_door.pt", 3)
+    wait_for_steps(proc, run / "front_door.running.jsonl", run / "state_front_door.pt", 3)
     proc.kill()
     proc.communicate(timeout=60)
-    # The killed rerun left the previous complete artifact as it was, and a state to resume from.
-    assert segment.read_bytes() == reference
+    # The killed rerun left the previous complete artifact and log as they were, and a state to resume from.
+    assert segment.read_bytes() == reference and (run / "front_door.jsonl").read_text() == reference_log
     assert (run / "state_front_door.pt").is_file()
 
     capsys.readouterr()
@@ -124,7 +124,7 @@ def test_interrupted_stage3_keeps_the_old_artifacts_and_resumes(tmp_path, traine
     before = cluster.read_bytes()
 
     proc = start("fine_tuning.py", argv)
-    wait_for_steps(proc, run / "fine_tuning.jsonl", run / "state_fine_tuning.pt", 3)
+    wait_for_steps(proc, run / "fine_tuning.running.jsonl", run / "state_fine_tuning.pt", 3)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     last = stderr.strip().splitlines()[-1]
@@ -166,7 +166,7 @@ def test_nan_loss_stops_the_stage_and_keeps_the_last_good_state(
     assert err[-1].endswith(f"last good state: {state_path} (step 3)")
     assert state_path.read_bytes() == good[0]
     saved = torch.load(state_path, weights_only=True)
-    assert saved["bookkeeping"]["global_step"] == 3
+    assert saved["loop"]["global_step"] == 3
     assert not (artifacts(out, toy_dirs) / "segment_mlp.pth").exists()
 
     # The state is only resumed with the flags it was saved with, and --resume yes needs one.
@@ -219,7 +219,7 @@ def test_a_killed_rank_stops_the_job_and_resume_completes_it(tmp_path, trained, 
     argv[argv.index("--gpu") + 1] = "0,1"
     run = artifacts(out, toy_dirs) / "mlp"
     proc = start("train_front_door.py", argv)
-    wait_for_steps(proc, run / "front_door.jsonl", run / "state_front_door.pt", 2)
+    wait_for_steps(proc, run / "front_door.running.jsonl", run / "state_front_door.pt", 2)
     workers = spawned_workers(proc.pid)
     assert len(workers) == 2
     killed = time.time()
