@@ -21,7 +21,7 @@ from tqdm import tqdm
 from engine import cli
 from engine.build import load_trained
 from engine.config import STAGE3_NOTES, build_parser, count, str2bool
-from engine.report import write_report
+from engine.report import METRIC_ROWS, write_report
 from engine.segmenter import CauseSegmenter
 from engine.store import ProvenanceWarning
 from loader.batches import make_loader
@@ -36,14 +36,6 @@ from utils.metrics import UnsupervisedMetrics
 from utils.visualize import dataset_colormap, plot_confusion, save_iou_table, save_panel
 
 RANDOM_BACKBONE_NOTE = "note: the backbone is random (ckpt empty): these numbers check the pipeline, not the method"
-ROWS = (
-    ("CAUSE (cluster probe)", "cluster"),
-    ("CAUSE + CRF", "cluster_crf"),
-    ("linear probe (supervised)", "linear"),
-    ("linear probe + CRF", "linear_crf"),
-    ("k-means on backbone tokens", "kmeans"),
-    ("k-means on head features", "kmeans_head"),
-)
 
 
 def parser():
@@ -162,7 +154,9 @@ def write_outputs(cfg, result, metrics, kept, out_dir, log_dirs):
 
 def results_table(result):
     lines = [f"{'':30s} {'mIoU':>7s} {'pAcc':>7s}"]
-    lines += [f"{title:30s} {result[k]['mIoU']:7.2f} {result[k]['pAcc']:7.2f}" for title, k in ROWS if k in result]
+    lines += [
+        f"{title:30s} {result[k]['mIoU']:7.2f} {result[k]['pAcc']:7.2f}" for title, k in METRIC_ROWS if k in result
+    ]
     lines.append(f"clusters receiving pixels: {result['clusters_used']}/{result['n_classes']}")
     return "\n".join(lines + [STAGE3_NOTES[result["stage3"]]])
 

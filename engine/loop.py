@@ -32,8 +32,8 @@ from torch.utils.data import default_collate
 from tqdm import tqdm
 
 from engine.state import ResumableState
+from utils import distributed
 from utils.atomic import OutputWriteError, atomic_write_bytes
-from utils.distributed import all_reduce_mean, all_reduce_mean_grads, all_reduce_mean_values, barrier
 from utils.errors import EXIT_TERMINATED, NonFiniteLossError
 
 # The loop's own part of the resumable state.
@@ -112,6 +112,10 @@ class Trainer:
         self.epochs, self.max_steps, self.save_every = epochs, max_steps, save_every
         flags = json.loads(json.dumps(flags, sort_keys=True, default=str))
         self.state = ResumableState(name, info, log_dir, flags, shared, local)
+        # Every rank starts from rank 0's weights (each drew its own random initialisation), as under DDP.
+        modules = [obj for obj in shared.values() if isinstance(obj, torch.nn.Module)]
+        tensors = [obj for obj in shared.values() if torch.is_tensor(obj)]
+        distributed.broadcast_from_main(tensors + [t for m in modules for t in (*m.parameters(), *m.buffers())], info)
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=bool(amp) and info.device.type == "cuda")
         self.skipped_steps = self.nonfinite_run = self.global_step = self.epoch = self.batch = 0
         self.fixed = None  # {"ind": the run's first batch, "start": its loss before training}
@@ -126,7 +130,7 @@ class Trainer:
 
     def check_loss(self, terms):
         """Stop on a non-finite loss (mean over ranks, before backward); under AMP, only if it persists."""
-        values = all_reduce_mean_values([float(v) for v in terms.values()], self.info)
+        values = distributed.all_reduce_mean_values([float(v) for v in terms.values()], self.info)
         if all(math.isfinite(v) for v in values):
             self.nonfinite_run = 0
             return
@@ -152,7 +156,7 @@ class Trainer:
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        all_reduce_mean_grads(params, self.info)
+        distributed.all_reduce_mean_grads(params, self.info)
         for opt in optimizers:
             self.scaler.unscale_(opt)
         if grad_clip:
@@ -254,7 +258,7 @@ class Trainer:
 
     def terminating(self):
         """Whether any rank received SIGTERM (all ranks agree, so they save and stop at the same step)."""
-        return all_reduce_mean(float(PREEMPTION.received), self.info) > 0
+        return distributed.all_reduce_mean(float(PREEMPTION.received), self.info) > 0
 
     # -- the end --------------------------------------------------------------------------------
 
@@ -262,7 +266,7 @@ class Trainer:
         """First/last logged ``key`` and the fixed-batch value before/after training (mean over ranks)."""
         values = [r[key] for r in self.records if key in r]
         first, last = (values[0], values[-1]) if values else (None, None)
-        start, end = all_reduce_mean(start, self.info), all_reduce_mean(end, self.info)
+        start, end = distributed.all_reduce_mean(start, self.info), distributed.all_reduce_mean(end, self.info)
         return {
             f"{key}_first": first,
             f"{key}_last": last,
@@ -290,7 +294,7 @@ class Trainer:
             atomic_write_bytes(path, json.dumps(summary, indent=2).encode())
             if self.records:
                 plot_losses(self.records, os.path.join(self.log_dir, f"{self.name}_loss.png"), keys=plot_keys)
-        barrier(self.info)
+        distributed.barrier(self.info)
         return summary
 
 

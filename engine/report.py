@@ -21,16 +21,16 @@ from engine.config import STAGE3_NOTES
 from utils.atomic import atomic_write_bytes
 from utils.visualize import plot_losses
 
-SECTIONS = ("config", "metrics", "iou", "confusion", "losses", "examples")
+# fmt: off
+TITLES = {"config": "Configuration", "metrics": "Metrics", "iou": "Per-class IoU", "confusion": "Confusion matrix",
+          "losses": "Training losses", "examples": "Examples"}
+# The rows of the metrics table (test.py prints the same): title, key in metrics.json.
+METRIC_ROWS = (("CAUSE (cluster probe)", "cluster"), ("CAUSE + CRF", "cluster_crf"),
+               ("linear probe (supervised)", "linear"), ("linear probe + CRF", "linear_crf"),
+               ("k-means on backbone tokens", "kmeans"), ("k-means on head features", "kmeans_head"))
+# fmt: on
+SECTIONS = tuple(TITLES)
 STAGES = ("mediator", "front_door", "fine_tuning")
-METRIC_ROWS = (
-    ("CAUSE (cluster probe)", "cluster"),
-    ("CAUSE + CRF", "cluster_crf"),
-    ("linear probe (supervised)", "linear"),
-    ("linear probe + CRF", "linear_crf"),
-    ("k-means on backbone tokens", "kmeans"),
-    ("k-means on head features", "kmeans_head"),
-)
 
 STYLE = """
 body { font-family: sans-serif; margin: 24px; color: #222; background: #fff; }
@@ -110,12 +110,8 @@ def _config_section(config):
 
 def _metrics_section(result):
     rows = ["<tr><th>method</th><th>mIoU (%)</th><th>pAcc (%)</th></tr>"]
-    for title, key in METRIC_ROWS:
-        if key in result:
-            rows.append(
-                f"<tr><td>{html.escape(title)}</td><td class=num>{result[key]['mIoU']:.2f}</td>"
-                f"<td class=num>{result[key]['pAcc']:.2f}</td></tr>"
-            )
+    cells = "<tr><td>{}</td><td class=num>{:.2f}</td><td class=num>{:.2f}</td></tr>"
+    rows += [cells.format(html.escape(t), result[k]["mIoU"], result[k]["pAcc"]) for t, k in METRIC_ROWS if k in result]
     used = f"clusters receiving pixels: {result['clusters_used']}/{result['n_classes']}"
     protocol = STAGE3_NOTES[result.get("stage3", "unknown")]
     return f"<table>{''.join(rows)}</table><p>{html.escape(used)}</p><p>{html.escape(protocol)}</p>"
@@ -124,45 +120,31 @@ def _metrics_section(result):
 def render_report(config, result, confusion_png, panel_pngs, log_dirs):
     """The page as a string. confusion_png: bytes or None; panel_pngs: list of bytes; log_dirs: folders
     searched, in order, for ``<stage>_loss.png`` / ``<stage>.jsonl``."""
-    best = "cluster_crf" if "cluster_crf" in result else "cluster"
-    names = result["class_names"]
+    best, names = "cluster_crf" if "cluster_crf" in result else "cluster", result["class_names"]
+    iou = f"<p class=note>{best}, Hungarian-matched</p>" + _image(
+        iou_chart(result[best]["iou"], names), "per-class IoU"
+    )
+    confusion = _image(confusion_png, "confusion matrix") if confusion_png else "<p class=note>no confusion matrix</p>"
+    losses = ""
+    for stage in STAGES:
+        png = stage_loss_png(stage, log_dirs)
+        losses += f"<h3>{stage}</h3>" + (
+            _image(png, f"{stage} loss") if png else f"<p class=note>no {stage}.jsonl log found</p>"
+        )
+    examples = "".join(_image(p, f"example {i}") for i, p in enumerate(panel_pngs))
+    examples = f"<p class=note>image | ground truth | clusters | CRF | matched</p>{examples}" if panel_pngs else ""
     body = {
         "config": _config_section(config),
         "metrics": _metrics_section(result),
-        "iou": f"<p class=note>{best}, Hungarian-matched</p>"
-        + _image(iou_chart(result[best]["iou"], names), "per-class IoU"),
-        "confusion": (
-            _image(confusion_png, "confusion matrix") if confusion_png else "<p class=note>no confusion matrix</p>"
-        ),
+        "iou": iou,
+        "confusion": confusion,
+        "losses": losses,
+        "examples": examples or "<p class=note>no examples (--save_images 0)</p>",
     }
-    losses = []
-    for stage in STAGES:
-        png = stage_loss_png(stage, log_dirs)
-        losses.append(
-            f"<h3>{stage}</h3>"
-            + (_image(png, f"{stage} loss") if png else f"<p class=note>no {stage}.jsonl log found</p>")
-        )
-    body["losses"] = "".join(losses)
-    body["examples"] = (
-        "<p class=note>image | ground truth | clusters | CRF | matched</p>"
-        + "".join(_image(p, f"example {i}") for i, p in enumerate(panel_pngs))
-        if panel_pngs
-        else "<p class=note>no examples (--save_images 0)</p>"
-    )
-    titles = {
-        "config": "Configuration",
-        "metrics": "Metrics",
-        "iou": "Per-class IoU",
-        "confusion": "Confusion matrix",
-        "losses": "Training losses",
-        "examples": "Examples",
-    }
-    heading = f"CAUSE evaluation: {result['dataset']}, {result['head']} head, {result['backbone']}"
-    sections = "".join(f'<section id="{key}"><h2>{titles[key]}</h2>{body[key]}</section>' for key in SECTIONS)
-    return (
-        f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{html.escape(heading)}</title>"
-        f"<style>{STYLE}</style></head><body><h1>{html.escape(heading)}</h1>{sections}</body></html>\n"
-    )
+    heading = html.escape(f"CAUSE evaluation: {result['dataset']}, {result['head']} head, {result['backbone']}")
+    sections = "".join(f'<section id="{key}"><h2>{TITLES[key]}</h2>{body[key]}</section>' for key in SECTIONS)
+    head = f"<head><meta charset=utf-8><title>{heading}</title><style>{STYLE}</style></head>"
+    return f"<!DOCTYPE html><html lang=en>{head}<body><h1>{heading}</h1>{sections}</body></html>\n"
 
 
 def write_report(path, config, result, confusion_path, panel_paths, log_dirs):

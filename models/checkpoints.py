@@ -49,10 +49,7 @@ LAYOUTS = {
     "ibot": _Layout("state_dict", "", ("masked_embed",), 'a dict with the ViT under "state_dict"'),
     "msn": _Layout("target_encoder", "module.", ("fc.",), 'a dict with "module.*" under "target_encoder"'),
     "mocov3": _Layout(
-        "state_dict",
-        "module.base_encoder.",
-        ("head.",),
-        'a dict with "module.base_encoder.*" under "state_dict"',
+        "state_dict", "module.base_encoder.", ("head.",), 'a dict with "module.base_encoder.*" under "state_dict"'
     ),
 }
 

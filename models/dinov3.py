@@ -21,12 +21,7 @@ from timm.models.eva import checkpoint_filter_fn as eva_checkpoint_filter_fn
 from models.checkpoints import UnknownCheckpointError, state_dict_mismatch
 from utils.errors import InvalidInputError
 
-__all__ = [
-    "DINOv3Shape",
-    "dinov3_num_heads",
-    "infer_dinov3_shape",
-    "load_dinov3",
-]
+__all__ = ["DINOv3Shape", "dinov3_num_heads", "infer_dinov3_shape", "load_dinov3"]
 
 # Not used for the patch tokens: the masked-modelling token, the norms of the CLS token and registers
 # that some checkpoints keep apart (ViT-L SAT-493M and ViT-7B: `local_cls_norm`).

@@ -44,11 +44,7 @@ def interpolate_offset(table: torch.Tensor, h: int, w: int) -> torch.Tensor:
     table: [1, M*M, D] -> [1, h*w, D]
     """
     side = math.isqrt(table.shape[1])
-    grid = F.interpolate(
-        _table_to_grid(table),
-        scale_factor=((h + 0.1) / side, (w + 0.1) / side),
-        mode="bicubic",
-    )
+    grid = F.interpolate(_table_to_grid(table), scale_factor=((h + 0.1) / side, (w + 0.1) / side), mode="bicubic")
     return _grid_to_table(grid)
 
 
@@ -100,9 +96,7 @@ def sincos_2d_position_embedding(h: int, w: int, dim: int, temperature: float = 
     if dim % 4:
         raise ValueError(f"2-D sin-cos position embedding needs a width divisible by 4, got {dim}")
     grid_w, grid_h = torch.meshgrid(
-        torch.arange(w, dtype=torch.float32),
-        torch.arange(h, dtype=torch.float32),
-        indexing="ij",
+        torch.arange(w, dtype=torch.float32), torch.arange(h, dtype=torch.float32), indexing="ij"
     )
     pos_dim = dim // 4
     omega = 1.0 / temperature ** (torch.arange(pos_dim, dtype=torch.float32) / pos_dim)

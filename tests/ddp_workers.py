@@ -55,3 +55,28 @@ def teardown_main(args):
     total = all_reduce_mean(float(info.rank), info)
     path = os.path.join(args.out, f"rank{info.rank}.txt")
     atexit.register(lambda: Path(path).write_text(f"{float(total)} {dist.is_initialized()}"))
+
+
+def initial_weights_worker(rank, world, port, out_dir):
+    """Each rank draws its own random initialisation; after the Trainer is built, all hold rank 0's."""
+    os.environ.update(
+        CAUSE_SPAWN_RANK=str(rank), CAUSE_SPAWN_WORLD=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    info = setup("0", use_cpu=True)
+    torch.manual_seed(rank)
+    model, codebook = torch.nn.Linear(4, 3), torch.nn.Parameter(torch.randn(5, 2))
+    before = [p.detach().clone() for p in (*model.parameters(), codebook)]
+    Trainer(
+        "init",
+        info,
+        out_dir,
+        epochs=1,
+        max_steps=None,
+        save_every=0,
+        amp=False,
+        flags={},
+        shared={"model": model, "codebook": codebook},
+    )
+    after = [p.detach().clone() for p in (*model.parameters(), codebook)]
+    torch.save({"before": before, "after": after}, os.path.join(out_dir, f"init{rank}.pt"))
+    leave()

@@ -247,7 +247,10 @@ def test_artifacts_that_do_not_match_are_refused(tmp_path, toy_dirs, dino_ckpt, 
     argv, args, store = trained_codebook_and_segment(tmp_path, toy_dirs, dino_ckpt)
     record = json.loads(Path(sidecar_path(store.path("segment"))).read_text())
     assert {k: record["dataset"][k] for k in ("name", "image_dir", "files")} == {
-        "name": "folder", "image_dir": str(toy_dirs["train"][0]), "files": 32}
+        "name": "folder",
+        "image_dir": str(toy_dirs["train"][0]),
+        "files": 32,
+    }
     assert len(record["dataset"]["manifest"]) == 64  # the sha256 of the training files' paths, sizes and times
     assert record["upstream"]["kind"] == "codebook" and record["backbone"]["size"] == os.path.getsize(dino_ckpt)
     assert set(torch.load(store.path("segment"), weights_only=True)) == set(build_segment(args, 48).state_dict())

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.ddp_workers import OVERFLOW_STEP, overflow_worker, teardown_main
+from tests.ddp_workers import OVERFLOW_STEP, initial_weights_worker, overflow_worker, teardown_main
 from utils.distributed import _spawned, launch
 from utils.errors import InputNotFoundError
 
@@ -29,6 +29,14 @@ def test_amp_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     assert ranks[0]["scale"] == ranks[1]["scale"] == 2.0**7
     for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_every_rank_starts_from_rank_0s_initial_weights(tmp_path):
+    mp.spawn(initial_weights_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"init{r}.pt", weights_only=True) for r in range(2)]
+    assert not all(torch.equal(a, b) for a, b in zip(ranks[0]["before"], ranks[1]["before"]))
+    for rank in ranks:
+        assert all(torch.equal(a, b) for a, b in zip(rank["after"], ranks[0]["before"]))
 
 
 def test_spawned_processes_leave_the_process_group_before_exiting(tmp_path):

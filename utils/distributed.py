@@ -183,3 +183,11 @@ def all_reduce_mean(value, info):
 def barrier(info):
     if info.distributed:
         dist.barrier()
+
+
+def broadcast_from_main(tensors, info):
+    """Give every rank rank 0's values of ``tensors`` (in place), as DDP does with a model's initial weights."""
+    if info.distributed:
+        with torch.no_grad():
+            for tensor in tensors:
+                dist.broadcast(tensor, src=0)

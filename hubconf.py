@@ -1,0 +1,22 @@
+"""torch.hub entries: a trained CAUSE segmenter from local files (nothing is downloaded).
+
+    segmenter = torch.hub.load("path/to/this/repository", "cause_tr", source="local",
+                               ckpt="dinov2_vitb14_reg4_pretrain.pth", segment="segment_tr.pth",
+                               cluster="cluster_tr.pth", codebook="modular.npy")
+
+Both take the arguments of ``engine.segmenter.CauseSegmenter.from_files`` and return that module.
+"""
+
+from engine.segmenter import CauseSegmenter
+
+dependencies = ["torch", "torchvision", "timm", "numpy", "scipy", "PIL", "pydensecrf", "safetensors"]
+
+
+def cause_mlp(ckpt, segment, cluster, codebook=None, **options):
+    """CAUSE with the MLP head: backbone checkpoint, segment_mlp.pth and cluster_mlp.pth by path."""
+    return CauseSegmenter.from_files(ckpt, segment, cluster, codebook, head="mlp", **options)
+
+
+def cause_tr(ckpt, segment, cluster, codebook, **options):
+    """CAUSE with the transformer head: backbone checkpoint, segment_tr.pth, cluster_tr.pth and modular.npy."""
+    return CauseSegmenter.from_files(ckpt, segment, cluster, codebook, head="tr", **options)
