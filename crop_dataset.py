@@ -1,19 +1,18 @@
-"""Pre-computes the training crops of a benchmark (SPEC §8), as the reference does.
+"""Pre-compute the training crops of a benchmark dataset (five / double / super crops, as the CAUSE reference).
 
-Every training image gives a fixed list of crops of size ``(int(H * r), int(W * r))`` for each
-ratio ``r`` of the crop type, at the five positions of torchvision's ``five_crop`` (top-left,
-top-right, bottom-left, bottom-right, center), plus the same five on the horizontally flipped
-image for the ten-crop types:
+Every training image gives the crops of size ``(int(H * r), int(W * r))`` for each ratio ``r`` of the crop type
+(SPEC §8) at the five positions of torchvision's ``five_crop`` (top-left, top-right, bottom-left, bottom-right,
+center), plus the same five on the horizontally flipped image for the ten-crop types:
 
     five    ratio 0.5 (or --crop_ratio), 5 crops         cocostuff27, cityscapes
     double  ten-crop at 0.5 and 0.8, 20 crops            coco81, coco171
     super   ten-crop at 0.3, 0.4, 0.5, 0.6, 0.7, 50 crops pascalvoc
 
-Crop ``j`` of image ``i`` (dataset order) is written as ``<i * n_crops + j>.jpg`` (JPEG at
-Pillow's default quality, as the reference) and ``.png`` (class id + 1, 0 = ignore) under
-``<data_dir>/<dataset folder>/cropped/<name>_<type>_crop_<ratio>/{img,label}/<split>/``.
-Files are written atomically and existing ones are skipped, so an interrupted run resumes
-and any number of workers writes the same files.
+Crop ``j`` of image ``i`` (dataset order) is written as ``<i * n_crops + j>.jpg`` (JPEG at Pillow's default
+quality, as the reference) and ``.png`` (class id + 1, 0 = ignore) under
+``<data_dir>/<dataset folder>/cropped/<name>_<type>_crop_<ratio>/{img,label}/<split>/``. Files are written
+atomically and existing ones are skipped, so an interrupted run resumes and any number of workers writes the
+same files.
 
     python crop_dataset.py --dataset cocostuff27 --data_dir /data
 """
@@ -22,30 +21,26 @@ import argparse
 import os
 import signal
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from multiprocessing import Pool
 
 import numpy as np
 from tqdm import tqdm
 
-from loader.datasets import (
-    BENCHMARKS,
-    CROP_TYPES,
-    crop_ratios,
-    cropped_dir,
-    dataset_info,
-    incomplete_marker,
-    source_dataset,
-)
+from loader import datasets
 from loader.labels import DATA_ERRORS, DatasetError, LabelDecoder, load_sample
 from utils.atomic import atomic_save_image
 
+CROP_TYPE_HELP = (
+    "five: 5 crops at --crop_ratio; double: ten-crop at 0.5 and 0.8; super: ten-crop at 0.3..0.7 (default: the "
+    "dataset's, five for cocostuff27/cityscapes, double for coco81/coco171, super for pascalvoc)"
+)
+
 
 def crop_boxes(height: int, width: int, ratios: tuple[float, ...], ten: bool) -> list[tuple[int, int, int, int, bool]]:
-    """(top, left, crop height, crop width, flipped) of every crop, in output order.
-
-    ``flipped`` boxes are positions on the horizontally flipped image.
-    """
+    """(top, left, crop height, crop width, flipped) of every crop, in output order; ``flipped`` boxes are
+    positions on the horizontally flipped image."""
     boxes = []
     for ratio in ratios:
         h, w = int(height * ratio), int(width * ratio)
@@ -59,9 +54,7 @@ def crop_boxes(height: int, width: int, ratios: tuple[float, ...], ten: bool) ->
 def crop_array(array: np.ndarray, box: tuple[int, int, int, int, bool]) -> np.ndarray:
     """array: [H, W, ...] -> the crop [h, w, ...] of ``box`` (see :func:`crop_boxes`)."""
     top, left, h, w, flipped = box
-    if flipped:
-        array = array[:, ::-1]
-    return np.ascontiguousarray(array[top : top + h, left : left + w])
+    return np.ascontiguousarray((array[:, ::-1] if flipped else array)[top : top + h, left : left + w])
 
 
 @dataclass(frozen=True)
@@ -78,31 +71,26 @@ class CropWriter:
     def crops_per_image(self) -> int:
         return len(self.ratios) * (10 if self.ten else 5)
 
-    def outputs(self, index: int) -> list[tuple[str, str]]:
-        first = index * self.crops_per_image
-        return [
-            (os.path.join(self.image_dir, f"{i}.jpg"), os.path.join(self.label_dir, f"{i}.png"))
-            for i in range(first, first + self.crops_per_image)
-        ]
+    def paths(self, i: int) -> tuple[str, str]:
+        return os.path.join(self.image_dir, f"{i}.jpg"), os.path.join(self.label_dir, f"{i}.png")
 
     def __call__(self, job: tuple[int, str, str]) -> int:
         """job: (image index, image path, label path) -> number of crops written."""
         index, image_path, label_path = job
-        outputs = self.outputs(index)
-        todo = [k for k, (img, lab) in enumerate(outputs) if not (os.path.exists(img) and os.path.exists(lab))]
+        first = index * self.crops_per_image
+        todo = [k for k in range(self.crops_per_image) if not all(map(os.path.exists, self.paths(first + k)))]
         if not todo:
             return 0
         image, label = load_sample(image_path, label_path, self.decoder)
-        pixels = np.asarray(image)
-        stored = (label + 1).astype(np.uint8)
+        pixels, stored = np.asarray(image), (label + 1).astype(np.uint8)
         boxes = crop_boxes(image.height, image.width, self.ratios, self.ten)
-        if min(min(box[2], box[3]) for box in boxes) < 1:
-            raise DatasetError(
-                f"image {image_path} ({image.width}x{image.height}) is too small to crop at ratio {min(self.ratios)}"
-            )
+        if min(min(box[2:4]) for box in boxes) < 1:
+            size = f"{image.width}x{image.height}"
+            raise DatasetError(f"image {image_path} ({size}) is too small to crop at ratio {min(self.ratios)}")
         for k in todo:
-            atomic_save_image(crop_array(pixels, boxes[k]), outputs[k][0], "JPEG")
-            atomic_save_image(crop_array(stored, boxes[k]), outputs[k][1], "PNG")
+            image_file, label_file = self.paths(first + k)
+            atomic_save_image(crop_array(pixels, boxes[k]), image_file, "JPEG")
+            atomic_save_image(crop_array(stored, boxes[k]), label_file, "PNG")
         return len(todo)
 
 
@@ -112,49 +100,33 @@ def ignore_sigint():
 
 
 def crop_dataset(
-    dataset: str,
-    data_dir: str,
-    crop_type: str | None = None,
-    crop_ratio: float = 0.5,
-    split: str = "train",
-    num_workers: int = 0,
-    progress: bool = True,
+    dataset, data_dir, crop_type=None, crop_ratio=0.5, split="train", num_workers=0, progress=True
 ) -> tuple[str, int, int]:
     """Writes the crop set; -> (its directory, crops written now, crops in total)."""
-    info = dataset_info(dataset)
-    if dataset not in BENCHMARKS:
-        raise DatasetError(f"only the benchmarks ({', '.join(BENCHMARKS)}) have training crops, not {dataset}")
+    info = datasets.dataset_info(dataset)
+    if dataset not in datasets.BENCHMARKS:
+        raise DatasetError(f"only the benchmarks ({', '.join(datasets.BENCHMARKS)}) have training crops, not {dataset}")
     crop_type = crop_type or info.crop_type
     if crop_type != "five" and crop_ratio != 0.5:
         raise DatasetError(f"--crop_ratio only applies to --crop_type five; {crop_type} crops at fixed ratios")
-    ratios = crop_ratios(crop_type, crop_ratio)
+    ratios = datasets.crop_ratios(crop_type, crop_ratio)
     if not all(0 < r <= 1 for r in ratios):
         raise DatasetError(f"crop ratio must be in (0, 1], got {crop_ratio}")
-    source = source_dataset(dataset, data_dir, split)
-    crop_root = cropped_dir(dataset, data_dir, crop_type, crop_ratio)
-    writer = CropWriter(
-        source.decoder,
-        ratios,
-        crop_type != "five",
-        os.path.join(crop_root, "img", split),
-        os.path.join(crop_root, "label", split),
-    )
-    os.makedirs(writer.image_dir, exist_ok=True)
-    os.makedirs(writer.label_dir, exist_ok=True)
-    marker = incomplete_marker(crop_root, split)
+    source = datasets.source_dataset(dataset, data_dir, split)
+    crop_root = datasets.cropped_dir(dataset, data_dir, crop_type, crop_ratio)
+    folders = [os.path.join(crop_root, kind, split) for kind in ("img", "label")]
+    writer = CropWriter(source.decoder, ratios, crop_type != "five", *folders)
+    for folder in folders:
+        os.makedirs(folder, exist_ok=True)
+    marker = datasets.incomplete_marker(crop_root, split)
     with open(marker, "w") as f:
         f.write("crop_dataset.py is writing this split, or was interrupted; rerun it to finish\n")
     jobs = [(i, image, label) for i, (image, label) in enumerate(source.samples)]
     bar = tqdm(total=len(jobs), desc=f"{dataset} {crop_type} crops", unit="img", disable=not progress)
     written = 0
-    if num_workers > 0:
-        with Pool(num_workers, initializer=ignore_sigint) as pool:
-            for count in pool.imap_unordered(writer, jobs, chunksize=4):
-                written += count
-                bar.update()
-    else:
-        for job in jobs:
-            written += writer(job)
+    with Pool(num_workers, initializer=ignore_sigint) if num_workers > 0 else nullcontext() as pool:
+        for count in pool.imap_unordered(writer, jobs, chunksize=4) if pool else map(writer, jobs):
+            written += count
             bar.update()
     bar.close()
     os.remove(marker)
@@ -162,37 +134,14 @@ def crop_dataset(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Pre-compute the training crops of a benchmark dataset "
-        "(five / double / super crops, as the CAUSE reference)."
-    )
-    parser.add_argument("--dataset", required=True, choices=BENCHMARKS, help="benchmark to crop")
-    parser.add_argument(
-        "--data_dir",
-        required=True,
-        help="dataset root holding cocostuff/, cityscapes/ or pascalvoc/ (see README, Datasets)",
-    )
-    parser.add_argument(
-        "--crop_type",
-        default=None,
-        choices=CROP_TYPES,
-        help="five: 5 crops at --crop_ratio; double: ten-crop at 0.5 and 0.8; super: ten-crop at "
-        "0.3..0.7 (default: the dataset's, five for cocostuff27/cityscapes, double for "
-        "coco81/coco171, super for pascalvoc)",
-    )
-    parser.add_argument(
-        "--crop_ratio",
-        default=0.5,
-        type=float,
-        help="crop size as a fraction of the image height and width (five only; default 0.5)",
-    )
-    parser.add_argument("--split", default="train", help="split to crop (default train, what training reads)")
-    parser.add_argument(
-        "--num_workers",
-        default=min(4, os.cpu_count() or 1),
-        type=int,
-        help="worker processes (0: crop in this process); default min(4, CPUs)",
-    )
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add, workers = parser.add_argument, min(4, os.cpu_count() or 1)
+    add("--dataset", required=True, choices=datasets.BENCHMARKS, help="benchmark to crop")
+    add("--data_dir", required=True, help="dataset root: cocostuff/, cityscapes/ or pascalvoc/ (see README, Datasets)")
+    add("--crop_type", default=None, choices=datasets.CROP_TYPES, help=CROP_TYPE_HELP)
+    add("--crop_ratio", default=0.5, type=float, help="crop size / image size, per side (five only; default 0.5)")
+    add("--split", default="train", help="split to crop (default train, what training reads)")
+    add("--num_workers", default=workers, type=int, help="worker processes (0: crop in-process); default min(4, CPUs)")
     return parser
 
 
@@ -210,10 +159,8 @@ def main(argv=None):
         print(f"crop_dataset.py: error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(
-            "crop_dataset.py: interrupted; the crops written so far are complete, rerun the same command to finish",
-            file=sys.stderr,
-        )
+        message = "interrupted; the crops written so far are complete, rerun the same command to finish"
+        print(f"crop_dataset.py: {message}", file=sys.stderr)
         sys.exit(130)
     print(f"{total} crops in {crop_root} ({written} written now, {total - written} already there)")
 

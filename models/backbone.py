@@ -140,11 +140,10 @@ def build_vit(shape: ViTShape, family: str, num_heads: int) -> VisionTransformer
 
 def to_timm_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Backbone keys to timm names (only DINOv2's registers differ), tensors in fp32."""
-    renamed = {}
-    for key, value in state_dict.items():
-        key = "reg_token" if key == "register_tokens" else key
-        renamed[key] = value.float() if value.is_floating_point() else value
-    return renamed
+    return {
+        ("reg_token" if key == "register_tokens" else key): value.float() if value.is_floating_point() else value
+        for key, value in state_dict.items()
+    }
 
 
 # The module.
@@ -284,12 +283,8 @@ def _family_backbone(raw: object, path: str, family: str, num_heads: int | None)
     """The `family` backbone of a loaded file, or UnknownCheckpointError if it does not fit."""
     state_dict = extract_backbone(raw, family)
     if state_dict is None:
-        if family == "dinov3":
-            expected = (
-                f"Meta's plain state dict holding {', '.join(META_KEYS)}, or a transformers DINOv3ViTModel state dict"
-            )
-        else:
-            expected = f"{LAYOUTS[family].description} holding {', '.join(VIT_KEYS)}"
+        meta = f"Meta's plain state dict holding {', '.join(META_KEYS)}, or a transformers DINOv3ViTModel state dict"
+        expected = meta if family == "dinov3" else f"{LAYOUTS[family].description} holding {', '.join(VIT_KEYS)}"
         raise UnknownCheckpointError(
             f"{path}: not a {family} checkpoint (expected {expected}); found {describe_keys(raw)}"
         )

@@ -1,15 +1,16 @@
 """Inference: flip test-time augmentation (SPEC §7) and whole pictures of any size.
 
-The heads see fixed-size inputs (the TR head's queries are a fixed patch grid), so a picture
-is resized to a short side of ``window`` pixels and covered by ``window x window`` windows,
-``stride`` apart, the last one flush with the far edge; the class scores of overlapping
-windows are averaged per pixel. Scores are then brought back to the picture's own size.
+The heads see fixed-size inputs (the TR head's queries are a fixed patch grid), so a picture is resized to a
+short side of ``window`` pixels and covered by ``window x window`` windows, ``stride`` apart, the last one flush
+with the far edge; the class scores of overlapping windows are averaged per pixel, then brought back to the
+picture's own size.
 """
 
 import math
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from modules.segment import tokens_to_image
 
@@ -21,9 +22,8 @@ def flip_tta_features(backbone, teacher_head, img):
     img: [B, 3, H, W] normalised -> u: [B, r, h, w]. Also returns the plain tokens [B, N, D].
     """
     tokens = backbone(img)
-    feats = tokens_to_image(teacher_head(tokens))
     flipped = tokens_to_image(teacher_head(backbone(img.flip(dims=[3]))))
-    return (feats + flipped.flip(dims=[3])) / 2, tokens
+    return (tokens_to_image(teacher_head(tokens)) + flipped.flip(dims=[3])) / 2, tokens
 
 
 def upsample(x, size):
@@ -32,10 +32,7 @@ def upsample(x, size):
 
 
 def window_starts(length: int, window: int, stride: int) -> list[int]:
-    """Offsets of windows covering ``[0, length)``: 0, stride, 2*stride, ..., and length - window.
-
-    Requires ``length >= window`` and ``1 <= stride <= window``.
-    """
+    """Offsets 0, stride, 2*stride, ..., length - window of the windows covering ``[0, length)``."""
     if length < window:
         raise ValueError(f"a side of {length} pixels is shorter than the window ({window})")
     if not 1 <= stride <= window:
@@ -43,7 +40,7 @@ def window_starts(length: int, window: int, stride: int) -> list[int]:
     return list(range(0, length - window, stride)) + [length - window]
 
 
-def resize_short_side(img: torch.Tensor, side: int) -> torch.Tensor:
+def resize_short_side(img: Tensor, side: int) -> Tensor:
     """img: [B, 3, H, W] -> [B, 3, H', W'] with min(H', W') = side, aspect ratio kept (bilinear, antialiased)."""
     height, width = img.shape[-2:]
     scale = side / min(height, width)
@@ -53,12 +50,11 @@ def resize_short_side(img: torch.Tensor, side: int) -> torch.Tensor:
     return F.interpolate(img, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
 
 
-def sliding_window_scores(img: torch.Tensor, window: int, stride: int, score_fn, batch_size: int) -> torch.Tensor:
+def sliding_window_scores(img: Tensor, window: int, stride: int, score_fn, batch_size: int) -> Tensor:
     """Per-pixel scores of a picture averaged over the windows that cover each pixel.
 
-    img: [3, H, W] with min(H, W) >= window; score_fn: windows [n, 3, window, window] ->
-    scores [n, C, window, window]; at most ``batch_size`` windows per call.
-    Returns float32 [C, H, W] on img's device.
+    img: [3, H, W] with min(H, W) >= window; score_fn: windows [n, 3, window, window] -> scores [n, C, window,
+    window]; at most ``batch_size`` windows per call. Returns float32 [C, H, W] on img's device.
     """
     height, width = img.shape[-2:]
     corners = [(y, x) for y in window_starts(height, window, stride) for x in window_starts(width, window, stride)]
@@ -76,31 +72,25 @@ def sliding_window_scores(img: torch.Tensor, window: int, stride: int, score_fn,
     return total / count
 
 
-def upsample_argmax(scores: torch.Tensor, size: tuple[int, int], chunk: int = 8) -> torch.Tensor:
+def upsample_argmax(scores: Tensor, size: tuple[int, int], chunk: int = 8) -> Tensor:
     """Argmax of the bilinearly upsampled scores without holding all of them at full size.
 
-    scores: [C, h, w] -> int64 [H, W]; classes are upsampled ``chunk`` at a time (a 12-MP
-    picture costs ``chunk`` x 48 MB instead of C x 48 MB).
+    scores: [C, h, w] -> int64 [H, W]; classes are upsampled ``chunk`` at a time (a 12-MP picture costs
+    ``chunk`` x 48 MB instead of C x 48 MB).
     """
-    best_value = best_index = None
-    for first in range(0, scores.shape[0], chunk):
-        part = F.interpolate(scores[None, first : first + chunk], size=size, mode="bilinear", align_corners=False)[0]
-        value, index = part.max(dim=0)
-        index += first
-        if best_value is None:
-            best_value, best_index = value, index
-        else:
-            better = value > best_value
-            best_value = torch.where(better, value, best_value)
-            best_index = torch.where(better, index, best_index)
+    best_value, best_index = upsample(scores[None, :chunk], size)[0].max(dim=0)
+    for first in range(chunk, scores.shape[0], chunk):
+        value, index = upsample(scores[None, first : first + chunk], size)[0].max(dim=0)
+        better = value > best_value
+        best_value, best_index = torch.where(better, value, best_value), torch.where(better, index + first, best_index)
     return best_index
 
 
 def crf_size(height: int, width: int, max_pixels: int) -> tuple[int, int]:
     """The (height, width) at which the CRF runs: the picture's own, or scaled down to <= max_pixels.
 
-    Both sides shrink by the same factor, each to at least 1 pixel; when a very thin picture's
-    short side stops at 1, its long side is cut to the budget instead.
+    Both sides shrink by the same factor, each to at least 1 pixel; when a very thin picture's short side
+    stops at 1, its long side is cut to the budget instead.
     """
     if height * width <= max_pixels:
         return height, width

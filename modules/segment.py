@@ -1,12 +1,10 @@
 """Segmentation heads of CAUSE (SPEC §5, §6).
 
-`SegmentMLP` / `SegmentTR` hold the student head and projection, their EMA teacher copies
-and the linear probe; `Cluster` holds the concept codebook and the cluster probe. Module
-and parameter names follow the released CAUSE checkpoints, so those load with
-`strict=True` (README, "Use the released CAUSE heads").
-
-Tokens are `[B, N, D]` on a square, row-major `h x w` grid (`h = w = sqrt(N)`); every 1x1
-convolution acts on the `[B, D, h, w]` image of the tokens.
+`SegmentMLP` / `SegmentTR` hold the student head and projection, their EMA teacher copies and the linear
+probe; `Cluster` holds the concept codebook and the cluster probe. Module and parameter names follow the
+released CAUSE checkpoints, so those load with `strict=True` (README, "Use the released CAUSE heads").
+Tokens are `[B, N, D]` on a square, row-major `h x w` grid (`h = w = sqrt(N)`); every 1x1 convolution acts
+on the `[B, D, h, w]` image of the tokens.
 """
 
 import math
@@ -14,28 +12,24 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
 from modules.ops import grid_side, vq
 
 
-def tokens_to_image(x: torch.Tensor) -> torch.Tensor:
+def tokens_to_image(x: Tensor) -> Tensor:
     """x: [B, N, D] -> [B, D, h, w] with h = w = sqrt(N), tokens row-major."""
-    batch, num_tokens, dim = x.shape
-    side = grid_side(num_tokens)
-    return x.permute(0, 2, 1).reshape(batch, dim, side, side)
+    side = grid_side(x.shape[1])
+    return x.permute(0, 2, 1).reshape(x.shape[0], x.shape[2], side, side)
 
 
-def image_to_tokens(x: torch.Tensor) -> torch.Tensor:
+def image_to_tokens(x: Tensor) -> Tensor:
     """x: [B, D, h, w] -> [B, h*w, D], row-major."""
-    batch, dim = x.shape[:2]
-    return x.reshape(batch, dim, -1).permute(0, 2, 1)
+    return x.flatten(2).permute(0, 2, 1)
 
 
-def _reduce(f1: nn.Module, f2: nn.Module, drop: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """f1(drop(x)) + f2(drop(x)) on the image of the tokens, two independent dropout draws.
-
-    tokens: [B, N, D] -> [B, N, r]
-    """
+def _reduce(f1: nn.Module, f2: nn.Module, drop: nn.Module, tokens: Tensor) -> Tensor:
+    """tokens: [B, N, D] -> f1(drop(x)) + f2(drop(x)) [B, N, r] on their image, two independent dropout draws."""
     image = tokens_to_image(tokens)
     return image_to_tokens(f1(drop(image)) + f2(drop(image)))
 
@@ -54,7 +48,7 @@ class HeadMLP(nn.Module):
         self.f1, self.f2 = _reduction_convs(dim, reduced_dim)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: Tensor) -> Tensor:
         """tokens: [B, N, D] -> [B, N, r]"""
         return _reduce(self.f1, self.f2, self.drop, tokens)
 
@@ -66,7 +60,7 @@ class TokenProjection(nn.Module):
         super().__init__()
         self.f = nn.Conv2d(in_dim, out_dim, kernel_size=1)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: Tensor) -> Tensor:
         """tokens: [B, N, in_dim] -> [B, N, out_dim]"""
         return image_to_tokens(self.f(tokens_to_image(tokens)))
 
@@ -81,22 +75,15 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout)
         self.multihead_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout)
-
         self.linear1 = nn.Linear(dim, hidden_dim)
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(hidden_dim, dim)
-
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.norm3 = nn.LayerNorm(dim)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
-
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim) for _ in range(3))
+        self.dropout1, self.dropout2, self.dropout3 = (nn.Dropout(dropout) for _ in range(3))
         self.f1, self.f2 = _reduction_convs(dim, reduced_dim)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, query: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, query: Tensor, memory: Tensor, pos: Tensor) -> Tensor:
         """query: [N, B, D], memory: [N, B, D], pos: [N, 1, D] -> [B, N, r]"""
         t = query
         q = k = t + pos
@@ -110,11 +97,11 @@ class DecoderLayer(nn.Module):
 class HeadTR(nn.Module):
     """TR head: codebook-quantised tokens attend to the tokens (SPEC §5).
 
-    The codebook (the frozen stage-1 mediator) is a non-persistent buffer set by
-    `set_codebook`, so it stays out of the state dict.
+    The codebook (the frozen stage-1 mediator) is a non-persistent buffer set by `set_codebook`, so it stays
+    out of the state dict.
     """
 
-    codebook: torch.Tensor | None
+    codebook: Tensor | None
 
     def __init__(self, dim: int, reduced_dim: int, num_queries: int, dropout: float = 0.1):
         super().__init__()
@@ -123,22 +110,19 @@ class HeadTR(nn.Module):
         self.tr = DecoderLayer(dim, reduced_dim, dropout=dropout)
         self.register_buffer("codebook", None, persistent=False)
 
-    def set_codebook(self, codebook: torch.Tensor) -> None:
+    def set_codebook(self, codebook: Tensor) -> None:
         """codebook: [K, D], stored detached on the head's device and dtype."""
         dim = self.query_pos.shape[1]
         if codebook.dim() != 2 or codebook.shape[1] != dim:
             raise ValueError(f"codebook must have shape [K, {dim}], got {list(codebook.shape)}")
         self.codebook = codebook.detach().to(device=self.query_pos.device, dtype=self.query_pos.dtype)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: Tensor) -> Tensor:
         """tokens: [B, N, D] -> [B, N, r]; N must equal num_queries."""
-        num_tokens = tokens.shape[1]
-        if num_tokens != self.num_queries:
+        if (n := tokens.shape[1]) != self.num_queries:
             side = math.isqrt(self.num_queries)
-            raise ValueError(
-                f"the TR head was built for train resolution {side}x{side} patches ({self.num_queries} tokens), "
-                f"got {num_tokens} tokens; use the train resolution (image side = {side} x patch size)"
-            )
+            built = f"the TR head was built for train resolution {side}x{side} patches ({self.num_queries} tokens)"
+            raise ValueError(f"{built}, got {n} tokens; use the train resolution (image side = {side} x patch size)")
         if self.codebook is None:
             raise RuntimeError("the TR head has no codebook: call set_codebook() with the stage-1 modular.npy first")
         query = vq(tokens, self.codebook)
@@ -148,28 +132,22 @@ class HeadTR(nn.Module):
 @torch.no_grad()
 def ema_init(student: nn.Module, teacher: nn.Module) -> None:
     """Copy the student's parameters into the teacher (new storage) and freeze the teacher."""
-    student_params = dict(student.named_parameters())
-    teacher_params = dict(teacher.named_parameters())
-    if student_params.keys() != teacher_params.keys():
-        raise ValueError(
-            f"student and teacher differ in parameters: {sorted(student_params.keys() ^ teacher_params.keys())}"
-        )
-    for name, param in student_params.items():
-        if param.shape != teacher_params[name].shape:
-            raise ValueError(
-                f"parameter {name}: student shape {list(param.shape)} != teacher {list(teacher_params[name].shape)}"
-            )
-        teacher_params[name].copy_(param)
-        teacher_params[name].requires_grad_(False)
+    ours, theirs = dict(student.named_parameters()), dict(teacher.named_parameters())
+    if ours.keys() != theirs.keys():
+        raise ValueError(f"student and teacher differ in parameters: {sorted(ours.keys() ^ theirs.keys())}")
+    for name, param in ours.items():
+        if param.shape != (target := theirs[name]).shape:
+            raise ValueError(f"parameter {name}: student shape {list(param.shape)} != teacher {list(target.shape)}")
+        target.copy_(param).requires_grad_(False)
 
 
 @torch.no_grad()
 def ema_update(student: nn.Module, teacher: nn.Module, momentum: float = 0.99, tied: bool = False) -> None:
     """teacher <- momentum * teacher + (1 - momentum) * student, in place.
 
-    ``tied``: the teacher still shares the student's values, as the reference's teacher shares the
-    student's storage from its initialisation until its first update (so the first update, after
-    the first optimiser step, gives momentum * student + (1 - momentum) * student).
+    ``tied``: the teacher still shares the student's values, as the reference's teacher shares the student's
+    storage from its initialisation until its first update (so the first update, after the first optimiser
+    step, gives momentum * student + (1 - momentum) * student).
     """
     for student_param, teacher_param in zip(student.parameters(), teacher.parameters(), strict=True):
         previous = student_param if tied else teacher_param
@@ -179,10 +157,9 @@ def ema_update(student: nn.Module, teacher: nn.Module, momentum: float = 0.99, t
 class SegmentBase(nn.Module):
     """Student head + projection, EMA teacher copies and linear probe (set by subclasses).
 
-    What differs between the heads lives in the subclasses: ``needs_codebook`` (the TR head's
-    queries are codebook-quantised tokens), ``fixed_grid`` (the TR head only takes the patch grid
-    it was trained on, so evaluation and whole pictures use that grid) and ``contrastive_views``
-    (where stage 2 samples the grid).
+    What differs between the heads lives in the subclasses: ``needs_codebook`` (the TR head's queries are
+    codebook-quantised tokens), ``fixed_grid`` (the TR head only takes the patch grid it was trained on, so
+    evaluation and whole pictures use that grid) and ``contrastive_views`` (where stage 2 samples the grid).
     """
 
     needs_codebook = False
@@ -198,7 +175,7 @@ class SegmentBase(nn.Module):
         """The head for these sizes; ``num_queries`` (the training grid's tokens) matters to the TR head only."""
         return cls(dim, reduced_dim, projection_dim, n_classes)
 
-    def set_codebook(self, codebook: torch.Tensor) -> None:
+    def set_codebook(self, codebook: Tensor) -> None:
         """codebook: [K, D], the frozen mediator; the MLP head does not read it."""
 
     def build(self, make_head, reduced_dim: int, projection_dim: int, n_classes: int) -> None:
@@ -224,18 +201,16 @@ class SegmentBase(nn.Module):
 class SegmentMLP(SegmentBase):
     """The MLP segmentation head of CAUSE: backbone tokens [B, N, dim] -> features [B, N, reduced_dim]."""
 
-    def __init__(
-        self, dim: int, reduced_dim: int = 90, projection_dim: int = 2048, n_classes: int = 27, dropout: float = 0.1
-    ):
+    def __init__(self, dim, reduced_dim=90, projection_dim=2048, n_classes=27, dropout=0.1):
         super().__init__()
         self.build(lambda: HeadMLP(dim, reduced_dim, dropout), reduced_dim, projection_dim, n_classes)
 
-    def contrastive_views(self, tokens: torch.Tensor, sample) -> tuple[torch.Tensor, ...]:
+    def contrastive_views(self, tokens: Tensor, sample) -> tuple[Tensor, ...]:
         """SPEC §5 step 2, MLP: the head works per token, so both projections see only the sampled tokens.
 
-        tokens: [B, N, D]; sample(x, order=None) -> (x at the grid picks, order). Returns the
-        teacher features of every token for the probe [B, N, r], the sampled tokens [B, P, D],
-        the student and teacher projections [B, P, E] (the teacher's without gradient).
+        tokens: [B, N, D]; sample(x, order=None) -> (x at the grid picks, order). Returns the teacher features
+        of every token for the probe [B, N, r], the sampled tokens [B, P, D], the student and teacher
+        projections [B, P, E] (the teacher's without gradient).
         """
         teacher_feats = self.head_ema(tokens)
         sampled, _ = sample(tokens)
@@ -250,15 +225,7 @@ class SegmentTR(SegmentBase):
     needs_codebook = True
     fixed_grid = True
 
-    def __init__(
-        self,
-        dim: int,
-        reduced_dim: int = 90,
-        projection_dim: int = 2048,
-        n_classes: int = 27,
-        num_queries: int = 400,
-        dropout: float = 0.1,
-    ):
+    def __init__(self, dim, reduced_dim=90, projection_dim=2048, n_classes=27, num_queries=400, dropout=0.1):
         super().__init__()
         self.build(lambda: HeadTR(dim, reduced_dim, num_queries, dropout), reduced_dim, projection_dim, n_classes)
 
@@ -266,12 +233,12 @@ class SegmentTR(SegmentBase):
     def create(cls, dim: int, reduced_dim: int, projection_dim: int, n_classes: int, num_queries: int):
         return cls(dim, reduced_dim, projection_dim, n_classes, num_queries)
 
-    def set_codebook(self, codebook: torch.Tensor) -> None:
+    def set_codebook(self, codebook: Tensor) -> None:
         """codebook: [K, D], the frozen mediator used by both head and head_ema."""
         self.head.set_codebook(codebook)
         self.head_ema.set_codebook(codebook)
 
-    def contrastive_views(self, tokens: torch.Tensor, sample) -> tuple[torch.Tensor, ...]:
+    def contrastive_views(self, tokens: Tensor, sample) -> tuple[Tensor, ...]:
         """SPEC §5 step 2, TR: the decoder needs the whole grid, so every token is projected and the
         tokens and both projections are then sampled at the same grid picks (see SegmentMLP)."""
         teacher_feats = self.head_ema(tokens)
@@ -285,8 +252,8 @@ class SegmentTR(SegmentBase):
 SEGMENT_HEADS = {"mlp": SegmentMLP, "tr": SegmentTR}
 
 
-def init_codebook(num_codebook: int, dim: int) -> torch.Tensor:
-    """The mediator's initial concepts, uniform in +-1/K (SPEC §4): [K, D]."""
+def init_codebook(num_codebook: int, dim: int) -> Tensor:
+    """Concepts [K, D] uniform in +-1/K: the mediator's initial codebook (SPEC §4), the cluster probe (§6)."""
     return torch.empty(num_codebook, dim).uniform_(-1.0 / num_codebook, 1.0 / num_codebook)
 
 
@@ -296,29 +263,21 @@ class Cluster(nn.Module):
     def __init__(self, dim: int, reduced_dim: int, num_codebook: int, n_classes: int):
         super().__init__()
         self.codebook = nn.Parameter(init_codebook(num_codebook, dim))
-        probe = torch.empty(n_classes, reduced_dim).uniform_(-1.0 / n_classes, 1.0 / n_classes)
-        self.cluster_probe = nn.Parameter(probe)
+        self.cluster_probe = nn.Parameter(init_codebook(n_classes, reduced_dim))
 
-    def scores(self, feats: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity of every pixel feature with every centroid.
-
-        feats: [B, r, H, W] -> [B, C, H, W]
-        """
+    def scores(self, feats: Tensor) -> Tensor:
+        """Cosine similarity of every pixel feature with every centroid: feats [B, r, H, W] -> [B, C, H, W]."""
         if feats.dim() != 4 or feats.shape[1] != self.cluster_probe.shape[1]:
             raise ValueError(f"feats must have shape [B, {self.cluster_probe.shape[1]}, H, W], got {list(feats.shape)}")
-        normed_feats = F.normalize(feats, dim=1)
-        normed_probe = F.normalize(self.cluster_probe, dim=1)
-        return torch.einsum("brhw,cr->bchw", normed_feats, normed_probe)
+        return torch.einsum("brhw,cr->bchw", F.normalize(feats, dim=1), F.normalize(self.cluster_probe, dim=1))
 
 
-def linear_probe_loss(
-    logits: torch.Tensor, label: torch.Tensor, n_classes: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def linear_probe_loss(logits: Tensor, label: Tensor, n_classes: int) -> tuple[Tensor, Tensor, Tensor]:
     """Cross-entropy of the upsampled probe logits over pixels with 0 <= label < n_classes.
 
-    logits: [B, C, h, w], label: [B, H, W] integer -> (loss, n_correct, n_counted).
-    The logits are upsampled bilinearly (align_corners=False) to the label size. With no
-    counted pixel the loss is a zero that keeps the graph. Counts are int64 0-dim tensors.
+    logits: [B, C, h, w], label: [B, H, W] integer -> (loss, n_correct, n_counted). The logits are upsampled
+    bilinearly (align_corners=False) to the label size. With no counted pixel the loss is a zero that keeps
+    the graph. Counts are int64 0-dim tensors.
     """
     if logits.dim() != 4 or logits.shape[1] != n_classes:
         raise ValueError(f"logits must have shape [B, {n_classes}, h, w], got {list(logits.shape)}")
@@ -327,14 +286,8 @@ def linear_probe_loss(
     if label.is_floating_point() or label.is_complex():
         raise ValueError(f"label must be an integer tensor, got {label.dtype}")
     logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
-    flat_logits = logits.permute(0, 2, 3, 1).reshape(-1, n_classes)
-    flat_label = label.reshape(-1).long()
+    flat_logits, flat_label = logits.permute(0, 2, 3, 1).reshape(-1, n_classes), label.reshape(-1).long()
     counted = (flat_label >= 0) & (flat_label < n_classes)
-    counted_logits = flat_logits[counted]
-    counted_label = flat_label[counted]
-    if counted_label.numel() == 0:
-        loss = flat_logits.sum() * 0.0
-    else:
-        loss = F.cross_entropy(counted_logits, counted_label)
-    n_correct = (counted_logits.argmax(dim=1) == counted_label).sum()
-    return loss, n_correct, counted.sum()
+    counted_logits, counted_label = flat_logits[counted], flat_label[counted]
+    loss = F.cross_entropy(counted_logits, counted_label) if counted_label.numel() else flat_logits.sum() * 0.0
+    return loss, (counted_logits.argmax(dim=1) == counted_label).sum(), counted.sum()
