@@ -25,14 +25,11 @@ def _worker_init(worker_id):
 class EpochSampler(DistributedSampler):
     """This process's share of a dataset, in an order fixed by ``(seed, epoch)``, startable part-way.
 
-    Used for a single process too (one replica), so the data order of an epoch never depends
-    on earlier epochs and a resumed run can skip the batches it already trained on without
-    loading them: ``set_epoch(epoch, start)`` begins the epoch at sample ``start``.
+    Used for a single process too (one replica), so the data order of an epoch never depends on earlier epochs and
+    a resumed run skips the batches it already trained on without loading them (``set_epoch(epoch, start)``).
     """
 
-    def __init__(self, dataset, num_replicas, rank, shuffle, seed, drop_last):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
-        self.start = 0
+    start = 0  # the first sample of the epoch
 
     def set_epoch(self, epoch, start=0):
         super().set_epoch(epoch)
@@ -46,29 +43,13 @@ class EpochSampler(DistributedSampler):
 
 
 def make_loader(dataset, info, batch_size, num_workers, shuffle, drop_last, seed=0):
-    """DataLoader over an :class:`EpochSampler` (one replica per process) -> ``(loader, sampler)``.
-
-    ``info``: the process's place in the job (``utils.distributed.DistInfo``). The loader's
-    generator only seeds the workers; the training loop reseeds it from ``(seed, epoch)``.
-    """
-    sampler = EpochSampler(
-        dataset, num_replicas=info.world_size, rank=info.rank, shuffle=shuffle, seed=seed, drop_last=drop_last
-    )
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers,
-        drop_last=drop_last,
-        pin_memory=info.device.type == "cuda",
-        worker_init_fn=_worker_init,
-        generator=generator,
-        persistent_workers=False,
-    )
+    """DataLoader over an :class:`EpochSampler` (one replica per process) -> ``(loader, sampler)``; ``info``: a
+    ``utils.distributed.DistInfo``. Its generator only seeds the workers (the training loop reseeds it per epoch)."""
+    sampler = EpochSampler(dataset, info.world_size, info.rank, shuffle, seed, drop_last)
+    workers = dict(num_workers=num_workers, worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(seed))
+    pin = info.device.type == "cuda"
+    loader = DataLoader(dataset, batch_size, sampler=sampler, drop_last=drop_last, pin_memory=pin, **workers)
     if len(loader) == 0:
-        raise InvalidInputError(
-            f"dataset of {len(dataset)} images gives no batch of {batch_size} per process "
-            f"(world size {info.world_size}); lower --batch_size"
-        )
+        problem = f"dataset of {len(dataset)} images gives no batch of {batch_size} per process"
+        raise InvalidInputError(f"{problem} (world size {info.world_size}); lower --batch_size")
     return loader, sampler

@@ -5,22 +5,21 @@ One registry serves every script::
     dataset = build_dataset("cocostuff27", "/data", "val", 320)
     dataset[0] == {"ind": 0, "img": float32[3, 320, 320] (normalised), "label": int64[320, 320]}
 
-Labels are class ids ``0 <= c < n_classes`` with ``-1`` = ignore. For the benchmarks,
-``split="train"`` reads the crops written by ``crop_dataset.py`` (the reference trains on
-them); ``crops=False`` reads the original training images instead. Every problem with the
-data on disk raises :class:`DatasetError` or :class:`DatasetNotFoundError` with a one-line
-message naming the path and what was expected, so scripts can print it and exit.
+Labels are class ids ``0 <= c < n_classes`` with ``-1`` = ignore. For the benchmarks, ``split="train"`` reads the
+crops written by ``crop_dataset.py`` (the reference trains on them); ``crops=False`` reads the original training
+images instead. Every problem with the data on disk raises :class:`DatasetError` or :class:`DatasetNotFoundError`
+with a one-line message naming the path and what was expected, so scripts can print it and exit.
 """
 
 import hashlib
 import os
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from loader.images import warn_broken_links
 from loader.labels import (
     LABEL_TABLES,
     DatasetError,
@@ -42,10 +41,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 class DatasetInfo:
     """What the scripts need to know about a dataset, in one place.
 
-    ``crop_ratios`` are the crop sizes (fractions of the image height and width) of one
-    crop set; ``crop_dir`` is where ``crop_dataset.py`` writes it and training reads it,
-    relative to ``--data_dir`` (the directory names of the reference implementation).
-    ``resize`` is the evaluation geometry of :mod:`loader.transforms`.
+    ``crop_ratios`` are the crop sizes (fractions of the image height and width) of one crop set; ``crop_dir``
+    is where ``crop_dataset.py`` writes it and training reads it, relative to ``--data_dir`` (the directory
+    names of the reference implementation). ``resize`` is the evaluation geometry of :mod:`loader.transforms`.
     """
 
     name: str
@@ -58,7 +56,8 @@ class DatasetInfo:
     crop_dir: str | None = None
 
 
-CROP_TYPES = ("five", "double", "super")
+_CROP_RATIOS = {"double": (0.5, 0.8), "super": (0.3, 0.4, 0.5, 0.6, 0.7)}  # "five": --crop_ratio
+CROP_TYPES = ("five", *_CROP_RATIOS)
 
 _COCO_LAYOUT = (
     "<data_dir>/cocostuff/images/{train2017,val2017}/<id>.jpg, "
@@ -74,79 +73,44 @@ _VOC_LAYOUT = (
     "ImageSets/Segmentation/{train,val}.txt}"
 )
 _TOY_LAYOUT = "<data_dir>/toy/{train,val}/{images,labels}/<name>.png (generated on first use)"
-_FOLDER_LAYOUT = (
-    "image_dir/<name>.{jpg,jpeg,png,bmp,webp} and optionally label_dir/<name>.png holding class ids (255 = ignore)"
-)
+_FOLDER_LAYOUT = "image_dir/<name>.{jpg,jpeg,png,bmp,webp}, optionally label_dir/<name>.png of class ids (255 = ignore)"
+
+# name: (evaluation resize, layout, registry crop type, folder under --data_dir, crop-set name prefix); the
+# folder and prefix of the crop sets are the reference's
+_BENCHMARKS = {
+    "cocostuff27": ("center", _COCO_LAYOUT, "five", "cocostuff", "cocostuff"),
+    "coco81": ("center", _COCO_LAYOUT, "double", "cocostuff", "coco81"),
+    "coco171": ("center", _COCO_LAYOUT, "double", "cocostuff", "coco171"),
+    "cityscapes": ("center", _CITYSCAPES_LAYOUT, "five", "cityscapes", "cityscapes"),
+    "pascalvoc": ("square", _VOC_LAYOUT, "super", "pascalvoc", "pascalvoc"),
+}
+BENCHMARKS = tuple(_BENCHMARKS)
 
 
 def crop_ratios(crop_type: str, crop_ratio: float = 0.5) -> tuple[float, ...]:
     """The crop sizes of a crop type as the reference defines them (``crop_ratio``: ``five`` only)."""
-    if crop_type == "five":
-        return (float(crop_ratio),)
-    if crop_type == "double":
-        return (0.5, 0.8)
-    if crop_type == "super":
-        return (0.3, 0.4, 0.5, 0.6, 0.7)
-    raise DatasetError(f"unknown crop type {crop_type!r}; expected one of {', '.join(CROP_TYPES)}")
-
-
-# (folder under --data_dir, name prefix) of each benchmark's crop sets, as the reference reads them
-_CROP_NAMING = {
-    "cocostuff27": ("cocostuff", "cocostuff"),
-    "coco81": ("cocostuff", "coco81"),
-    "coco171": ("cocostuff", "coco171"),
-    "cityscapes": ("cityscapes", "cityscapes"),
-    "pascalvoc": ("pascalvoc", "pascalvoc"),
-}
+    if crop_type not in CROP_TYPES:
+        raise DatasetError(f"unknown crop type {crop_type!r}; expected one of {', '.join(CROP_TYPES)}")
+    return (float(crop_ratio),) if crop_type == "five" else _CROP_RATIOS[crop_type]
 
 
 def _crop_dir(name: str, crop_type: str, crop_ratio: float = 0.5) -> str:
     crop_ratios(crop_type, crop_ratio)
-    data_subdir, prefix = _CROP_NAMING[name]
+    data_subdir, prefix = _BENCHMARKS[name][3:]
     # The reference names the multi-ratio sets with ratio 0: "coco81_double_crop_0".
     ratio = str(float(crop_ratio)) if crop_type == "five" else "0"
     return os.path.join(data_subdir, "cropped", f"{prefix}_{crop_type}_crop_{ratio}")
 
 
-def _benchmark(name, class_names, resize, layout, crop_type):
-    return DatasetInfo(
-        name=name,
-        n_classes=len(class_names),
-        class_names=tuple(class_names),
-        resize=resize,
-        layout=layout,
-        crop_type=crop_type,
-        crop_ratios=crop_ratios(crop_type),
-        crop_dir=_crop_dir(name, crop_type),
-    )
+def _benchmark(name: str, resize: str, layout: str, crop: str) -> DatasetInfo:
+    names = tuple(LABEL_TABLES["class_names"][name])
+    return DatasetInfo(name, len(names), names, resize, layout, crop, crop_ratios(crop), _crop_dir(name, crop))
 
 
-_CLASS_NAMES = LABEL_TABLES["class_names"]
-_REGISTRY = {
-    "cocostuff27": _benchmark("cocostuff27", _CLASS_NAMES["cocostuff27"], "center", _COCO_LAYOUT, "five"),
-    "coco81": _benchmark("coco81", _CLASS_NAMES["coco81"], "center", _COCO_LAYOUT, "double"),
-    "coco171": _benchmark("coco171", _CLASS_NAMES["coco171"], "center", _COCO_LAYOUT, "double"),
-    "cityscapes": _benchmark("cityscapes", _CLASS_NAMES["cityscapes"], "center", _CITYSCAPES_LAYOUT, "five"),
-    "pascalvoc": _benchmark("pascalvoc", _CLASS_NAMES["pascalvoc"], "square", _VOC_LAYOUT, "super"),
-    "toy": DatasetInfo(
-        name="toy", n_classes=len(TOY_CLASS_NAMES), class_names=TOY_CLASS_NAMES, resize="center", layout=_TOY_LAYOUT
-    ),
-    "folder": DatasetInfo(name="folder", n_classes=None, class_names=(), resize="center", layout=_FOLDER_LAYOUT),
-}
-
+_REGISTRY = {name: _benchmark(name, *row[:3]) for name, row in _BENCHMARKS.items()}
+_REGISTRY["toy"] = DatasetInfo("toy", len(TOY_CLASS_NAMES), TOY_CLASS_NAMES, "center", _TOY_LAYOUT)
+_REGISTRY["folder"] = DatasetInfo("folder", None, (), "center", _FOLDER_LAYOUT)
 DATASETS = tuple(_REGISTRY)
-BENCHMARKS = ("cocostuff27", "coco81", "coco171", "cityscapes", "pascalvoc")
-
-# Image lists of the reference: COCO-Stuff-27 is evaluated on the STEGO/IIC curated val list
-# and trained on the full curated list; COCO-81/171 use the full curated list for both.
-_COCO_LISTS = {
-    ("cocostuff27", "train"): "Coco164kFull_Stuff_Coarse.txt",
-    ("cocostuff27", "val"): "Coco164kFull_Stuff_Coarse_7.txt",
-    ("coco81", "train"): "Coco164kFull_Stuff_Coarse.txt",
-    ("coco81", "val"): "Coco164kFull_Stuff_Coarse.txt",
-    ("coco171", "train"): "Coco164kFull_Stuff_Coarse.txt",
-    ("coco171", "val"): "Coco164kFull_Stuff_Coarse.txt",
-}
 
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -161,31 +125,19 @@ def cropped_dir(name: str, root: str, crop_type: str | None = None, crop_ratio: 
     info = dataset_info(name)
     if info.crop_dir is None:
         raise DatasetError(f"dataset {name!r} has no pre-computed crops; only {', '.join(BENCHMARKS)} do")
-    crop_type = crop_type or info.crop_type
-    return os.path.join(root, _crop_dir(name, crop_type, 0.5 if crop_ratio is None else crop_ratio))
+    return os.path.join(root, _crop_dir(name, crop_type or info.crop_type, 0.5 if crop_ratio is None else crop_ratio))
 
 
-def crop_command(
-    name: str, root: str, crop_type: str | None = None, crop_ratio: float | None = None, split: str = "train"
-) -> str:
+def crop_command(name: str, root: str, crop_type: str | None = None, crop_ratio=None, split: str = "train") -> str:
     """The ``crop_dataset.py`` command line that writes a crop set."""
-    command = f"python crop_dataset.py --dataset {name} --data_dir {root}"
-    if crop_type is not None:
-        command += f" --crop_type {crop_type}"
-    if crop_ratio is not None:
-        command += f" --crop_ratio {crop_ratio}"
-    if split != "train":
-        command += f" --split {split}"
-    return command
+    flags = {"crop_type": crop_type, "crop_ratio": crop_ratio, "split": None if split == "train" else split}
+    given = "".join(f" --{flag} {value}" for flag, value in flags.items() if value is not None)
+    return f"python crop_dataset.py --dataset {name} --data_dir {root}{given}"
 
 
 def incomplete_marker(crop_root: str, split: str) -> str:
     """File that exists while ``crop_dataset.py`` is writing ``split`` of a crop set."""
     return os.path.join(crop_root, f"{split}.incomplete")
-
-
-def _on_disk(layout: str, root: str) -> str:
-    return layout.replace("<data_dir>", root)
 
 
 def _require_dir(path: str, what: str, layout: str):
@@ -200,28 +152,17 @@ def _read_list(path: str, layout: str) -> list[str]:
         return [line.strip() for line in f if line.strip()]
 
 
+@dataclass(eq=False, repr=False)
 class SegmentationDataset(Dataset):
-    """Pairs of (image file, label file or None) read through a label decoder.
+    """Pairs of (image file, label file or None) read through a label decoder: ``load(i)`` gives the full-resolution
+    PIL image and decoded label (``crop_dataset.py``); indexing applies ``transform`` and returns the item dict."""
 
-    ``load(i)`` gives the full-resolution PIL image and decoded label (used by
-    ``crop_dataset.py``); indexing applies ``transform`` and returns the item dict.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        samples: list[tuple[str, str | None]],
-        decoder: LabelDecoder | None,
-        n_classes: int | None,
-        class_names: tuple[str, ...],
-        transform: SegmentationTransform | None = None,
-    ):
-        self.name = name
-        self.samples = samples
-        self.decoder = decoder
-        self.n_classes = n_classes
-        self.class_names = class_names
-        self.transform = transform
+    name: str
+    samples: list[tuple[str, str | None]]
+    decoder: LabelDecoder | None
+    n_classes: int | None
+    class_names: tuple[str, ...]
+    transform: SegmentationTransform | None = None
 
     @property
     def image_paths(self) -> list[str]:
@@ -246,114 +187,83 @@ class SegmentationDataset(Dataset):
 
     def load(self, index: int) -> tuple[Image.Image, np.ndarray | None]:
         """-> (RGB PIL image, int64 [H, W] class ids with -1 = ignore, or None)."""
-        image_path, label_path = self.samples[index]
-        return load_sample(image_path, label_path, self.decoder)
+        return load_sample(*self.samples[index], self.decoder)
 
     def __getitem__(self, index: int) -> dict:
         if self.transform is None:
             raise RuntimeError("this dataset was built without a transform; use load(index)")
-        image, label = self.load(index)
-        img, label = self.transform(image, label)
+        img, label = self.transform(*self.load(index))
         return {"ind": index, "img": img, "label": label}
+
+
+def _listed_samples(base, what, layout, folders, list_file):
+    """(images/<id>.jpg, labels/<id>.png) of the ids in ``base/list_file``; ``folders``: {what: path below base}."""
+    _require_dir(base, what, layout)
+    for folder, path in folders.items():
+        _require_dir(os.path.join(base, path), folder, layout)
+    ids = _read_list(os.path.join(base, list_file), layout)
+    images, labels = (os.path.join(base, path) for path in folders.values())
+    return [(os.path.join(images, f"{i}.jpg"), os.path.join(labels, f"{i}.png")) for i in ids]
 
 
 def _coco_samples(name: str, root: str, split: str) -> list[tuple[str, str]]:
     if split not in ("train", "val"):
         raise DatasetError(f"unknown split {split!r} for {name}; expected train or val")
-    base = os.path.join(root, "cocostuff")
-    layout = _on_disk(_COCO_LAYOUT, root)
-    _require_dir(base, "COCO-Stuff", layout)
-    folder = f"{split}2017"
-    for sub in ("images", "annotations"):
-        _require_dir(os.path.join(base, sub, folder), f"COCO-Stuff {sub}", layout)
-    ids = _read_list(os.path.join(base, "curated", folder, _COCO_LISTS[(name, split)]), layout)
-    return [
-        (os.path.join(base, "images", folder, f"{i}.jpg"), os.path.join(base, "annotations", folder, f"{i}.png"))
-        for i in ids
-    ]
+    base, folder, layout = os.path.join(root, "cocostuff"), f"{split}2017", _COCO_LAYOUT.replace("<data_dir>", root)
+    # The reference evaluates COCO-Stuff-27 on the STEGO/IIC curated val list (_7) and trains it on the full
+    # curated list; COCO-81/171 use the full list for both.
+    curated = "Coco164kFull_Stuff_Coarse" + ("_7" if (name, split) == ("cocostuff27", "val") else "") + ".txt"
+    folders = {f"COCO-Stuff {sub}": os.path.join(sub, folder) for sub in ("images", "annotations")}
+    return _listed_samples(base, "COCO-Stuff", layout, folders, os.path.join("curated", folder, curated))
 
 
 def _cityscapes_samples(root: str, split: str) -> list[tuple[str, str]]:
-    base = os.path.join(root, "cityscapes")
-    image_root = os.path.join(base, "leftImg8bit", split)
-    label_root = os.path.join(base, "gtFine", split)
-    layout = _on_disk(_CITYSCAPES_LAYOUT, root)
+    base, layout = os.path.join(root, "cityscapes"), _CITYSCAPES_LAYOUT.replace("<data_dir>", root)
+    image_root, label_root = os.path.join(base, "leftImg8bit", split), os.path.join(base, "gtFine", split)
     _require_dir(image_root, f"Cityscapes {split} images", layout)
     _require_dir(label_root, f"Cityscapes {split} fine labels", layout)
-    samples = []
+    samples, tail = [], "_leftImg8bit.png"
     # sorted, unlike torchvision's listing order, so crop indices do not depend on the file system
     for city in sorted(os.listdir(image_root)):
-        city_dir = os.path.join(image_root, city)
-        if not os.path.isdir(city_dir):
-            continue
-        for file in sorted(os.listdir(city_dir)):
-            if not file.endswith("_leftImg8bit.png"):
-                continue
-            stem = file[: -len("_leftImg8bit.png")]
-            samples.append(
-                (os.path.join(city_dir, file), os.path.join(label_root, city, f"{stem}_gtFine_labelIds.png"))
-            )
+        images, labels = os.path.join(image_root, city), os.path.join(label_root, city)
+        files = sorted(os.listdir(images)) if os.path.isdir(images) else []
+        stems = [f[: -len(tail)] for f in files if f.endswith(tail)]
+        samples += [(os.path.join(images, s + tail), os.path.join(labels, f"{s}_gtFine_labelIds.png")) for s in stems]
     if not samples:
         raise DatasetNotFoundError(f"no Cityscapes images in {image_root}; expected {layout}")
     return samples
 
 
 def _voc_samples(root: str, split: str) -> list[tuple[str, str]]:
-    base = os.path.join(root, "pascalvoc", "VOCdevkit", "VOC2012")
-    layout = _on_disk(_VOC_LAYOUT, root)
-    _require_dir(base, "Pascal VOC 2012", layout)
-    for sub in ("JPEGImages", "SegmentationClass"):
-        _require_dir(os.path.join(base, sub), f"Pascal VOC {sub}", layout)
-    ids = _read_list(os.path.join(base, "ImageSets", "Segmentation", f"{split}.txt"), layout)
-    return [
-        (os.path.join(base, "JPEGImages", f"{i}.jpg"), os.path.join(base, "SegmentationClass", f"{i}.png")) for i in ids
-    ]
+    base, layout = os.path.join(root, "pascalvoc", "VOCdevkit", "VOC2012"), _VOC_LAYOUT.replace("<data_dir>", root)
+    folders = {f"Pascal VOC {sub}": sub for sub in ("JPEGImages", "SegmentationClass")}
+    return _listed_samples(
+        base, "Pascal VOC 2012", layout, folders, os.path.join("ImageSets", "Segmentation", f"{split}.txt")
+    )
 
 
 def _numbered_files(directory: str, extension: str) -> set[int]:
-    names = set()
-    for file in os.listdir(directory):
-        stem, ext = os.path.splitext(file)
-        if ext == extension and stem.isdigit():
-            names.add(int(stem))
-    return names
+    stems = [os.path.splitext(file) for file in os.listdir(directory)]
+    return {int(stem) for stem, ext in stems if ext == extension and stem.isdigit()}
 
 
-def _cropped_samples(
-    name: str, root: str, split: str, crop_type: str | None, crop_ratio: float | None
-) -> list[tuple[str, str]]:
+def _cropped_samples(name: str, root: str, split: str, crop_type: str | None, crop_ratio) -> list[tuple[str, str]]:
     crop_root = cropped_dir(name, root, crop_type, crop_ratio)
     command = crop_command(name, root, crop_type, crop_ratio, split)
-    image_dir = os.path.join(crop_root, "img", split)
-    label_dir = os.path.join(crop_root, "label", split)
+    image_dir, label_dir = os.path.join(crop_root, "img", split), os.path.join(crop_root, "label", split)
     if not (os.path.isdir(image_dir) and os.path.isdir(label_dir)):
-        raise DatasetNotFoundError(
-            f"training crops of {name} not found in {crop_root}/{{img,label}}/{split}; run first: {command}"
-        )
+        where = f"{crop_root}/{{img,label}}/{split}"
+        raise DatasetNotFoundError(f"training crops of {name} not found in {where}; run first: {command}")
     if os.path.exists(incomplete_marker(crop_root, split)):
-        raise DatasetError(
-            f"the crops in {crop_root} were interrupted while being written; finish them (it resumes): {command}"
-        )
-    images = _numbered_files(image_dir, ".jpg")
-    labels = _numbered_files(label_dir, ".png")
-    count = len(images)
-    expected = set(range(count))
-    if count == 0 or images != expected or labels != expected:
-        missing = sorted((expected - images) | (expected - labels) | (labels - expected))[:3]
-        raise DatasetError(
-            f"the crops in {crop_root} are incomplete ({len(images)} images, {len(labels)} labels"
-            f"{', e.g. index ' + str(missing[0]) if missing else ''}); finish them: {command}"
-        )
-    return [(os.path.join(image_dir, f"{i}.jpg"), os.path.join(label_dir, f"{i}.png")) for i in range(count)]
-
-
-def broken_links(directory: str, names: list[str]) -> list[str]:
-    """The entries of ``names`` that are symbolic links to nothing (dangling, or a loop)."""
-    return [
-        n
-        for n in names
-        if os.path.islink(os.path.join(directory, n)) and not os.path.exists(os.path.join(directory, n))
-    ]
+        problem = f"the crops in {crop_root} were interrupted while being written"
+        raise DatasetError(f"{problem}; finish them (it resumes): {command}")
+    images, labels = _numbered_files(image_dir, ".jpg"), _numbered_files(label_dir, ".png")
+    expected = set(range(len(images)))
+    if not images or images != expected or labels != expected:
+        odd = (expected - images) | (expected - labels) | (labels - expected)
+        found = f"{len(images)} images, {len(labels)} labels" + (f", e.g. index {min(odd)}" if odd else "")
+        raise DatasetError(f"the crops in {crop_root} are incomplete ({found}); finish them: {command}")
+    return [(os.path.join(image_dir, f"{i}.jpg"), os.path.join(label_dir, f"{i}.png")) for i in range(len(images))]
 
 
 def folder_samples(image_dir: str, label_dir: str | None = None) -> list[tuple[str, str | None]]:
@@ -363,21 +273,17 @@ def folder_samples(image_dir: str, label_dir: str | None = None) -> list[tuple[s
     """
     _require_dir(image_dir, "image folder", _FOLDER_LAYOUT)
     names = sorted(f for f in os.listdir(image_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
-    broken = broken_links(image_dir, names)
-    if broken:
-        warnings.warn(f"{len(broken)} broken link(s) in {image_dir} left out, e.g. {broken[0]} (dangling or a loop)")
+    warn_broken_links([os.path.join(image_dir, f) for f in names], f"in {image_dir}")
     files = [f for f in names if os.path.isfile(os.path.join(image_dir, f))]
     if not files:
         raise DatasetNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {image_dir}")
     if label_dir is None:
         return [(os.path.join(image_dir, f), None) for f in files]
     _require_dir(label_dir, "label folder", _FOLDER_LAYOUT)
-    samples = []
-    for file in files:
-        label = os.path.join(label_dir, os.path.splitext(file)[0] + ".png")
+    samples = [(os.path.join(image_dir, f), os.path.join(label_dir, os.path.splitext(f)[0] + ".png")) for f in files]
+    for image, label in samples:
         if not os.path.isfile(label):
-            raise DatasetNotFoundError(f"label file not found: {label} (the label of {os.path.join(image_dir, file)})")
-        samples.append((os.path.join(image_dir, file), label))
+            raise DatasetNotFoundError(f"label file not found: {label} (the label of {image})")
     return samples
 
 
@@ -400,8 +306,7 @@ def source_dataset(name: str, root: str, split: str) -> SegmentationDataset:
     """A benchmark's original images of ``split`` at full resolution, for ``load(i)``."""
     _check_root(root)
     info = dataset_info(name)
-    samples, decoder = _source_samples(name, root, split)
-    return SegmentationDataset(name, samples, decoder, info.n_classes, info.class_names)
+    return SegmentationDataset(name, *_source_samples(name, root, split), info.n_classes, info.class_names)
 
 
 def build_dataset(
@@ -422,14 +327,11 @@ def build_dataset(
     """The dataset ``name`` (see :data:`DATASETS`) whose items are
     ``{"ind": int, "img": float32[3, res, res], "label": int64[res, res]}``.
 
-    root: the ``--data_dir`` holding the STEGO layout (see :class:`DatasetInfo`.layout).
-    split: "train" or "val" ("test" too for Cityscapes); for a benchmark, "train" reads the
-        crop set chosen by ``crop_type`` / ``crop_ratio`` (registry default) unless
-        ``crops=False``.
-    mean, std: the backbone's input normalisation.
-    n_classes: required by ``folder`` with labels; must match the registry otherwise.
-    image_dir, label_dir: the ``folder`` dataset's images and optional label PNGs (``root``
-        is the image folder if ``image_dir`` is None); unlabelled items are all -1.
+    root: the ``--data_dir`` holding the STEGO layout (see :class:`DatasetInfo`.layout). split: "train" or "val"
+    ("test" too for Cityscapes); for a benchmark, "train" reads the crop set of ``crop_type`` / ``crop_ratio``
+    (registry default) unless ``crops=False``. mean, std: the backbone's input normalisation. n_classes:
+    required by ``folder`` with labels; must match the registry otherwise. image_dir, label_dir: the ``folder``
+    dataset's images (``root`` if None) and optional label PNGs (unlabelled items are all -1).
     """
     info = dataset_info(name)
     if info.n_classes is not None and n_classes is not None and n_classes != info.n_classes:
@@ -446,13 +348,10 @@ def build_dataset(
     if name == "toy":
         if split not in ("train", "val"):
             raise DatasetError(f"unknown split {split!r} for toy; expected train or val")
-        toy_root = ensure_toy(root)
-        samples = folder_samples(os.path.join(toy_root, split, "images"), os.path.join(toy_root, split, "labels"))
-        return SegmentationDataset(
-            name, samples, class_id_decoder(info.n_classes), info.n_classes, info.class_names, transform
-        )
-    use_crops = (split == "train") if crops is None else crops
-    if use_crops:
+        toy_split = os.path.join(ensure_toy(root), split)
+        samples = folder_samples(os.path.join(toy_split, "images"), os.path.join(toy_split, "labels"))
+        decoder = class_id_decoder(info.n_classes)
+    elif (split == "train") if crops is None else crops:
         samples = _cropped_samples(name, root, split, crop_type, crop_ratio)
         decoder = cropped_decoder(info.n_classes)
     else:

@@ -1,10 +1,9 @@
 """Frozen backbone tokens cached on disk (``--feature_cache DIR``).
 
-The backbone is frozen and the training transforms are deterministic (resize + center crop of
-pre-computed crops), so the tokens of a dataset item never change within a configuration.
-They are stored once, one ``.npy`` per item, under a folder named after a hash of everything
-that determines them (checkpoint file, architecture, dataset, split, resolution,
-normalisation, dtype); later epochs and stages read them instead of running the backbone.
+The backbone is frozen and the training transforms are deterministic (resize + center crop of pre-computed crops),
+so the tokens of a dataset item never change within a configuration. They are stored once, one ``.npy`` per item,
+under a folder named after a hash of everything that determines them (checkpoint file, architecture, dataset, split,
+resolution, normalisation, dtype); later epochs and stages read them instead of running the backbone.
 """
 
 import hashlib
@@ -23,29 +22,22 @@ def cache_dir(root, key):
 
 
 class FeatureCache:
-    """One folder of per-item token files for one configuration.
-
-    ``key``: everything that determines the tokens of an item (checkpoint, architecture,
-    dataset, split, resolution, normalisation, dtype) as a JSON-able dict.
-    """
+    """One folder of per-item token files for one configuration; ``key``: everything that determines the
+    tokens of an item (checkpoint, architecture, dataset, split, resolution, normalisation, dtype), JSON-able."""
 
     def __init__(self, root, key):
         self.dir = cache_dir(root, key)
-        os.makedirs(self.dir, exist_ok=True)
         key_path = os.path.join(self.dir, "key.json")
-        if not os.path.isfile(key_path):
+        if not os.path.isfile(key_path):  # also creates the folder
             atomic_write_bytes(key_path, json.dumps(key, indent=1, sort_keys=True).encode())
 
-    def path(self, ind):
-        return os.path.join(self.dir, f"{ind}.npy")
-
+    @torch.no_grad()
     def tokens(self, backbone, img, ind):
         """img: [B, 3, H, W], ind: [B] dataset indices -> tokens [B, N, D] (cached or computed)."""
-        paths = [self.path(i) for i in ind.tolist()]
+        paths = [os.path.join(self.dir, f"{i}.npy") for i in ind.tolist()]
         if all(os.path.isfile(p) for p in paths):
             return torch.from_numpy(np.stack([np.load(p) for p in paths])).to(img.device)
-        with torch.no_grad():
-            tokens = backbone(img)
+        tokens = backbone(img)
         for p, t in zip(paths, tokens.cpu().numpy()):
             if not os.path.isfile(p):
                 atomic_np_save(t, p)
@@ -56,11 +48,8 @@ class TokenSource:
     """``tokens(img, ind)``: the frozen backbone's tokens, through the cache when there is one."""
 
     def __init__(self, backbone, cache=None):
-        self.backbone = backbone
-        self.cache = cache
+        self.backbone, self.cache = backbone, cache
 
+    @torch.no_grad()
     def __call__(self, img, ind):
-        if self.cache is None:
-            with torch.no_grad():
-                return self.backbone(img)
-        return self.cache.tokens(self.backbone, img, ind)
+        return self.backbone(img) if self.cache is None else self.cache.tokens(self.backbone, img, ind)

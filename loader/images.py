@@ -1,14 +1,13 @@
 """Reading photographs as their viewer shows them: EXIF orientation, bit depth, palette, alpha.
 
-Every image of the project (training, evaluation and ``predict.py``) goes through
-:func:`to_display_rgb`, so that a label drawn on the displayed picture lines up with the pixels
-the network sees:
+Every image of the project (training, evaluation and ``predict.py``) goes through :func:`to_display_rgb`, so that a
+label drawn on the displayed picture lines up with the pixels the network sees:
 
 * the EXIF orientation tag is applied (a phone photo stored sideways comes out upright);
-* 16-bit and 32-bit integer images are scaled by their type's value range (65535 -> 255),
-  not clipped; float images by their own minimum and maximum;
-* palette images take their palette's colours; transparent pixels (alpha, or a palette's
-  transparent index) are composited over white.
+* 16-bit and 32-bit integer images are scaled by their type's value range (65535 -> 255), not clipped; float
+  images by their own minimum and maximum;
+* palette images take their palette's colours; transparent pixels (alpha, or a palette's transparent index)
+  are composited over white.
 """
 
 import glob
@@ -27,8 +26,7 @@ _WIDE_INTEGER_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 def _scaled_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
     """values: [H, W] numbers -> uint8 [H, W], ``low`` -> 0 and ``high`` -> 255 (clipped)."""
-    span = max(high - low, 1e-12)
-    scaled = (values.astype(np.float64) - low) * (255.0 / span)
+    scaled = (values.astype(np.float64) - low) * (255.0 / max(high - low, 1e-12))
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
@@ -39,9 +37,7 @@ def _gray_to_uint8(image: Image.Image) -> np.ndarray:
         finite = values[np.isfinite(values)]
         low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
         return _scaled_to_uint8(np.nan_to_num(values, nan=low), low, high)
-    low = min(0.0, float(values.min()))
-    high = max(65535.0, float(values.max()))
-    return _scaled_to_uint8(values, low, high)
+    return _scaled_to_uint8(values, min(0.0, float(values.min())), max(65535.0, float(values.max())))
 
 
 def to_display_rgb(image: Image.Image) -> Image.Image:
@@ -52,9 +48,8 @@ def to_display_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
     return image.convert("RGB")
 
 
@@ -65,41 +60,33 @@ def open_rgb(path: str) -> Image.Image:
         return to_display_rgb(image)
 
 
-def is_image_file(path: str) -> bool:
-    return path.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(path)
+def warn_broken_links(paths: list[str], where: str) -> list[str]:
+    """Warns about (and returns) the ``paths`` that are symbolic links to nothing (dangling, or a loop)."""
+    broken = [path for path in paths if os.path.islink(path) and not os.path.exists(path)]
+    if broken:
+        warnings.warn(f"{len(broken)} broken link(s) {where} left out, e.g. {broken[0]} (dangling or a loop)")
+    return broken
 
 
 def list_images(inputs: str) -> list[str]:
-    """The image files named by ``inputs``: one file, a folder (its images, sorted), or a glob.
-
-    A single file is taken whatever its extension; folders and globs keep files with an image
-    extension (:data:`IMAGE_EXTENSIONS`). Returns absolute paths; raises FileNotFoundError when
-    nothing matches.
-    """
+    """The image files named by ``inputs`` as absolute paths: one file (whatever its extension), a folder's
+    or a glob's files with an image extension (:data:`IMAGE_EXTENSIONS`), sorted; FileNotFoundError if none."""
     if os.path.isfile(inputs):
         return [os.path.abspath(inputs)]
-    if os.path.isdir(inputs):
-        files = sorted(os.path.join(inputs, f) for f in os.listdir(inputs))
-        what = f"in the folder {inputs}"
-    else:
-        files = sorted(glob.glob(inputs, recursive=True))
-        what = f"matching {inputs}"
-    broken = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.islink(f) and not os.path.exists(f)]
-    if broken:
-        warnings.warn(f"{len(broken)} broken link(s) {what} left out, e.g. {broken[0]} (dangling or a loop)")
-    files = [os.path.abspath(f) for f in files if is_image_file(f)]
+    folder = os.path.isdir(inputs)
+    files = [os.path.join(inputs, f) for f in os.listdir(inputs)] if folder else glob.glob(inputs, recursive=True)
+    files = sorted(f for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+    what = f"in the folder {inputs}" if folder else f"matching {inputs}"
+    broken = warn_broken_links(files, what)
+    files = [os.path.abspath(f) for f in files if os.path.isfile(f)]
     if not files:
-        raise InputNotFoundError(
-            f"no images ({', '.join(IMAGE_EXTENSIONS)}) {what}" + (" but broken links" if broken else "")
-        )
+        found = " but broken links" if broken else ""
+        raise InputNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) {what}{found}")
     return files
 
 
 def output_stems(files: list[str]) -> list[str]:
-    """Unique output names for input files: their path below the inputs' common folder, extension kept.
-
-    ``/a/x.jpg`` and ``/a/x.png`` -> ``x.jpg``, ``x.png``; ``/a/p/x.jpg`` and ``/a/q/x.jpg`` ->
-    ``p/x.jpg``, ``q/x.jpg`` (the input tree is mirrored below the output folder).
-    """
+    """Unique output names for input files: their path below the inputs' common folder, extension kept (``/a/x.jpg``
+    and ``/a/x.png`` -> ``x.jpg``, ``x.png``; ``/a/p/x.jpg`` and ``/a/q/x.jpg`` -> ``p/x.jpg``, ``q/x.jpg``)."""
     root = os.path.commonpath([os.path.dirname(f) for f in files])
     return [os.path.relpath(f, root) for f in files]

@@ -1,10 +1,9 @@
 """Atomic file writes: a temporary file next to the target, renamed over it once complete.
 
-A reader of the target sees the previous complete file or the new complete file, never a
-part of one: an error, Ctrl-C or SIGKILL during the write leaves the target as it was. A
-write that fails (disk full, read-only file system, no permission) is one line naming the
-path, and its temporary file is removed. Temporary files have the suffix ``.tmp<pid>``; those
-left by a killed process are removed by :func:`remove_stale_temporaries`.
+A reader of the target sees the previous or the new complete file, never a part of one: an error,
+Ctrl-C or SIGKILL during the write leaves the target as it was. A write that fails (disk full,
+read-only file system, no permission) is one line naming the path, and its temporary file is removed.
+Temporary files end in ``.tmp<pid>``; :func:`remove_stale_temporaries` removes those of killed processes.
 """
 
 import glob
@@ -25,10 +24,6 @@ class OutputWriteError(BadInputError, OSError):
     """An output file could not be written; the previous file at its path is unchanged."""
 
 
-def tmp_name(path):
-    return f"{path}{TMP_SUFFIX}{os.getpid()}"
-
-
 def _write_file(path, data):
     with open(path, "wb") as f:
         f.write(data)
@@ -36,39 +31,39 @@ def _write_file(path, data):
 
 def atomic_write_bytes(path, data):
     """Write ``data`` (bytes) to ``path`` through a temporary file and a rename; returns its sha256."""
-    tmp = tmp_name(path)
+    tmp = f"{path}{TMP_SUFFIX}{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         _write_file(tmp, data)
         os.replace(tmp, path)
     except OSError as err:
-        reason = err.strerror or str(err)
-        raise OutputWriteError(f"cannot write {path}: {reason}; nothing was written there") from None
+        raise OutputWriteError(f"cannot write {path}: {err.strerror or err}; nothing was written there") from None
     finally:
         if os.path.lexists(tmp):
             os.remove(tmp)
     return hashlib.sha256(data).hexdigest()
 
 
-def _encoded(write):
+def atomic_write(path, write):
+    """``write(file)`` into memory, then those bytes written atomically to ``path``; returns their sha256."""
     buffer = io.BytesIO()
     write(buffer)
-    return buffer.getvalue()
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def atomic_torch_save(obj, path):
     """``torch.save`` in memory, then written atomically; returns the file's sha256."""
-    return atomic_write_bytes(path, _encoded(lambda f: torch.save(obj, f)))
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_np_save(array, path):
     """``np.save`` in memory, then written atomically; returns the file's sha256."""
-    return atomic_write_bytes(path, _encoded(lambda f: np.save(f, array)))
+    return atomic_write(path, lambda f: np.save(f, array))
 
 
 def atomic_save_image(array, path, image_format="PNG", **options):
     """Encode ``array`` ([H, W] or [H, W, 3] uint8) with Pillow in memory, then write it atomically."""
-    atomic_write_bytes(path, _encoded(lambda f: Image.fromarray(array).save(f, format=image_format, **options)))
+    atomic_write(path, lambda f: Image.fromarray(array).save(f, format=image_format, **options))
 
 
 def pid_alive(pid):
@@ -77,15 +72,15 @@ def pid_alive(pid):
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, owned by another user
+        pass
     return True
 
 
 def remove_stale_temporaries(directory):
-    """Remove the temporary files that processes of this host, now dead, left in ``directory``.
+    """Remove (and return) the temporary files that dead processes of this host left in ``directory``.
 
-    Returns the removed paths. A temporary file of a live process (a concurrent writer) is kept.
+    A temporary file of a live process (a concurrent writer) is kept.
     """
     removed = []
     for path in glob.glob(os.path.join(glob.escape(directory), f"*{TMP_SUFFIX}*")):

@@ -1,8 +1,8 @@
 """One process per device: torchrun, ``--gpu 0,1,..`` spawning, or a single process.
 
-Under ``torchrun`` the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) is read
-as it is, which covers multi-node runs. Otherwise ``--gpu`` with several ids spawns one
-process per id on this machine, like the reference. NCCL on CUDA, gloo on CPU.
+Under ``torchrun`` the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) is read as it is,
+which covers multi-node runs. Otherwise ``--gpu`` with several ids spawns one process per id on this
+machine, like the reference. NCCL on CUDA, gloo on CPU.
 """
 
 import datetime
@@ -16,8 +16,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from utils.errors import EXIT_CODES, REPORTED_ERRORS, InvalidInputError, SpawnedExit, WorkerFailedError, one_line
-
-DEFAULT_TIMEOUT_MIN = 10.0
 
 
 @dataclass(frozen=True)
@@ -40,14 +38,6 @@ def under_torchrun():
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def _device(local_rank, gpu_ids, use_cpu):
-    if use_cpu or not torch.cuda.is_available():
-        return torch.device("cpu")
-    index = gpu_ids[local_rank] if local_rank < len(gpu_ids) else local_rank
-    torch.cuda.set_device(index)
-    return torch.device("cuda", index)
-
-
 def parse_gpu_ids(gpu):
     try:
         return [int(g) for g in str(gpu).split(",") if g.strip() != ""]
@@ -55,22 +45,21 @@ def parse_gpu_ids(gpu):
         raise InvalidInputError(f"--gpu expects comma-separated integers such as 0,1,2,3, got {gpu!r}") from None
 
 
-def setup(gpu="0", use_cpu=False, timeout_min=DEFAULT_TIMEOUT_MIN):
-    """Initialise this process's place in the job and return it.
-
-    ``timeout_min`` bounds every collective: a process whose peer died stops with an error
-    after at most that long instead of waiting for ever (``--dist_timeout``).
-    """
-    if under_torchrun():
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", rank))
-        gpu_ids = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+def setup(gpu="0", use_cpu=False, timeout_min=10.0):
+    """Initialise this process's place in the job and return it. ``timeout_min`` (``--dist_timeout``) bounds
+    every collective: a process whose peer died stops with an error instead of waiting for ever."""
+    env = os.environ
+    if under_torchrun():  # GPU: the local rank
+        rank, world, gpu_ids = int(env["RANK"]), int(env["WORLD_SIZE"]), []
+        local_rank = int(env.get("LOCAL_RANK", rank))
+    else:  # GPU: the local rank's id in --gpu
+        rank, world = int(env.get("CAUSE_SPAWN_RANK", 0)), int(env.get("CAUSE_SPAWN_WORLD", 1))
+        local_rank, gpu_ids = rank, parse_gpu_ids(gpu)
+    if use_cpu or not torch.cuda.is_available():
+        device = torch.device("cpu")
     else:
-        rank = int(os.environ.get("CAUSE_SPAWN_RANK", 0))
-        world = int(os.environ.get("CAUSE_SPAWN_WORLD", 1))
-        local_rank = rank
-        gpu_ids = parse_gpu_ids(gpu)
-    device = _device(local_rank, gpu_ids, use_cpu)
+        device = torch.device("cuda", gpu_ids[local_rank] if local_rank < len(gpu_ids) else local_rank)
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=timeout_min))
@@ -84,18 +73,17 @@ def cleanup():
 
 
 def leave():
-    """Leave the process group after a successful run: every rank first waits for the others at a
-    barrier, so none tears its connections down while a peer still uses them, then destroys it
-    before the interpreter exits (gloo's threads must not outlive it)."""
+    """Leave the process group after a successful run: a barrier first, so no rank tears its connections
+    down while a peer still uses them, then destroy it before the interpreter exits (gloo's threads must
+    not outlive it)."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
 
 def _spawned(local_rank, main, args, world, port):
-    os.environ.update(
-        CAUSE_SPAWN_RANK=str(local_rank), CAUSE_SPAWN_WORLD=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
+    env = dict(CAUSE_SPAWN_RANK=local_rank, CAUSE_SPAWN_WORLD=world, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    os.environ.update({name: str(value) for name, value in env.items()})
     try:
         main(args)
         leave()
@@ -104,80 +92,63 @@ def _spawned(local_rank, main, args, world, port):
         print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(err.exit_code)
     finally:
-        # On every way out: a process that exits with gloo still up can abort (SIGABRT) in the
-        # interpreter's finalisation, which would hide its exit code.
+        # On every way out: exiting with gloo still up can abort (SIGABRT) in finalisation, hiding the exit code.
         cleanup()
 
 
 def launch(main, args):
-    """Run ``main(args)`` once per process: directly under torchrun or for one id, spawned for several.
-
-    Without CUDA (or with ``--cpu``) the spawned processes run on the CPU with gloo, one per id.
-
-    If any spawned process fails, ``mp.spawn`` terminates the others and raises, so the job
-    exits non-zero instead of hanging (torchrun does the same for its workers). A process that
-    reported its own one-line error passes its exit code on; one that was killed or exited
-    without a report becomes a :class:`WorkerFailedError`; an exception that is a bug keeps
-    its traceback.
+    """Run ``main(args)`` once per process: directly under torchrun or for one id, spawned for several
+    (on the CPU with gloo without CUDA or with ``--cpu``). If a spawned process fails, ``mp.spawn`` stops
+    the others and raises, so the job exits non-zero instead of hanging (as torchrun does): a process
+    that reported its own one-line error passes its exit code on; one killed or exiting without a report
+    becomes a :class:`WorkerFailedError`; an exception that is a bug keeps its traceback.
     """
-    gpu_ids = parse_gpu_ids(args.gpu)
-    if under_torchrun() or len(gpu_ids) <= 1:
+    world = len(parse_gpu_ids(args.gpu))
+    if under_torchrun() or world <= 1:
         return main(args)
-    # mp.spawn logs a warning for every sibling it terminates after a failure; the failing
-    # process's own message is the one worth reading, so keep it the last line.
+    # mp.spawn logs a warning for each sibling it terminates: keep the failing process's message the last line.
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     try:
-        mp.spawn(_spawned, args=(main, args, len(gpu_ids), args.port), nprocs=len(gpu_ids), join=True)
+        mp.spawn(_spawned, args=(main, args, world, args.port), nprocs=world, join=True)
     except mp.ProcessExitedException as err:
         if err.signal_name is None and err.exit_code in EXIT_CODES and err.exit_code > 1:
             raise SpawnedExit(err.exit_code) from None
         how = f"was killed by {err.signal_name}" if err.signal_name else f"exited with code {err.exit_code}"
-        raise WorkerFailedError(
-            f"process {err.error_index} of {len(gpu_ids)} {how}; the other processes were "
-            f"stopped (a resumable state, if one was saved, continues with --resume auto)"
-        ) from None
+        then = "the other processes were stopped (a resumable state, if one was saved, continues with --resume auto)"
+        raise WorkerFailedError(f"process {err.error_index} of {world} {how}; {then}") from None
 
 
 def all_reduce_mean_grads(params, info):
     """Average the gradients of ``params`` over ranks in one flat all-reduce (what DDP does).
 
-    Hand-written rather than DistributedDataParallel: the stages do not train one module's
-    ``forward`` (stage 1 trains a bare codebook parameter; stages 2-3 call the student head,
-    projection head, probe and teacher separately, and the teacher's parameters take no
-    gradient), which DDP's reducer needs to track. After the backward pass this one
-    all-reduce gives the same averaged gradients. Call it on the still-scaled AMP gradients,
-    before ``GradScaler.unscale_`` (see ``Stage.step``).
+    Not DDP itself: the stages do not train one module's ``forward`` (stage 1 trains a bare codebook;
+    stages 2-3 call the student head, projection head, probe and teacher separately, and the teacher
+    takes no gradient), which DDP's reducer needs to track. Call it on the still-scaled AMP gradients,
+    before ``GradScaler.unscale_``.
     """
-    if not info.distributed:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [p.grad for p in params if p.grad is not None] if info.distributed else []
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= info.world_size
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
 
 
 def all_reduce_mean_values(values, info):
     """Mean over ranks of a list of python floats, in one all-reduce; NaN and inf propagate."""
+    values = [float(v) for v in values]
     if not info.distributed:
-        return [float(v) for v in values]
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=info.device)
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
     dist.all_reduce(t)
     return (t / info.world_size).tolist()
 
 
 def all_reduce_mean(value, info):
     """Mean of a python float over ranks (for logging)."""
-    if not info.distributed:
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=info.device)
-    dist.all_reduce(t)
-    return float(t.item() / info.world_size)
+    return all_reduce_mean_values([value], info)[0]
 
 
 def barrier(info):

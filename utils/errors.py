@@ -1,11 +1,10 @@
 """The project's stops, each with its own exit code (``EXIT_CODES``; the README lists them).
 
-Anything the user can fix (a missing path, an unreadable file, a wrong flag, an artifact of
-another run) is a :class:`BadInputError`: one line, exit code 2. A run that stops for another
-reason the user should read (:class:`RunStoppedError`: a diverged loss, a dead process) is one
-line with its own code. Every other exception is a bug and keeps its traceback (exit code 1).
-The subclasses also derive from the matching built-in, so ``except FileNotFoundError`` and
-``except ValueError`` still catch them.
+Anything the user can fix (a missing path, an unreadable file, a wrong flag, an artifact of another
+run) is a :class:`BadInputError`: one line, exit code 2. A run that stops for another reason the user
+should read (:class:`RunStoppedError`: a diverged loss, a dead process) is one line with its own code.
+Every other exception is a bug and keeps its traceback (exit code 1). The subclasses also derive from
+the matching built-in, so ``except FileNotFoundError`` and ``except ValueError`` still catch them.
 """
 
 EXIT_CODES = {
@@ -18,9 +17,7 @@ EXIT_CODES = {
     130: "interrupted by Ctrl-C (SIGINT)",
     143: "terminated by SIGTERM (e.g. a cluster pre-emption); the resumable state was saved",
 }
-EXIT_SKIPPED_INPUTS = 4
-EXIT_INTERRUPTED = 130
-EXIT_TERMINATED = 143
+EXIT_SKIPPED_INPUTS, EXIT_INTERRUPTED, EXIT_TERMINATED = 4, 130, 143
 
 
 class BadInputError(Exception):
@@ -67,18 +64,11 @@ REPORTED_ERRORS = (BadInputError, RunStoppedError)
 
 
 def one_line(err):
-    """The message of ``err`` on one line.
-
-    DataLoader workers re-raise an error in the main process with the worker's traceback
-    appended to its message; only the original message (the last line) is kept.
-    """
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(err).__name__
-    if len(lines) == 1:
-        return lines[0]
-    last = lines[-1]
-    for head in (f"{type(err).__module__}.{type(err).__name__}: ", f"{type(err).__name__}: "):
-        if last.startswith(head):
-            return last[len(head) :]
-    return last
+    """The message of ``err`` on one line. DataLoader workers re-raise an error in the main process with
+    the worker's traceback appended to its message: only the original message (the last line) is kept."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1:
+        for head in (f"{type(err).__module__}.{type(err).__name__}: ", f"{type(err).__name__}: "):
+            if lines[-1].startswith(head):
+                return lines[-1][len(head) :]
+    return lines[-1] if lines else type(err).__name__

@@ -1,16 +1,11 @@
 """Pictures of an evaluation: colour maps, per-image panels, loss curves, confusion matrix, overlays, legends.
 
-Figures are built with matplotlib's object API (``matplotlib.figure.Figure``, rendered by
-Agg), never through ``pyplot``, so nothing here touches a global backend or opens a window.
-Every file is written atomically: to a temporary file in the target directory, then
-``os.replace``, so an interrupted run never leaves a truncated picture or table.
-
-Colour maps follow the reference: Cityscapes uses the official Cityscapes colours of its 27
-evaluated label ids (7..33, in id order); every other dataset uses the PASCAL VOC palette
-(DeepLab's bit-interleaving generator), whose class 0 is black like the ignore colour.
+Figures use matplotlib's object API (``Figure``, Agg), never ``pyplot``, so nothing here touches a global
+backend or opens a window; every file is written atomically. Colour maps follow the reference: Cityscapes
+uses the official colours of its 27 evaluated label ids (7..33, in id order), every other dataset the
+PASCAL VOC palette (DeepLab's bit-interleaving generator), whose class 0 is black like the ignore colour.
 """
 
-import io
 import json
 import math
 import os
@@ -20,73 +15,49 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from utils.atomic import atomic_save_image, atomic_write_bytes
+from utils.atomic import atomic_save_image, atomic_write, atomic_write_bytes
 
 # Official Cityscapes colours of label ids 7 (road) .. 33 (bicycle): the 27 classes used.
+# fmt: off
 CITYSCAPES_COLORS = (
-    (128, 64, 128),
-    (244, 35, 232),
-    (250, 170, 160),
-    (230, 150, 140),
-    (70, 70, 70),
-    (102, 102, 156),
-    (190, 153, 153),
-    (180, 165, 180),
-    (150, 100, 100),
-    (150, 120, 90),
-    (153, 153, 153),
-    (153, 153, 153),
-    (250, 170, 30),
-    (220, 220, 0),
-    (107, 142, 35),
-    (152, 251, 152),
-    (70, 130, 180),
-    (220, 20, 60),
-    (255, 0, 0),
-    (0, 0, 142),
-    (0, 0, 70),
-    (0, 60, 100),
-    (0, 0, 90),
-    (0, 0, 110),
-    (0, 80, 100),
-    (0, 0, 230),
-    (119, 11, 32),
+    (128, 64, 128), (244, 35, 232), (250, 170, 160), (230, 150, 140), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+    (180, 165, 180), (150, 100, 100), (150, 120, 90), (153, 153, 153), (153, 153, 153), (250, 170, 30), (220, 220, 0),
+    (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
+    (0, 0, 90), (0, 0, 110), (0, 80, 100), (0, 0, 230), (119, 11, 32),
 )
+# fmt: on
 DEFAULT_PANEL_TITLES = ("image", "ground truth", "cluster", "CRF", "Hungarian")
 
 
 def colormap(n_classes):
-    """The PASCAL VOC palette for ids 0..n-1 -> uint8 [n, 3]; distinct for n <= 2**24.
-
-    Bit ``3j + c`` of the id sets bit ``7 - j`` of channel ``c`` (0 -> black, 1 -> dark red,
-    2 -> dark green, ...).
-    """
+    """The PASCAL VOC palette for ids 0..n-1 -> uint8 [n, 3], distinct for n <= 2**24: bit ``3j + c`` of the
+    id sets bit ``7 - j`` of channel ``c`` (0 black, 1 dark red, 2 dark green, ...)."""
     if not 1 <= n_classes <= 2**24:
         raise ValueError(f"colormap needs 1 <= n_classes <= 2**24, got {n_classes}")
     ids = np.arange(n_classes, dtype=np.int64)
     colors = np.zeros((n_classes, 3), dtype=np.int64)
     for shift in range(7, -1, -1):
-        for channel in range(3):
-            colors[:, channel] |= ((ids >> channel) & 1) << shift
+        colors |= ((ids[:, None] >> np.arange(3)) & 1) << shift
         ids = ids >> 3
     return colors.astype(np.uint8)
 
 
 def dataset_colormap(name, n_classes):
     """The colour map a dataset's pictures use -> uint8 [n_classes, 3]."""
-    if name == "cityscapes":
-        if n_classes != len(CITYSCAPES_COLORS):
-            raise ValueError(
-                f"the cityscapes colour map has {len(CITYSCAPES_COLORS)} classes, got n_classes={n_classes}"
-            )
-        return np.array(CITYSCAPES_COLORS, dtype=np.uint8)
-    return colormap(n_classes)
+    if name != "cityscapes":
+        return colormap(n_classes)
+    if n_classes != len(CITYSCAPES_COLORS):
+        raise ValueError(f"the cityscapes colour map has {len(CITYSCAPES_COLORS)} classes, got n_classes={n_classes}")
+    return np.array(CITYSCAPES_COLORS, dtype=np.uint8)
+
+
+def _numpy(x):
+    return x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def colorize(label, cmap, ignore_color=(0, 0, 0)):
     """label: ids [H, W] (tensor or array; negative = ignore) -> uint8 RGB [H, W, 3]."""
-    label = label.cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
-    cmap = np.asarray(cmap, dtype=np.uint8)
+    label, cmap = _numpy(label), np.asarray(cmap, dtype=np.uint8)
     if label.ndim != 2 or not np.issubdtype(label.dtype, np.integer):
         raise ValueError(f"colorize expects an integer map [H, W], got {label.dtype} array of shape {label.shape}")
     if label.size and label.max() >= len(cmap):
@@ -97,9 +68,7 @@ def colorize(label, cmap, ignore_color=(0, 0, 0)):
 
 
 def _save_figure(fig, path, dpi):
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
 
 
 def save_panel(
@@ -107,12 +76,11 @@ def save_panel(
 ):
     """Writes one PNG row: image | ground truth | raw cluster map | CRF map | Hungarian map.
 
-    image_uint8: RGB [H, W, 3]; gt, cluster, crf, mapped: ids [H, W] (a ``None`` map and
-    its title are left out). Pictures are drawn at their own resolution, ``gap`` pixels
-    apart, under a ``title_height``-pixel band: the PNG is ``(n·W + (n−1)·gap) ×
-    (H + title_height)`` pixels for ``n`` pictures.
+    image_uint8: RGB [H, W, 3]; gt, cluster, crf, mapped: ids [H, W] (a ``None`` map and its title are
+    left out). Pictures keep their resolution, ``gap`` pixels apart, under a ``title_height``-pixel band:
+    the PNG is ``(n·W + (n−1)·gap) × (H + title_height)`` pixels for ``n`` pictures.
     """
-    image = image_uint8.cpu().numpy() if isinstance(image_uint8, torch.Tensor) else np.asarray(image_uint8)
+    image = _numpy(image_uint8)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"save_panel expects an RGB uint8 image [H, W, 3], got {image.dtype} {image.shape}")
     if len(titles) != 5:
@@ -120,28 +88,18 @@ def save_panel(
     height, width = image.shape[:2]
     pictures, names = [image], [titles[0]]
     for label, title in zip((gt, cluster, crf, mapped), titles[1:]):
-        if label is None:
-            continue
-        colored = colorize(label, cmap)
-        if colored.shape != image.shape:
-            raise ValueError(f"map for '{title}' has shape {colored.shape[:2]}, the image {image.shape[:2]}")
-        pictures.append(colored)
-        names.append(title)
-
-    total_width = len(pictures) * width + (len(pictures) - 1) * gap
-    total_height = height + title_height
+        if label is not None:
+            pictures.append(colorize(label, cmap))
+            names.append(title)
+            if pictures[-1].shape != image.shape:
+                raise ValueError(f"map for '{title}' has shape {pictures[-1].shape[:2]}, the image {image.shape[:2]}")
+    total_width, total_height = len(pictures) * width + (len(pictures) - 1) * gap, height + title_height
     fig = Figure(figsize=(total_width / dpi, total_height / dpi), dpi=dpi, facecolor="white")
+    title_y = 1 - title_height / 2 / total_height
     for i, (picture, name) in enumerate(zip(pictures, names)):
         x0 = i * (width + gap)
         fig.figimage(picture, xo=x0, yo=0, origin="upper")
-        fig.text(
-            (x0 + width / 2) / total_width,
-            1 - title_height / 2 / total_height,
-            name,
-            ha="center",
-            va="center",
-            fontsize=9,
-        )
+        fig.text((x0 + width / 2) / total_width, title_y, name, ha="center", va="center", fontsize=9)
     _save_figure(fig, path, dpi)
 
 
@@ -151,10 +109,9 @@ def _read_records(source):
     records = []
     with open(source) as file:
         for line_number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
             try:
-                records.append(json.loads(line))
+                if line.strip():
+                    records.append(json.loads(line))
             except json.JSONDecodeError as error:
                 raise ValueError(f"{source}:{line_number}: not a JSON line ({error.msg})") from None
     return records
@@ -165,16 +122,12 @@ def _is_number(value):
 
 
 def plot_losses(records, out_png, keys=None, x_key="step"):
-    """Plots loss curves, one subplot per key, against ``x_key`` (the record index if absent).
-
-    records: a JSON-lines path or a list of dicts. keys: the values to plot; by default
-    every numeric key but ``x_key`` and ``epoch``, in order of first appearance.
-    """
+    """Plots loss curves of ``records`` (a JSON-lines path or a list of dicts) against ``x_key`` (the record
+    index if absent), one subplot per key: by default every numeric key but ``x_key`` and ``epoch``."""
     records = [r for r in _read_records(records) if isinstance(r, dict)]
     if keys is None:
-        keys = []
-        for record in records:
-            keys += [k for k, v in record.items() if _is_number(v) and k not in (x_key, "epoch") and k not in keys]
+        numeric = (k for r in records for k, v in r.items() if _is_number(v) and k not in (x_key, "epoch"))
+        keys = list(dict.fromkeys(numeric))
     if not keys:
         raise ValueError(f"no numeric values to plot in {len(records)} records")
     fig = Figure(figsize=(6.0, 2.2 * len(keys)), dpi=100)
@@ -182,8 +135,7 @@ def plot_losses(records, out_png, keys=None, x_key="step"):
     for ax, key in zip(axes, keys):
         points = [(r.get(x_key, i), r[key]) for i, r in enumerate(records) if _is_number(r.get(key))]
         if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, linewidth=1.0)
+            ax.plot(*zip(*points), linewidth=1.0)
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel(x_key)
@@ -192,14 +144,12 @@ def plot_losses(records, out_png, keys=None, x_key="step"):
 
 
 def plot_confusion(histogram, class_names, out_png, normalize=True):
-    """Draws a confusion matrix.
+    """Draws a confusion matrix: ground truth on the rows, predictions on the columns.
 
-    histogram: [C, C] counts, rows predicted class, columns label (as
-    ``UnsupervisedMetrics.matched_histogram`` returns it). The picture shows ground truth
-    on the rows and predictions on the columns; with ``normalize`` each row is divided by
-    the pixels of that class (rows of absent classes stay 0).
+    histogram: [C, C] counts, rows predicted class, columns label (``UnsupervisedMetrics.matched_histogram``).
+    With ``normalize`` each row is divided by the pixels of its class (rows of absent classes stay 0).
     """
-    hist = histogram.cpu().numpy() if isinstance(histogram, torch.Tensor) else np.asarray(histogram)
+    hist = _numpy(histogram)
     if hist.ndim != 2 or hist.shape[0] != hist.shape[1] or hist.shape[0] != len(class_names):
         raise ValueError(f"expected a [C, C] histogram with C={len(class_names)} class names, got shape {hist.shape}")
     matrix = hist.T.astype(np.float64)
@@ -214,29 +164,20 @@ def plot_confusion(histogram, class_names, out_png, normalize=True):
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
     ax.set_xticks(range(n), labels=class_names, rotation=90, fontsize=7)
     ax.set_yticks(range(n), labels=class_names, fontsize=7)
-    ax.set_xlabel("prediction")
-    ax.set_ylabel("ground truth")
+    ax.set(xlabel="prediction", ylabel="ground truth")
     fig.tight_layout()
     _save_figure(fig, out_png, 100)
 
 
-def format_iou_table(iou, class_names):
-    """Per-class IoU (percent, NaN = class absent) as Markdown, with the mean over classes."""
+def save_iou_table(iou, class_names, path_md):
+    """Writes per-class IoU (percent, NaN = class absent) as Markdown, with the mean over classes; returns the text."""
     if len(iou) != len(class_names):
         raise ValueError(f"got {len(iou)} IoU values for {len(class_names)} class names")
-    lines = ["| id | class | IoU (%) |", "|---:|:---|---:|"]
-    for index, (name, value) in enumerate(zip(class_names, iou)):
-        shown = "n/a" if math.isnan(value) else f"{value:.2f}"
-        lines.append(f"| {index} | {name} | {shown} |")
+    shown = ["n/a" if math.isnan(v) else f"{v:.2f}" for v in iou]
     present = [v for v in iou if not math.isnan(v)]
     mean = f"{sum(present) / len(present):.2f}" if present else "n/a"
-    lines.append(f"| | **mean** | **{mean}** |")
-    return "\n".join(lines) + "\n"
-
-
-def save_iou_table(iou, class_names, path_md):
-    """Writes ``format_iou_table`` to ``path_md`` and returns the text."""
-    text = format_iou_table(iou, class_names)
+    rows = [f"| {i} | {name} | {value} |" for i, (name, value) in enumerate(zip(class_names, shown))]
+    text = "\n".join(["| id | class | IoU (%) |", "|---:|:---|---:|", *rows, f"| | **mean** | **{mean}** |"]) + "\n"
     atomic_write_bytes(path_md, text.encode("utf-8"))
     return text
 
@@ -250,10 +191,8 @@ def save_png(path, pixels, compress_level=6):
 
 
 def overlay(image_uint8, colored, alpha=0.5):
-    """image_uint8, colored: RGB uint8 [H, W, 3] -> (1 - alpha) * image + alpha * colored, uint8.
-
-    Integer arithmetic in 1/256 steps of ``alpha`` (a 12-MP photo in a fraction of a second).
-    """
+    """image_uint8, colored: RGB uint8 [H, W, 3] -> (1 - alpha) * image + alpha * colored, uint8, in integer
+    arithmetic with ``alpha`` in 1/256 steps (a 12-MP photo in a fraction of a second)."""
     image, colors = np.asarray(image_uint8), np.asarray(colored)
     if image.shape != colors.shape:
         raise ValueError(f"overlay needs equal shapes, got {image.shape} and {colors.shape}")
@@ -269,26 +208,16 @@ def save_legend(path, names, cmap, title=None, dpi=100):
         raise ValueError(f"{len(names)} names but only {len(cmap)} colours")
     columns = 1 if len(names) <= 14 else 2 if len(names) <= 40 else 3
     rows = math.ceil(len(names) / columns) if names else 1
-    row_height, column_width = 0.28, 2.6
-    top = 0.4 if title else 0.1
-    fig = Figure(figsize=(columns * column_width, rows * row_height + top + 0.1), dpi=dpi, facecolor="white")
+    row_height, top = 0.28, 0.4 if title else 0.1  # inches
     height = rows * row_height + top + 0.1
+    fig = Figure(figsize=(columns * 2.6, height), dpi=dpi, facecolor="white")
     if title:
         fig.text(0.5, 1 - 0.2 / height, title, ha="center", va="center", fontsize=10, weight="bold")
     for i, name in enumerate(names):
         column, row = divmod(i, rows)
-        y = 1 - (top + (row + 0.5) * row_height) / height
-        x = column / columns
-        fig.patches.append(
-            Rectangle(
-                (x + 0.03 / columns, y - 0.09 / height),
-                0.12 / columns,
-                0.18 / height,
-                transform=fig.transFigure,
-                facecolor=cmap[i] / 255.0,
-                edgecolor="black",
-                linewidth=0.5,
-            )
-        )
+        x, y = column / columns, 1 - (top + (row + 0.5) * row_height) / height
+        corner, size = (x + 0.03 / columns, y - 0.09 / height), (0.12 / columns, 0.18 / height)
+        style = dict(facecolor=cmap[i] / 255.0, edgecolor="black", linewidth=0.5)
+        fig.patches.append(Rectangle(corner, *size, transform=fig.transFigure, **style))
         fig.text(x + 0.2 / columns, y, f"{i}: {name}", ha="left", va="center", fontsize=8)
     _save_figure(fig, path, dpi)
