@@ -16,7 +16,7 @@ import torch
 from engine import preflight
 from engine.build import build_backbone, feature_cache_key
 from engine.config import TRAINING, Config, resolve, save_config
-from engine.loop import PREEMPTION, Terminated, Trainer, running_name
+from engine.loop import Trainer, running_name
 from engine.store import ArtifactStore, RunLock, backbone_identity, folder_dir_name
 from loader.batches import make_loader, seed_everything
 from loader.datasets import build_dataset, dataset_info
@@ -24,7 +24,7 @@ from loader.feature_cache import FeatureCache, TokenSource
 from loader.toy import ensure_toy
 from models.backbone import FrozenViT, checkpoint_files, checkpoint_stem, normalisation_hint
 from utils.atomic import remove_stale_temporaries
-from utils.distributed import DistInfo, all_reduce_mean, barrier, cleanup, launch, leave, setup
+from utils.distributed import PREEMPTION, DistInfo, Terminated, all_reduce_mean, barrier, cleanup, launch, leave, setup
 from utils.errors import EXIT_INTERRUPTED, REPORTED_ERRORS, BadInputError, InvalidInputError, SpawnedExit, one_line
 
 # Flags that may differ between an interrupted run and its resumption without changing the result.

@@ -21,7 +21,6 @@ import contextlib
 import json
 import math
 import os
-import signal
 import sys
 import time
 import warnings
@@ -34,7 +33,8 @@ from tqdm import tqdm
 from engine.state import ResumableState
 from utils import distributed
 from utils.atomic import OutputWriteError, atomic_write_bytes
-from utils.errors import EXIT_TERMINATED, NonFiniteLossError
+from utils.distributed import PREEMPTION, Terminated
+from utils.errors import NonFiniteLossError
 
 # The loop's own part of the resumable state.
 LOOP_STATE = ("epoch", "batch", "fixed", "global_step", "skipped_steps", "nonfinite_run", "records")
@@ -46,36 +46,6 @@ class Batch(NamedTuple):
     img: torch.Tensor  # [B, 3, H, W] normalised, on the run's device
     label: torch.Tensor  # [B, H, W] class ids, -1 = ignore
     ind: torch.Tensor  # [B] dataset indices (CPU)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a cluster's pre-emption): exit code 143, after saving the resumable state when training."""
-
-    exit_code = EXIT_TERMINATED
-
-
-class Preemption:
-    """The SIGTERM handler: raises :class:`Terminated` at once, or, inside :func:`fit`, at the step's end."""
-
-    def __init__(self):
-        self.deferred = self.received = False
-
-    def __call__(self, signum, frame):
-        self.received = True
-        if not self.deferred:
-            raise Terminated()
-
-    def install(self):
-        """Handle SIGTERM (in the main thread); returns the previous handler."""
-        self.deferred = self.received = False
-        return signal.signal(signal.SIGTERM, self)
-
-    @staticmethod
-    def restore(previous):
-        signal.signal(signal.SIGTERM, previous)
-
-
-PREEMPTION = Preemption()  # the process's one SIGTERM handler (engine.cli.run installs it)
 
 
 def running_name(path):

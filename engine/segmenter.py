@@ -1,8 +1,12 @@
 """A trained CAUSE model as one ``nn.Module``: the inference of test.py and predict.py, usable from Python.
 
-    >>> segmenter = CauseSegmenter.from_run("CAUSE/toy/random_vit_tiny_patch16_224/256/mlp")  # doctest: +SKIP
-    >>> scores = segmenter(images)        # normalised [B, 3, H, W] -> cosine scores [B, C, H, W]
+    >>> segmenter = CauseSegmenter.from_run(run_dir)  # <out>/<dataset>/<baseline>/<K>/<head>, or its metrics.json
+    >>> scores = segmenter(images)  # normalised square [B, 3, H, H] -> cosine scores [B, C, H, H]
+    >>> scores.shape[1] == segmenter.cluster.cluster_probe.shape[0]
+    True
     >>> labels = segmenter.predict(photo)  # a PIL image or uint8 [H, W, 3] -> int64 [H, W] cluster ids
+    >>> labels.shape == (photo.height, photo.width)
+    True
 
 ``from_files`` takes the backbone checkpoint and the trained heads by path (the released CAUSE heads
 included); ``from_run`` a run directory (or its ``metrics.json``). Nothing is written or downloaded.
@@ -108,16 +112,18 @@ class CauseSegmenter(nn.Module):
         return self.cluster.cluster_probe.device
 
     def features(self, img):
-        """img: [B, 3, H, W] normalised -> (flip-TTA teacher features u [B, r, h, w], backbone tokens [B, N, D])."""
+        """img: [B, 3, H, W] normalised -> (flip-TTA teacher features u [B, r, h, w] in the probe's dtype,
+        backbone tokens [B, N, D])."""
         u, tokens = inference.flip_tta_features(self.backbone, self.segment.head_ema, img)
-        return u.float(), tokens
+        return u.to(self.cluster.cluster_probe.dtype), tokens
 
     def scores(self, feats):
         """feats: [B, r, H, W] (``features`` upsampled) -> cosine scores to the cluster centroids [B, C, H, W]."""
         return self.cluster.scores(feats)
 
     def forward(self, img):
-        """img: [B, 3, H, W] normalised (``mean``/``std`` of the backbone) -> cluster scores [B, C, H, W]."""
+        """img: [B, 3, H, H] normalised (``mean``/``std`` of the backbone), H a multiple of the patch size (square
+        token grids; H = ``window`` for the TR head; ``predict`` takes any shape) -> cluster scores [B, C, H, H]."""
         return self.scores(inference.upsample(self.features(img)[0], img.shape[-2:]))
 
     @torch.no_grad()

@@ -255,3 +255,42 @@ def test_a_resumed_schedule_steps_without_the_order_warning_and_keeps_its_values
         warnings.simplefilter("error")
         step_schedules([scheduler])
     assert optimizer.param_groups[0]["lr"] == 0.5
+
+
+@pytest.mark.parametrize("gpus", ["0", "0,1"])
+def test_sigterm_saves_the_state_releases_the_lock_and_resumes(tmp_path, trained, toy_dirs, dino_ckpt, gpus):
+    """A cluster's pre-emption: SIGTERM to the launched process (passed on to spawned ones) stops every rank at
+    the same step with its state saved, exit 143; --resume auto ends where an uninterrupted run ends."""
+    out = copy_of(trained, tmp_path)
+    argv = flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--epoch", "3", "--save_every", "0", "--port", free_port()])
+    argv[argv.index("--gpu") + 1] = gpus
+    run, segment = artifacts(out, toy_dirs) / "mlp", artifacts(out, toy_dirs) / "segment_mlp.pth"
+    if gpus == "0":
+        train_front_door.main(parse(train_front_door, argv))
+        shutil.copy(segment, tmp_path / "segment_ref.pth")
+        reference_log = (run / "front_door.jsonl").read_text()
+    segment.unlink()
+
+    proc = start("train_front_door.py", argv)
+    log = run / "front_door.running.jsonl"
+    wait_for_steps(proc, log, run / "config_front_door.running.json", 3 if gpus == "0" else 1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("terminated (SIGTERM)") and "rerun with --resume auto" in last and "Traceback" not in stderr
+    steps = log.read_text().count("\n")
+    state = torch.load(run / "state_front_door.pt", weights_only=False)
+    assert state["loop"]["global_step"] == steps  # saved at the step SIGTERM stopped, not at an epoch end
+    assert not (run / "run.lock").exists() and not segment.exists()
+
+    argv[argv.index("--port") + 1] = free_port()
+    proc = start("train_front_door.py", argv + ["--resume", "auto"])
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "resuming from" in stderr, stderr[-2000:]
+    assert not list(run.glob("state_*")) and not (run / "run.lock").exists()
+    if gpus == "0":
+        assert tensors_equal(segment, tmp_path / "segment_ref.pth")
+        assert (run / "front_door.jsonl").read_text() == reference_log
+    else:
+        assert len((run / "front_door.jsonl").read_text().splitlines()) == 3 * 2

@@ -6,8 +6,10 @@ machine, like the reference. NCCL on CUDA, gloo on CPU.
 """
 
 import datetime
-import logging
+import multiprocessing.connection
 import os
+import pickle
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -15,7 +17,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from utils.errors import EXIT_CODES, REPORTED_ERRORS, InvalidInputError, SpawnedExit, WorkerFailedError, one_line
+from utils.errors import (
+    EXIT_CODES,
+    EXIT_TERMINATED,
+    REPORTED_ERRORS,
+    InvalidInputError,
+    SpawnedExit,
+    WorkerFailedError,
+    one_line,
+)
 
 
 @dataclass(frozen=True)
@@ -81,9 +91,40 @@ def leave():
         dist.destroy_process_group()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster's pre-emption): exit code 143, after saving the resumable state when training."""
+
+    exit_code = EXIT_TERMINATED
+
+
+class Preemption:
+    """The SIGTERM handler: raises :class:`Terminated` at once, or, inside :func:`fit`, at the step's end."""
+
+    def __init__(self):
+        self.deferred = self.received = False
+
+    def __call__(self, signum, frame):
+        self.received = True
+        if not self.deferred:
+            raise Terminated()
+
+    def install(self):
+        """Handle SIGTERM (in the main thread); returns the previous handler."""
+        self.deferred = self.received = False
+        return signal.signal(signal.SIGTERM, self)
+
+    @staticmethod
+    def restore(previous):
+        signal.signal(signal.SIGTERM, previous)
+
+
+PREEMPTION = Preemption()  # the process's one SIGTERM handler (engine.cli.run and spawned processes install it)
+
+
 def _spawned(local_rank, main, args, world, port):
     env = dict(CAUSE_SPAWN_RANK=local_rank, CAUSE_SPAWN_WORLD=world, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     os.environ.update({name: str(value) for name, value in env.items()})
+    PREEMPTION.install()
     try:
         main(args)
         leave()
@@ -91,6 +132,10 @@ def _spawned(local_rank, main, args, world, port):
         # Only the exit code crosses the spawn boundary cleanly: report here, exit with its code there.
         print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(err.exit_code)
+    except Terminated as err:
+        if local_rank == 0:
+            print(f"terminated (SIGTERM){': ' + err.args[0] if err.args else ''}", file=sys.stderr)
+        sys.exit(EXIT_TERMINATED)
     finally:
         # On every way out: exiting with gloo still up can abort (SIGABRT) in finalisation, hiding the exit code.
         cleanup()
@@ -98,24 +143,60 @@ def _spawned(local_rank, main, args, world, port):
 
 def launch(main, args):
     """Run ``main(args)`` once per process: directly under torchrun or for one id, spawned for several
-    (on the CPU with gloo without CUDA or with ``--cpu``). If a spawned process fails, ``mp.spawn`` stops
-    the others and raises, so the job exits non-zero instead of hanging (as torchrun does): a process
-    that reported its own one-line error passes its exit code on; one killed or exiting without a report
-    becomes a :class:`WorkerFailedError`; an exception that is a bug keeps its traceback.
+    (on the CPU with gloo without CUDA or with ``--cpu``). If a spawned process fails, the others are
+    killed and the job exits non-zero instead of hanging (as torchrun does): a process that reported
+    its own one-line error passes its exit code on; one killed or exiting without a report becomes a
+    :class:`WorkerFailedError`; an exception that is a bug keeps its traceback. A SIGTERM sent to this
+    process is passed to every spawned one, which save their state at the same step and exit 143.
     """
     world = len(parse_gpu_ids(args.gpu))
     if under_torchrun() or world <= 1:
         return main(args)
-    # mp.spawn logs a warning for each sibling it terminates: keep the failing process's message the last line.
-    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+    context = mp.start_processes(_spawned, args=(main, args, world, args.port), nprocs=world, join=False)
+
+    def pass_on(signum, frame):
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    previous = signal.signal(signal.SIGTERM, pass_on)
     try:
-        mp.spawn(_spawned, args=(main, args, world, args.port), nprocs=world, join=True)
-    except mp.ProcessExitedException as err:
-        if err.signal_name is None and err.exit_code in EXIT_CODES and err.exit_code > 1:
-            raise SpawnedExit(err.exit_code) from None
-        how = f"was killed by {err.signal_name}" if err.signal_name else f"exited with code {err.exit_code}"
-        then = "the other processes were stopped (a resumable state, if one was saved, continues with --resume auto)"
-        raise WorkerFailedError(f"process {err.error_index} of {world} {how}; {then}") from None
+        failed = _join(context.processes)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if failed is None:
+        codes = {process.exitcode for process in context.processes}
+        if codes != {0}:
+            raise SpawnedExit(EXIT_TERMINATED)
+        return
+    if os.access(context.error_files[failed], os.R_OK):  # an exception that is a bug: its traceback
+        with open(context.error_files[failed], "rb") as f:
+            trace = pickle.load(f)
+        raise mp.ProcessRaisedException(f"\n\n-- process {failed} failed:\n{trace}", failed, None)
+    code = context.processes[failed].exitcode
+    if code in EXIT_CODES and code > 1:
+        raise SpawnedExit(code)
+    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    then = "the other processes were stopped (a resumable state, if one was saved, continues with --resume auto)"
+    raise WorkerFailedError(f"process {failed} of {world} {how}; {then}")
+
+
+def _join(processes):
+    """Wait for every process; -> the index of the first that failed (the others are then killed: a peer's
+    death leaves them nothing to finish), or None. Exit code 143 (SIGTERM, state saved) is no failure: the
+    other ranks stop at the same step by themselves."""
+    pending = {process.sentinel: index for index, process in enumerate(processes)}
+    while pending:
+        for sentinel in multiprocessing.connection.wait(list(pending)):
+            index = pending.pop(sentinel)
+            processes[index].join()
+            if processes[index].exitcode not in (0, EXIT_TERMINATED):
+                for other in processes:
+                    if other.is_alive():
+                        other.kill()
+                    other.join()
+                return index
+    return None
 
 
 def all_reduce_mean_grads(params, info):
