@@ -46,7 +46,15 @@ read -r -a test_extra <<< "$test_flags"
 if [ -n "$launcher" ]; then read -r -a run_py <<< "$launcher"; else run_py=("$PY"); fi
 
 # A stage's own exit code is run.sh's (130 after Ctrl-C, 2 for bad input: see the README's exit codes).
-step() { echo; echo "=== $1"; shift; "$@" || { code=$?; echo "run.sh: step failed (exit code $code): $*" >&2; exit "$code"; }; }
+step() {
+  echo; echo "=== $1"; local name="$1"; shift
+  "$@" && return 0 || local code=$?
+  case "$code" in
+    130|143) echo "run.sh: interrupted in $name (exit code $code); rerun with train_flags=\"--resume auto\" to continue" >&2 ;;
+    *) echo "run.sh: step failed (exit code $code): $*" >&2 ;;
+  esac
+  exit "$code"
+}
 
 case "$dataset" in
   cocostuff27|cityscapes|coco81|coco171|pascalvoc)

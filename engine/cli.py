@@ -25,7 +25,15 @@ from loader.toy import ensure_toy
 from models.backbone import FrozenViT, checkpoint_files, checkpoint_stem, normalisation_hint
 from utils.atomic import remove_stale_temporaries
 from utils.distributed import PREEMPTION, DistInfo, Terminated, all_reduce_mean, barrier, cleanup, launch, leave, setup
-from utils.errors import EXIT_INTERRUPTED, REPORTED_ERRORS, BadInputError, InvalidInputError, SpawnedExit, one_line
+from utils.errors import (
+    EXIT_INTERRUPTED,
+    REPORTED_ERRORS,
+    BadInputError,
+    InvalidInputError,
+    SpawnedExit,
+    one_line,
+    show_warning,
+)
 
 # Flags that may differ between an interrupted run and its resumption without changing the result.
 RESUME_FREE = (
@@ -92,7 +100,8 @@ def run(main, parser, argv=None, single_process=False, lock=True):
     args = parser.parse_args(argv)
     if single_process:
         args.gpu = str(args.gpu).split(",")[0]
-    held, previous = None, PREEMPTION.install()
+    held, previous, shown = None, PREEMPTION.install(), warnings.showwarning
+    warnings.showwarning = show_warning
     try:
         if hasattr(args, "stage"):  # a stage script's parser (engine/config.py)
             store = artifact_store(args)
@@ -117,6 +126,7 @@ def run(main, parser, argv=None, single_process=False, lock=True):
         sys.exit(err.exit_code if isinstance(err, Terminated) else EXIT_INTERRUPTED)
     finally:
         PREEMPTION.restore(previous)
+        warnings.showwarning = shown
         if held is not None:
             held.release()
         cleanup()

@@ -300,8 +300,15 @@ class RunLock:
             return {}
 
     def _stale(self, holder, host):
-        gone = holder.get("host") == host and not pid_alive(int(holder.get("pid", -1)))
-        return gone or time.time() - float(holder.get("heartbeat", 0)) > self.stale_after
+        """Why the holder is gone ('' when it may be alive)."""
+        if holder.get("host") == host and not pid_alive(int(holder.get("pid", -1))):
+            return "that is gone"
+        silent = time.time() - float(holder.get("heartbeat", 0))
+        return (
+            f"silent for {silent / 60:.1f} min (--lock_timeout {self.stale_after / 60:g})"
+            if silent > self.stale_after
+            else ""
+        )
 
     def acquire(self):
         try:
@@ -333,12 +340,13 @@ class RunLock:
                         f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')} "
                         f"({holder.get('command', '?')})"
                     )
-                    if not self._stale(holder, self.me["host"]):
+                    gone = self._stale(holder, self.me["host"])
+                    if not gone:
                         raise OutputLockedError(
                             f"{self.directory} is in use by another run: {who}; wait for it or "
                             f"use another --out (delete {self.path} if that run is gone)"
                         ) from None
-                    warnings.warn(f"taking over the stale lock {self.path} of a run that is gone ({who})")
+                    warnings.warn(f"taking over the stale lock {self.path} of a run {gone} ({who})")
                     os.remove(self.path)
             raise OutputLockedError(f"{self.directory} is in use by another run that started at the same time")
         finally:

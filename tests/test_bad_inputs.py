@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import crop_dataset
 import fine_tuning
@@ -20,11 +22,13 @@ import train_front_door
 import train_mediator
 from engine import cli
 from engine.build import build_cluster, build_segment
-from engine.store import LOCK_NAME, ArtifactStore, RunLock, folder_dir_name, sidecar_path
+from engine.store import LOCK_NAME, ArtifactStore, OutputLockedError, RunLock, folder_dir_name, sidecar_path
+from loader.images import list_images
 from tests._backbone_fixtures import make_fake_checkpoint
 from tests._stage_flags import flags, for_script, parse, store_of
 from utils import atomic
 from utils.crf import CRFPool
+from utils.errors import InputNotFoundError
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["--epoch", "1", "--max_steps", "1"]
@@ -396,3 +400,121 @@ def test_empty_folder_and_label_of_the_wrong_size(tmp_path, dino_ckpt, capsys):
     assert code == 2 and lines == [
         f"error: label file {labels / '3.png'} is 32x16 but its image {images / '3.png'} is 32x32"
     ]
+
+
+def test_a_folder_whose_images_changed_refuses_its_old_codebook(tmp_path, toy_dirs, dino_ckpt, capsys):
+    """A --dataset folder is known by its files (paths, sizes, times), not by its path alone."""
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    shutil.copytree(toy_dirs["train"][0], images)
+    shutil.copytree(toy_dirs["train"][1], labels)
+    argv = flags(tmp_path / "out", dino_ckpt, (images, labels), "mlp", STEPS)
+    train_mediator.main(parse(train_mediator, argv))
+    code, _ = run_stage(train_front_door, argv + ["--check"], capsys)
+    assert code == 0
+    first = sorted(images.iterdir())[0]
+    Image.fromarray(np.full((96, 96, 3), 7, np.uint8)).save(first)  # same name, another picture
+    code, lines = run_stage(train_front_door, argv + ["--check"], capsys)
+    assert code == 2 and lines[-1].startswith(
+        f"error: modular.npy was trained on dataset folder in {images} (manifest "
+    )
+    assert lines[-1].endswith("rerun train_mediator.py")
+
+
+def test_a_lock_left_on_another_host_is_taken_over_once_its_heartbeat_is_old(tmp_path):
+    directory = tmp_path / "run"
+    directory.mkdir()
+    lock = {"pid": 1, "host": "node-17", "started": "2026-01-01 00:00:00", "command": "train_front_door.py"}
+    (directory / LOCK_NAME).write_text(json.dumps({**lock, "heartbeat": time.time()}))
+    with pytest.raises(OutputLockedError, match="is in use by another run: pid 1 on node-17"):
+        RunLock(str(directory), stale_after=60).acquire()  # a live run elsewhere: its heartbeat is recent
+    (directory / LOCK_NAME).write_text(json.dumps({**lock, "heartbeat": time.time() - 61}))
+    with pytest.warns(
+        UserWarning, match=r"the stale lock .* of a run silent for 1.0 min \(--lock_timeout 1\) \(pid 1 on node-17"
+    ):
+        held = RunLock(str(directory), stale_after=60).acquire()
+    assert json.loads((directory / LOCK_NAME).read_text())["pid"] == os.getpid()
+    held.release()
+    assert not (directory / LOCK_NAME).exists()
+
+
+def test_the_lock_heartbeat_advances_while_the_run_lives(tmp_path):
+    with RunLock(str(tmp_path), stale_after=0.2):
+        first = json.loads((tmp_path / LOCK_NAME).read_text())["heartbeat"]
+        deadline = time.time() + 10
+        while json.loads((tmp_path / LOCK_NAME).read_text())["heartbeat"] == first and time.time() < deadline:
+            time.sleep(0.02)
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["heartbeat"] > first
+
+
+def test_gpu_ids_on_a_machine_without_cuda_are_a_warning(tmp_path, toy_dirs, dino_ckpt, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = flags(tmp_path / "out", dino_ckpt, toy_dirs["train"])
+    argv = [a for a in argv if a != "--cpu"]
+    argv[argv.index("--gpu") + 1] = "7"
+    code, _ = run_stage(train_mediator, argv + ["--check"], capsys)
+    assert code == 0
+    with pytest.raises(SystemExit):
+        cli.run(train_mediator.main, train_mediator.parser(), argv=for_script(train_mediator, argv + ["--check"]))
+    assert "warning: no CUDA device on this machine: --gpu 7 runs on the CPU" in capsys.readouterr().err
+
+
+def test_broken_links_in_an_image_folder_are_warned_and_left_out(tmp_path, toy_dirs, dino_ckpt, capsys):
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    shutil.copytree(toy_dirs["train"][0], images)
+    shutil.copytree(toy_dirs["train"][1], labels)
+    (images / "zz_dangling.png").symlink_to(tmp_path / "nowhere.png")
+    (images / "zz_loop.png").symlink_to(images / "zz_loop.png")
+    argv = flags(tmp_path / "out", dino_ckpt, (images, labels), "mlp", STEPS)
+    with pytest.raises(SystemExit) as stop:
+        cli.run(train_mediator.main, train_mediator.parser(), argv=for_script(train_mediator, argv + ["--check"]))
+    out, err = capsys.readouterr()
+    assert stop.value.code == 0 and f"warning: 2 broken link(s) in {images} left out" in err
+    assert "  train: 16 images" in out
+    # predict.py on a folder of nothing but broken links says so
+    only = tmp_path / "only_links"
+    only.mkdir()
+    (only / "a.jpg").symlink_to(tmp_path / "gone.jpg")
+    with pytest.warns(UserWarning, match="1 broken link"), pytest.raises(InputNotFoundError, match="but broken links"):
+        list_images(str(only))
+
+
+def test_temporaries_of_a_killed_save_are_removed_by_the_next_run(tmp_path, toy_dirs, dino_ckpt):
+    argv = flags(tmp_path / "out", dino_ckpt, toy_dirs["train"], "mlp", STEPS)
+    directory = Path(store_of(train_mediator, argv).output_dir("mediator"))
+    directory.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = directory / f"modular.npy{atomic.TMP_SUFFIX}{dead.pid}"
+    alive = directory / f"notes.txt{atomic.TMP_SUFFIX}{os.getpid()}"  # a live writer's: kept
+    stale.write_bytes(b"half")
+    alive.write_bytes(b"busy")
+    train_mediator.main(parse(train_mediator, argv))
+    assert not stale.exists() and alive.exists() and (directory / "modular.npy").is_file()
+
+
+def test_ctrl_c_of_run_sh_exits_130(tmp_path, toy_dirs, dino_ckpt):
+    images, labels = toy_dirs["train"]
+    env = {
+        "dataset": "folder",
+        "ckpt": dino_ckpt,
+        "out": str(tmp_path / "out"),
+        "extra": f"--image_dir {images} --label_dir {labels} --n_classes 6 --num_codebook 16 --num_workers 0 --cpu",
+        "train_flags": "--epoch 1000",
+    }
+    proc = subprocess.Popen(
+        ["bash", "run.sh"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+        start_new_session=True,
+    )
+    log = Path(store_of(train_mediator, flags(tmp_path / "out", dino_ckpt, toy_dirs["train"])).output_dir("mediator"))
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log / "mediator.running.jsonl").is_file():
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("run.sh: interrupted in stage 1")

@@ -260,7 +260,8 @@ def test_a_resumed_schedule_steps_without_the_order_warning_and_keeps_its_values
 @pytest.mark.parametrize("gpus", ["0", "0,1"])
 def test_sigterm_saves_the_state_releases_the_lock_and_resumes(tmp_path, trained, toy_dirs, dino_ckpt, gpus):
     """A cluster's pre-emption: SIGTERM to the launched process (passed on to spawned ones) stops every rank at
-    the same step with its state saved, exit 143; --resume auto ends where an uninterrupted run ends."""
+    the same step with its state saved, exit 143; --resume auto ends where an uninterrupted run ends, and
+    refuses the state once the codebook it was trained on has changed."""
     out = copy_of(trained, tmp_path)
     argv = flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--epoch", "3", "--save_every", "0", "--port", free_port()])
     argv[argv.index("--gpu") + 1] = gpus
@@ -284,6 +285,17 @@ def test_sigterm_saves_the_state_releases_the_lock_and_resumes(tmp_path, trained
     assert state["loop"]["global_step"] == steps  # saved at the step SIGTERM stopped, not at an epoch end
     assert not (run / "run.lock").exists() and not segment.exists()
 
+    if gpus == "0":  # a codebook rerun since: the state is refused; with the codebook restored, it resumes
+        codebook = artifacts(out, toy_dirs).parents[1] / "modularity" / "dino_tiny8" / "16" / "modular.npy"
+        kept = {path: path.read_bytes() for path in (codebook, Path(f"{codebook}.json"))}
+        train_mediator.main(parse(train_mediator, argv + ["--overwrite", "--seed", "7"]))
+        proc = start("train_front_door.py", argv + ["--resume", "auto"])
+        _, stderr = proc.communicate(timeout=300)
+        last = stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and "was trained on another upstream" in last, stderr[-2000:]
+        assert last.endswith("rerun without --resume, or restore the upstream it was trained on")
+        for path, data in kept.items():
+            path.write_bytes(data)
     argv[argv.index("--port") + 1] = free_port()
     proc = start("train_front_door.py", argv + ["--resume", "auto"])
     _, stderr = proc.communicate(timeout=300)

@@ -91,3 +91,18 @@ def test_label_free_stage3_leaves_the_teacher_head_bit_identical(tmp_path, toy_d
         test_stage.main(parse(test_stage, evaluate + extra))
         assert json.loads((path.parent / "mlp" / "metrics.json").read_text())["stage3"] == expected, by_path
     assert moved["no"] == [] and len(moved["yes"]) > 0
+
+
+def test_stage3_on_a_folder_without_labels_is_label_free_and_says_so(tmp_path, toy_dirs, dino_ckpt, capsys):
+    """--reference_stage3 yes (the default) asks for the labels; without any, what ran is recorded."""
+    out = tmp_path / "CAUSE"
+    train = flags(out, dino_ckpt, toy_dirs["train"], "mlp", ["--epoch", "1", "--max_steps", "1"])
+    at = train.index("--label_dir")
+    train = train[:at] + train[at + 2 :]
+    for stage in (train_mediator, train_front_door, fine_tuning):
+        stage.main(parse(stage, train))
+    run = dataset_dir(out, toy_dirs["train"][0]) / "dino_tiny8" / "16" / "mlp"
+    assert json.loads((run / "fine_tuning_summary.json").read_text())["stage3"] == "label_free"
+    record = json.loads((run.parent / "segment_mlp.pth.json").read_text())
+    assert record["flags"]["stage3"] == "label_free"
+    assert "stage 3 label-free: no label reached the teacher head" in capsys.readouterr().out

@@ -11,6 +11,7 @@ import os
 import pickle
 import signal
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ from utils.errors import (
     SpawnedExit,
     WorkerFailedError,
     one_line,
+    show_warning,
 )
 
 
@@ -125,6 +127,7 @@ def _spawned(local_rank, main, args, world, port):
     env = dict(CAUSE_SPAWN_RANK=local_rank, CAUSE_SPAWN_WORLD=world, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     os.environ.update({name: str(value) for name, value in env.items()})
     PREEMPTION.install()
+    warnings.showwarning = show_warning
     try:
         main(args)
         leave()

@@ -7,6 +7,9 @@ Every other exception is a bug and keeps its traceback (exit code 1). The subcla
 the matching built-in, so ``except FileNotFoundError`` and ``except ValueError`` still catch them.
 """
 
+import os
+import sys
+
 EXIT_CODES = {
     0: "success",
     1: "unexpected error: a bug, reported with its traceback",
@@ -72,3 +75,9 @@ def one_line(err):
             if lines[-1].startswith(head):
                 return lines[-1][len(head) :]
     return lines[-1] if lines else type(err).__name__
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None):
+    """``warnings.showwarning`` of the command line: one ``warning:`` line on stderr, from the first process."""
+    if os.environ.get("RANK", os.environ.get("CAUSE_SPAWN_RANK", "0")) == "0":
+        print(f"warning: {message}", file=sys.stderr)
