@@ -1,0 +1,41 @@
+"""Run one of the project's stage scripts in this process, optionally with injected random draws.
+
+    python benchmarks/parity/run_project.py [--inject SEED --orders F --probe F --record F] \
+        fine_tuning.py [script flags ...]
+"""
+
+import argparse
+import os
+import runpy
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)
+
+import inject  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--inject", type=int, default=None, help="seed of the injected random draws")
+    parser.add_argument("--orders", default=None, help="JSON list of per-epoch sample orders to inject")
+    parser.add_argument("--probe", default=None, help="initial cluster probe [C, r] (torch file) to inject")
+    parser.add_argument("--record", default=None, help="write the per-step record here")
+    parser.add_argument("--segment_init", default=None, help="initial segment state dict (torch file) to inject")
+    parser.add_argument("--losses", default=None, help="write every training-loss term (JSON) here")
+    parser.add_argument("script", help="the project's stage script, e.g. fine_tuning.py")
+    known, rest = parser.parse_known_args()
+    if known.inject is not None:
+        inject.install_project(
+            inject.Injection(known.inject, known.orders, known.probe, known.record, known.segment_init)
+        )
+    if known.losses:
+        inject.log_project_losses(known.losses)
+    sys.argv = [known.script] + rest
+    runpy.run_path(os.path.join(ROOT, known.script), run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Run one of the authors' stage scripts in this process, on the CPU, with ``reference_shim``'s patches.
+
+    python benchmarks/parity/run_reference.py --reference SCRATCH_COPY --toy_crops DIR --seed S \
+        [--inject SEED --orders F --probe F --record F] SCRIPT.py [script flags ...]
+
+Run it from the folder that should receive the script's ``CAUSE/`` outputs.
+"""
+
+import argparse
+import os
+import runpy
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import inject  # noqa: E402
+import reference_shim  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reference", required=True, help="scratch copy of the authors' repository")
+    parser.add_argument("--toy_crops", required=True, help="toy data in the crop layout (parity.py writes it)")
+    parser.add_argument("--seed", type=int, required=True, help="seeds python, numpy and torch before the script")
+    parser.add_argument("--inject", type=int, default=None, help="seed of the injected random draws")
+    parser.add_argument("--orders", default=None, help="JSON list of per-epoch sample orders to inject")
+    parser.add_argument("--probe", default=None, help="initial cluster probe [C, r] (torch file) to inject")
+    parser.add_argument("--record", default=None, help="write the per-step record here")
+    parser.add_argument("--segment_init", default=None, help="initial segment state dict (torch file) to inject")
+    parser.add_argument("--losses", default=None, help="write every training-loss term (JSON) here")
+    parser.add_argument("script", help="the authors' stage script, e.g. fine_tuning_mlp.py")
+    known, rest = parser.parse_known_args()
+    reference = os.path.abspath(known.reference)
+    reference_shim.install(reference, os.path.abspath(known.toy_crops))
+    reference_shim.seed_all(known.seed)
+    if known.inject is not None:
+        inject.install_reference(
+            inject.Injection(known.inject, known.orders, known.probe, known.record, known.segment_init)
+        )
+    if known.losses:
+        inject.log_reference_losses(known.losses)
+    sys.argv = [known.script] + rest
+    runpy.run_path(os.path.join(reference, known.script), run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
