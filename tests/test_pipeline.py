@@ -18,7 +18,8 @@ import test as test_stage
 import train_front_door
 import train_mediator
 from engine.cli import artifact_store
-from tests._backbone_fixtures import make_fake_checkpoint
+from models.normalisation import NORMALISATIONS
+from tests._backbone_fixtures import make_dinov3_timm, make_fake_checkpoint, timm_dinov3_to_meta
 from tests._stage_flags import dataset_dir, flags, for_script, parse
 from utils import atomic
 from utils.atomic import atomic_np_save, atomic_torch_save
@@ -316,12 +317,18 @@ def test_drop_last_flag_keeps_or_skips_the_incomplete_batch(tmp_path, toy_dirs, 
     assert len(set(sum(batches, []))) == sum(sizes)
 
 
-def test_run_sh_with_a_unicom_checkpoint(tmp_path, toy_dirs):
-    """Every stage and the test stage run with a Unicom-format checkpoint."""
+@pytest.mark.parametrize("family", ["unicom", "dinov3"])
+def test_run_sh_with_an_official_checkpoint_file(tmp_path, toy_dirs, family):
+    """Every stage and the test stage run with a Unicom file, or with a DINOv3 file in Meta's layout."""
     # Spaces in the checkpoint, output and data paths (run.sh quotes them).
-    ckpt = make_fake_checkpoint(
-        tmp_path / "check points" / "FP16-ViT-B-16.pt", "unicom", embed_dim=48, depth=2, patch_size=16, img_size=64
-    )
+    if family == "unicom":
+        ckpt = make_fake_checkpoint(
+            tmp_path / "check points" / "FP16-ViT-B-16.pt", "unicom", embed_dim=48, depth=2, patch_size=16, img_size=64
+        )
+    else:
+        ckpt = tmp_path / "check points" / "dinov3_vits16_pretrain_lvd1689m-08c60483.pth"
+        ckpt.parent.mkdir()
+        torch.save(timm_dinov3_to_meta(make_dinov3_timm(embed_dim=48, num_heads=1)), ckpt)
     images, labels = toy_dirs["train"]
     # 128 px: patch 16 then leaves 4 grid-sampled tokens per image (at 64 px, one: a NaN modularity loss).
     extra = (
@@ -342,7 +349,10 @@ def test_run_sh_with_a_unicom_checkpoint(tmp_path, toy_dirs):
         ["bash", "run.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **env}
     )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    run = dataset_dir(tmp_path / "CAUSE out", images) / "FP16-ViT-B-16" / "16" / "mlp"
+    run = dataset_dir(tmp_path / "CAUSE out", images) / ckpt.stem / "16" / "mlp"
+    config = json.loads((run / "config_test.json").read_text())
+    norm = NORMALISATIONS["clip" if family == "unicom" else "imagenet"]
+    assert config["family_resolved"] == family and config["norm_resolved"] == pytest.approx([*norm[0], *norm[1]])
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["cluster"]["mIoU"] > one_class_scores(labels, 6)[0], metrics["cluster"]
     assert "cluster_crf" in metrics and "kmeans" in metrics
