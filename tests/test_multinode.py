@@ -146,3 +146,41 @@ def test_an_elastic_restart_resumes_to_the_uninterrupted_artifact(tmp_path, toy_
     assert "resuming from" in stderr
     assert same_tensors(artifacts(out, toy_dirs)["segment"], artifacts(trained, toy_dirs)["segment"])
     assert not list(run_dir.glob("state_*"))
+
+
+JOIN = """
+import sys, time
+import torch, torch.distributed as dist
+from utils.distributed import setup
+time.sleep(float(sys.argv[1]))
+info = setup(timeout_min=0.25)
+value = torch.ones(1)
+dist.all_reduce(value)
+print(int(value.item()))
+dist.destroy_process_group()
+"""
+
+
+def test_a_restarted_group_does_not_read_its_predecessors_addresses(tmp_path):
+    """torchrun keeps one store across --max-restarts: a restarted rank 1 that asks for rank 0's address before the
+    new rank 0 has written it must not get the dead rank 0's (the connection would be refused until the timeout)."""
+    port = free_port()
+    store = torch.distributed.TCPStore("127.0.0.1", int(port), is_master=True, wait_for_workers=False)
+    for attempt, delays in enumerate([(0, 0), (3, 0)]):  # attempt 1: rank 0 comes up 3 s after rank 1
+        env = {**environment(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2"}
+        env |= {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": str(attempt)}
+        ranks = [
+            subprocess.Popen(
+                [sys.executable, "-c", JOIN, str(delay)],
+                cwd=ROOT,
+                env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for rank, delay in enumerate(delays)
+        ]
+        for rank in ranks:
+            out, err = rank.communicate(timeout=120)
+            assert rank.returncode == 0 and out.strip() == "2", err[-2000:]
+    del store

@@ -74,7 +74,13 @@ def setup(gpu="0", use_cpu=False, timeout_min=10.0):
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=timeout_min))
+        timeout, store = datetime.timedelta(minutes=timeout_min), None
+        if under_torchrun():
+            # torchrun keeps one key-value store across the restarts of --max-restarts: a restarted group must not
+            # read the addresses its killed predecessor left there, so each attempt writes keys of its own.
+            store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
+            store = dist.PrefixStore(f"attempt{env.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 

@@ -279,6 +279,10 @@ def project_flags(paths, stage, head, seed, out):
     ]
     if stage == "fine_tuning":
         flags += ["--grad_clip", PROJECT_STAGE3_CLIP]
+    if stage == "mediator":  # stage 1 has no head
+        for flag in ("--head", "--projection_dim"):
+            at = flags.index(flag)
+            del flags[at : at + 2]
     return flags
 
 
