@@ -2,10 +2,10 @@
 
     python test.py --dataset cocostuff27 --data_dir DATA --ckpt checkpoint/dino_vitbase8_pretrain.pth --head tr
 
-Writes ``metrics.json``, ``iou.md``, ``confusion.png``, the panels of the first ``--save_images`` images
-and ``report.html`` (all of it on one self-contained page) into the run directory
-``<out>/<dataset>/<baseline>/<K>/<head>/``. ``--segment``/``--cluster``/``--codebook`` evaluate trained
-heads given by path (e.g. the released ones). Evaluation runs in one process (the first id of ``--gpu``).
+Writes ``metrics.json``, ``iou.md``, ``confusion.png``, the panels of the first ``--save_images`` images and
+``report.html`` (all on one self-contained page) into the run directory ``<out>/<dataset>/<baseline>/<K>/<head>/``.
+``--segment``/``--cluster``/``--codebook`` evaluate trained heads given by path (e.g. the released ones). Evaluation
+runs in one process (the first id of ``--gpu``).
 """
 
 import json
@@ -61,9 +61,7 @@ def fit_baselines(cfg, loader, segmenter):
             n = min(per_image, feats.shape[1])
             idx = torch.stack([torch.randperm(feats.shape[1], generator=gen)[:n] for _ in range(feats.shape[0])])
             samples[key].append(torch.gather(feats, 1, idx[..., None].expand(-1, -1, feats.shape[2])).flatten(0, 1))
-    return {
-        key: fit_kmeans(torch.cat(v), cfg.n_classes, seed=cfg.seed).to(segmenter.device) for key, v in samples.items()
-    }
+    return {k: fit_kmeans(torch.cat(v), cfg.n_classes, seed=cfg.seed).to(segmenter.device) for k, v in samples.items()}
 
 
 def evaluate(cfg, loader, segmenter, centroids, crf_pool):
@@ -153,12 +151,9 @@ def write_outputs(cfg, result, metrics, kept, out_dir, log_dirs):
 
 
 def results_table(result):
-    lines = [f"{'':30s} {'mIoU':>7s} {'pAcc':>7s}"]
-    lines += [
-        f"{title:30s} {result[k]['mIoU']:7.2f} {result[k]['pAcc']:7.2f}" for title, k in METRIC_ROWS if k in result
-    ]
-    lines.append(f"clusters receiving pixels: {result['clusters_used']}/{result['n_classes']}")
-    return "\n".join(lines + [STAGE3_NOTES[result["stage3"]]])
+    rows = [f"{title:30s} {result[k]['mIoU']:7.2f} {result[k]['pAcc']:7.2f}" for title, k in METRIC_ROWS if k in result]
+    used = f"clusters receiving pixels: {result['clusters_used']}/{result['n_classes']}"
+    return "\n".join([f"{'':30s} {'mIoU':>7s} {'pAcc':>7s}", *rows, used, STAGE3_NOTES[result["stage3"]]])
 
 
 def main(args):
@@ -167,8 +162,6 @@ def main(args):
         return
     run = cli.single_process(run)
     cfg, store = run.cfg, run.store
-    if cfg.dataset == "folder" and not cfg.label_dir:
-        raise InvalidInputError("test.py scores predictions against labels: give --label_dir, or use predict.py")
     segment, cluster = load_trained(cfg, store, run.backbone.embed_dim, run.device)
     segmenter = CauseSegmenter(run.backbone, segment, cluster, cfg.test_resolution, cfg.crf_alpha)
     run.write_config("test", store.run_dir)
