@@ -68,10 +68,9 @@ def evaluate(cfg, loader, segmenter, centroids, crf_pool):
     """Every metric over the val set. The CRF of a batch runs in ``crf_pool`` while the backbone
     computes the next batch; the probe's CRF only with ``--linear_crf``."""
     linear_crf, n = crf_pool is not None and cfg.linear_crf, cfg.n_classes
-    keys = ["cluster", "cluster_crf", *centroids]
-    metrics = {key: UnsupervisedMetrics(n) for key in keys} | {"linear": UnsupervisedMetrics(n, hungarian=False)}
-    if linear_crf:
-        metrics["linear_crf"] = UnsupervisedMetrics(n, hungarian=False)
+    metrics = {key: UnsupervisedMetrics(n) for key in ("cluster", "cluster_crf", *centroids)}
+    for key in ("linear", "linear_crf") if linear_crf else ("linear",):
+        metrics[key] = UnsupervisedMetrics(n, hungarian=False)
     used, kept, pending = torch.zeros(n, dtype=torch.long), [], None
 
     def finish_crf(job, label, first_kept, end_kept):
@@ -95,10 +94,8 @@ def evaluate(cfg, loader, segmenter, centroids, crf_pool):
             clusters = kmeans_assign(tokens_to_image(tokens.float()) if key == "kmeans" else u, centres)
             metrics[key].update(F.interpolate(clusters[:, None].float(), size=label.shape[-2:])[:, 0].long(), label)
         images = unnormalize_to_uint8(img.float().cpu(), segmenter.backbone.mean, segmenter.backbone.std)
-        first_kept = len(kept)
-        kept += [
-            (images[i], label[i].cpu(), pred[i].cpu(), None) for i in range(min(len(img), cfg.save_images - first_kept))
-        ]
+        first_kept, room = len(kept), min(len(img), cfg.save_images - len(kept))
+        kept += [(images[i], label[i].cpu(), pred[i].cpu(), None) for i in range(room)]
         if crf_pool is not None:  # one pool job per batch: the scores, and the probe's one-hot prediction if asked
             logits, crf_images = torch.log_softmax(scores * segmenter.crf_alpha, dim=1), images
             if linear_crf:
