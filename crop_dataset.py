@@ -1,20 +1,13 @@
 """Pre-compute the training crops of a benchmark dataset (five / double / super crops, as the CAUSE reference).
 
-Every training image gives the crops of size ``(int(H * r), int(W * r))`` for each ratio ``r`` of the crop type
-(SPEC §8) at the five positions of torchvision's ``five_crop`` (top-left, top-right, bottom-left, bottom-right,
-center), plus the same five on the horizontally flipped image for the ten-crop types:
-
-    five    ratio 0.5 (or --crop_ratio), 5 crops         cocostuff27, cityscapes
-    double  ten-crop at 0.5 and 0.8, 20 crops            coco81, coco171
-    super   ten-crop at 0.3, 0.4, 0.5, 0.6, 0.7, 50 crops pascalvoc
-
-Crop ``j`` of image ``i`` (dataset order) is written as ``<i * n_crops + j>.jpg`` (JPEG at Pillow's default
-quality, as the reference) and ``.png`` (class id + 1, 0 = ignore) under
-``<data_dir>/<dataset folder>/cropped/<name>_<type>_crop_<ratio>/{img,label}/<split>/``. Files are written
-atomically and existing ones are skipped, so an interrupted run resumes and any number of workers writes the
-same files.
-
     python crop_dataset.py --dataset cocostuff27 --data_dir /data
+
+Every training image gives the crops of size ``(int(H * r), int(W * r))`` for each ratio ``r`` of the crop type
+(SPEC §8) at the five positions of torchvision's ``five_crop``, plus the same five on the horizontally flipped image for
+the ten-crop types (double: 0.5 and 0.8; super: 0.3 to 0.7). Crop ``j`` of image ``i`` is written as
+``<i * n_crops + j>.jpg`` and ``.png`` (class id + 1, 0 = ignore) under
+``<data_dir>/<dataset folder>/cropped/<name>_<type>_crop_<ratio>/{img,label}/<split>/``. Files are written atomically
+and existing ones are skipped, so an interrupted run resumes and any number of workers writes the same files.
 """
 
 import argparse
@@ -99,9 +92,7 @@ def ignore_sigint():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def crop_dataset(
-    dataset, data_dir, crop_type=None, crop_ratio=0.5, split="train", num_workers=0, progress=True
-) -> tuple[str, int, int]:
+def crop_dataset(dataset, data_dir, crop_type=None, crop_ratio=0.5, split="train", num_workers=0, progress=True):
     """Writes the crop set; -> (its directory, crops written now, crops in total)."""
     info = datasets.dataset_info(dataset)
     if dataset not in datasets.BENCHMARKS:
@@ -122,13 +113,12 @@ def crop_dataset(
     with open(marker, "w") as f:
         f.write("crop_dataset.py is writing this split, or was interrupted; rerun it to finish\n")
     jobs = [(i, image, label) for i, (image, label) in enumerate(source.samples)]
-    bar = tqdm(total=len(jobs), desc=f"{dataset} {crop_type} crops", unit="img", disable=not progress)
     written = 0
-    with Pool(num_workers, initializer=ignore_sigint) if num_workers > 0 else nullcontext() as pool:
-        for count in pool.imap_unordered(writer, jobs, chunksize=4) if pool else map(writer, jobs):
-            written += count
-            bar.update()
-    bar.close()
+    with tqdm(total=len(jobs), desc=f"{dataset} {crop_type} crops", unit="img", disable=not progress) as bar:
+        with Pool(num_workers, initializer=ignore_sigint) if num_workers > 0 else nullcontext() as pool:
+            for count in pool.imap_unordered(writer, jobs, chunksize=4) if pool else map(writer, jobs):
+                written += count
+                bar.update()
     os.remove(marker)
     return crop_root, written, len(jobs) * writer.crops_per_image
 

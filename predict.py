@@ -3,21 +3,15 @@
     python predict.py --dataset cocostuff27 --ckpt checkpoint/dino_vitbase8_pretrain.pth --head tr \
         --inputs "photos/*.jpg" --output predictions/ [--metrics CAUSE/.../tr/metrics.json] [--ids_only]
 
-Each picture (EXIF orientation applied) is resized to a short side of the window size (the TR head's
-training resolution, whose patch grid is its query grid; ``--test_resolution`` for the MLP head) and
-covered by square windows of that size with ``--overlap``; every window is segmented with flip TTA, the
-cluster scores of overlapping windows are averaged, then brought back to the picture's own size
-(``engine.segmenter.CauseSegmenter.predict``). The dense CRF runs at the picture's size, or on a copy
-scaled down to ``--crf_max_megapixels`` whose labels are then enlarged (nearest): its time and memory
-grow with pixels x classes (about 30 s and 2 GB per megapixel with 27 classes on one CPU core).
+Each picture is segmented by ``engine.segmenter.CauseSegmenter.predict``: square windows of the window size (the TR
+head's training resolution, ``--test_resolution`` for the MLP head) with ``--overlap`` and flip TTA, then the dense CRF
+at the picture's size or on a copy of at most ``--crf_max_megapixels``. The CRF of a picture runs in ``--crf_workers``
+processes while the network segments the next one.
 
-Per input ``x.jpg`` (a glob over several folders mirrors them): ``x.jpg.png`` (class or cluster ids,
-uint8, 255 = none), ``x.jpg.color.png``, ``x.jpg.overlay.png``, and ``legend.png``; ``--ids_only``
-writes the id maps alone (pseudo-labels), with the pictures decoded by ``--num_workers`` processes and
-the CRF in ``--crf_workers`` processes while the network segments the next picture. With ``--metrics``
-(test.py's metrics.json) clusters become their matched classes. Never writes into an input folder or
-over an existing file (unless ``--overwrite``). An unreadable picture is skipped with a warning; the
-exit code is then 4.
+Per input ``x.jpg`` (a glob over several folders mirrors them): ``x.jpg.png`` (class or cluster ids, uint8, 255 = none),
+``x.jpg.color.png``, ``x.jpg.overlay.png``, and ``legend.png``; ``--ids_only`` writes the id maps alone. With
+``--metrics`` (test.py's metrics.json) clusters become their matched classes. Never writes into an input folder or over
+an existing file (unless ``--overwrite``). An unreadable picture is skipped with a warning; the exit code is then 4.
 """
 
 import collections

@@ -2,10 +2,10 @@
 
     python test.py --dataset cocostuff27 --data_dir DATA --ckpt checkpoint/dino_vitbase8_pretrain.pth --head tr
 
-Writes ``metrics.json``, ``iou.md``, ``confusion.png``, the panels of the first ``--save_images`` images
-and ``report.html`` (all of it on one self-contained page) into the run directory
-``<out>/<dataset>/<baseline>/<K>/<head>/``. ``--segment``/``--cluster``/``--codebook`` evaluate trained
-heads given by path (e.g. the released ones). Evaluation runs in one process (the first id of ``--gpu``).
+Writes ``metrics.json``, ``iou.md``, ``confusion.png``, the panels of the first ``--save_images`` images and
+``report.html`` (all on one self-contained page) into the run directory ``<out>/<dataset>/<baseline>/<K>/<head>/``.
+``--segment``/``--cluster``/``--codebook`` evaluate trained heads given by path (e.g. the released ones). Evaluation
+runs in one process (the first id of ``--gpu``).
 """
 
 import json
@@ -61,19 +61,16 @@ def fit_baselines(cfg, loader, segmenter):
             n = min(per_image, feats.shape[1])
             idx = torch.stack([torch.randperm(feats.shape[1], generator=gen)[:n] for _ in range(feats.shape[0])])
             samples[key].append(torch.gather(feats, 1, idx[..., None].expand(-1, -1, feats.shape[2])).flatten(0, 1))
-    return {
-        key: fit_kmeans(torch.cat(v), cfg.n_classes, seed=cfg.seed).to(segmenter.device) for key, v in samples.items()
-    }
+    return {k: fit_kmeans(torch.cat(v), cfg.n_classes, seed=cfg.seed).to(segmenter.device) for k, v in samples.items()}
 
 
 def evaluate(cfg, loader, segmenter, centroids, crf_pool):
     """Every metric over the val set. The CRF of a batch runs in ``crf_pool`` while the backbone
     computes the next batch; the probe's CRF only with ``--linear_crf``."""
     linear_crf, n = crf_pool is not None and cfg.linear_crf, cfg.n_classes
-    keys = ["cluster", "cluster_crf", *centroids]
-    metrics = {key: UnsupervisedMetrics(n) for key in keys} | {"linear": UnsupervisedMetrics(n, hungarian=False)}
-    if linear_crf:
-        metrics["linear_crf"] = UnsupervisedMetrics(n, hungarian=False)
+    metrics = {key: UnsupervisedMetrics(n) for key in ("cluster", "cluster_crf", *centroids)}
+    for key in ("linear", "linear_crf") if linear_crf else ("linear",):
+        metrics[key] = UnsupervisedMetrics(n, hungarian=False)
     used, kept, pending = torch.zeros(n, dtype=torch.long), [], None
 
     def finish_crf(job, label, first_kept, end_kept):
@@ -97,10 +94,8 @@ def evaluate(cfg, loader, segmenter, centroids, crf_pool):
             clusters = kmeans_assign(tokens_to_image(tokens.float()) if key == "kmeans" else u, centres)
             metrics[key].update(F.interpolate(clusters[:, None].float(), size=label.shape[-2:])[:, 0].long(), label)
         images = unnormalize_to_uint8(img.float().cpu(), segmenter.backbone.mean, segmenter.backbone.std)
-        first_kept = len(kept)
-        kept += [
-            (images[i], label[i].cpu(), pred[i].cpu(), None) for i in range(min(len(img), cfg.save_images - first_kept))
-        ]
+        first_kept, room = len(kept), min(len(img), cfg.save_images - len(kept))
+        kept += [(images[i], label[i].cpu(), pred[i].cpu(), None) for i in range(room)]
         if crf_pool is not None:  # one pool job per batch: the scores, and the probe's one-hot prediction if asked
             logits, crf_images = torch.log_softmax(scores * segmenter.crf_alpha, dim=1), images
             if linear_crf:
@@ -153,12 +148,9 @@ def write_outputs(cfg, result, metrics, kept, out_dir, log_dirs):
 
 
 def results_table(result):
-    lines = [f"{'':30s} {'mIoU':>7s} {'pAcc':>7s}"]
-    lines += [
-        f"{title:30s} {result[k]['mIoU']:7.2f} {result[k]['pAcc']:7.2f}" for title, k in METRIC_ROWS if k in result
-    ]
-    lines.append(f"clusters receiving pixels: {result['clusters_used']}/{result['n_classes']}")
-    return "\n".join(lines + [STAGE3_NOTES[result["stage3"]]])
+    rows = [f"{title:30s} {result[k]['mIoU']:7.2f} {result[k]['pAcc']:7.2f}" for title, k in METRIC_ROWS if k in result]
+    used = f"clusters receiving pixels: {result['clusters_used']}/{result['n_classes']}"
+    return "\n".join([f"{'':30s} {'mIoU':>7s} {'pAcc':>7s}", *rows, used, STAGE3_NOTES[result["stage3"]]])
 
 
 def main(args):
@@ -167,8 +159,6 @@ def main(args):
         return
     run = cli.single_process(run)
     cfg, store = run.cfg, run.store
-    if cfg.dataset == "folder" and not cfg.label_dir:
-        raise InvalidInputError("test.py scores predictions against labels: give --label_dir, or use predict.py")
     segment, cluster = load_trained(cfg, store, run.backbone.embed_dim, run.device)
     segmenter = CauseSegmenter(run.backbone, segment, cluster, cfg.test_resolution, cfg.crf_alpha)
     run.write_config("test", store.run_dir)

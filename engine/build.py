@@ -9,24 +9,27 @@ import os
 import torch
 
 from engine.store import PRODUCER, ArtifactMismatchError
+from loader.datasets import build_dataset
 from models.backbone import checkpoint_files, load_backbone
 from modules.segment import SEGMENT_HEADS, Cluster
 
 # What a wrong value in each field of a file points at.
-_FLAG_OF = {
-    "head": "--head",
-    "width": "the backbone (--ckpt/--arch)",
-    "reduced_dim": "--reduced_dim",
-    "projection_dim": "--projection_dim",
-    "n_classes": "--n_classes/--dataset",
-    "num_queries": "--train_resolution",
-    "num_codebook": "--num_codebook",
-}
+# fmt: off
+_FLAG_OF = {"head": "--head", "width": "the backbone (--ckpt/--arch)", "reduced_dim": "--reduced_dim",
+            "projection_dim": "--projection_dim", "n_classes": "--n_classes/--dataset",
+            "num_queries": "--train_resolution", "num_codebook": "--num_codebook"}
+# fmt: on
 
 
 def build_backbone(cfg, device):
     backbone = load_backbone(cfg.ckpt or None, family=cfg.family, arch=cfg.arch, num_heads=cfg.num_heads, norm=cfg.norm)
     return backbone.to(device)
+
+
+def build_split(cfg, split, resolution, backbone):
+    """``split`` of the run's dataset at ``resolution``, normalised as ``backbone`` expects its input."""
+    mean, std, dirs = backbone.mean, backbone.std, {"image_dir": cfg.image_dir, "label_dir": cfg.label_dir}
+    return build_dataset(cfg.dataset, cfg.data_dir, split, resolution, mean, std, cfg.n_classes, **dirs)
 
 
 def feature_cache_key(cfg, backbone):
@@ -70,10 +73,9 @@ def _shape(state, key):
 def describe_segment(state):
     """What a segment state dict holds, read from its tensor shapes.
 
-    Returns ``{"head", "width", "reduced_dim", "projection_dim", "n_classes", "num_queries"}``:
-    ``head.tr.*`` keys mean the TR head (``head.query_pos`` [Q, D] gives the queries),
-    ``head.f1.weight`` [r, D, 1, 1] the MLP head; ``linear.f.weight`` [C, r, 1, 1] the classes.
-    Unknown values are None.
+    Returns ``{"head", "width", "reduced_dim", "projection_dim", "n_classes", "num_queries"}``: ``head.tr.*`` keys mean
+    the TR head (``head.query_pos`` [Q, D] gives the queries), ``head.f1.weight`` [r, D, 1, 1] the MLP head;
+    ``linear.f.weight`` [C, r, 1, 1] the classes. Unknown values are None.
     """
     is_tr = any(k.startswith("head.tr.") for k in state)
     f1 = _shape(state, "head.tr.f1.weight" if is_tr else "head.f1.weight")
@@ -93,23 +95,15 @@ def describe_segment(state):
 def describe_cluster(state):
     """``{"num_codebook", "width", "n_classes", "reduced_dim"}`` of a cluster state dict."""
     codebook, probe = _shape(state, "codebook"), _shape(state, "cluster_probe")
-    return {
-        "num_codebook": codebook[0] if codebook and len(codebook) == 2 else None,
-        "width": codebook[1] if codebook and len(codebook) == 2 else None,
-        "n_classes": probe[0] if probe and len(probe) == 2 else None,
-        "reduced_dim": probe[1] if probe and len(probe) == 2 else None,
-    }
+    num_codebook, width = codebook if codebook and len(codebook) == 2 else (None, None)
+    n_classes, reduced_dim = probe if probe and len(probe) == 2 else (None, None)
+    return {"num_codebook": num_codebook, "width": width, "n_classes": n_classes, "reduced_dim": reduced_dim}
 
 
 def expected_segment(cfg, dim):
     """What :func:`describe_segment` must find in a segment file for the module these flags build."""
-    expected = {
-        "head": cfg.head,
-        "width": dim,
-        "reduced_dim": cfg.reduced_dim,
-        "projection_dim": cfg.projection_dim,
-        "n_classes": cfg.n_classes,
-    }
+    sizes = {"reduced_dim": cfg.reduced_dim, "projection_dim": cfg.projection_dim, "n_classes": cfg.n_classes}
+    expected = {"head": cfg.head, "width": dim, **sizes}
     if SEGMENT_HEADS[cfg.head].fixed_grid:
         expected["num_queries"] = cfg.num_queries
     return expected
@@ -130,10 +124,8 @@ def check_fits(path, held, expected):
     if held.get("head", "") is None or wrong:
         fields = wrong or list(expected)
         flags = ", ".join(dict.fromkeys(_FLAG_OF[k] for k in fields if k in _FLAG_OF))
-        raise ArtifactMismatchError(
-            f"{path} holds {_summary(held) or 'no known CAUSE head'}; expected "
-            f"{_summary({k: expected[k] for k in fields})} (check {flags})"
-        )
+        holds, wanted = _summary(held) or "no known CAUSE head", _summary({k: expected[k] for k in fields})
+        raise ArtifactMismatchError(f"{path} holds {holds}; expected {wanted} (check {flags})")
 
 
 _DESCRIBE = {"segment": (describe_segment, expected_segment), "cluster": (describe_cluster, expected_cluster)}
@@ -145,10 +137,8 @@ def load_into(module, state, path):
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:
         detail = " ".join(line.strip() for line in str(err).strip().splitlines()[:3])
-        raise ArtifactMismatchError(
-            f"{path} does not fit the {type(module).__name__} built from these flags "
-            f"(head/backbone/--reduced_dim/--n_classes mismatch?): {detail[:400]}"
-        ) from None
+        what = f"the {type(module).__name__} built from these flags (head/backbone/--reduced_dim/--n_classes mismatch?)"
+        raise ArtifactMismatchError(f"{path} does not fit {what}: {detail[:400]}") from None
     return module
 
 
@@ -167,11 +157,9 @@ def read_codebook(store, cfg, dim):
     """The stage-1 mediator as a float32 tensor [K, D], checked against ``--num_codebook`` and the width."""
     codebook = torch.from_numpy(store.codebook())
     if tuple(codebook.shape) != (cfg.num_codebook, dim):
+        path, fix = store.path("codebook"), f"rerun {PRODUCER['codebook']} --overwrite"
         shapes = f"is {list(codebook.shape)} but this run needs [{cfg.num_codebook}, {dim}]"
-        fix = f"rerun {PRODUCER['codebook']} --overwrite"
-        raise ArtifactMismatchError(
-            f"codebook {store.path('codebook')} {shapes} (--num_codebook, backbone width): {fix}"
-        )
+        raise ArtifactMismatchError(f"codebook {path} {shapes} (--num_codebook, backbone width): {fix}")
     return codebook
 
 

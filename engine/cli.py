@@ -1,11 +1,11 @@
 """What every stage script does around its method: start the processes, set a run up, report its end.
 
-``run(main, parser)`` parses the flags, locks the output directory, starts one process per device
-and turns every stop into its exit code (``utils.errors.EXIT_CODES``) with one line. ``prepare(args)``
-sets one process up (seeds, backbone, resolved configuration, artifact store, pre-flight checks) and
-returns the :class:`Run` the script works with.
+``run(main, parser)`` parses the flags, locks the output directory, starts one process per device and turns every
+stop into its exit code (``utils.errors.EXIT_CODES``) with one line. ``prepare(args)`` sets one process up (seeds,
+backbone, resolved configuration, artifact store, pre-flight checks) and returns the :class:`Run` the script uses.
 """
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -14,12 +14,12 @@ import warnings
 import torch
 
 from engine import preflight
-from engine.build import build_backbone, feature_cache_key
+from engine.build import build_backbone, build_split, feature_cache_key
 from engine.config import TRAINING, Config, resolve, save_config
 from engine.loop import Trainer, running_name
 from engine.store import ArtifactStore, RunLock, backbone_identity, folder_dir_name
 from loader.batches import make_loader, seed_everything
-from loader.datasets import build_dataset, dataset_info
+from loader.datasets import dataset_info
 from loader.feature_cache import FeatureCache, TokenSource
 from loader.toy import ensure_toy
 from models.backbone import FrozenViT, checkpoint_files, checkpoint_stem, normalisation_hint
@@ -35,38 +35,15 @@ from utils.errors import (
     show_warning,
 )
 
+# fmt: off
 # Flags that may differ between an interrupted run and its resumption without changing the result.
-RESUME_FREE = (
-    "resume",
-    "save_every",
-    "dist_timeout",
-    "num_workers",
-    "port",
-    "gpu",
-    "cpu",
-    "check",
-    "lock_timeout",
-    "overwrite",
-)
+RESUME_FREE = ("resume", "save_every", "dist_timeout", "num_workers", "port", "gpu", "cpu", "check", "lock_timeout",
+               "overwrite")
 # Flags recorded in the provenance records (the shapes are checked by the strict loads).
-RECORDED_FLAGS = (
-    "stage",
-    "dataset",
-    "n_classes",
-    "head",
-    "num_codebook",
-    "reduced_dim",
-    "projection_dim",
-    "num_queries",
-    "train_resolution",
-    "grid",
-    "epoch",
-    "lr",
-    "seed",
-    "family_resolved",
-    "num_heads",
-    "world_size",
-)
+RECORDED_FLAGS = ("stage", "dataset", "n_classes", "head", "num_codebook", "reduced_dim", "projection_dim",
+                  "num_queries", "train_resolution", "grid", "epoch", "lr", "seed", "family_resolved", "num_heads",
+                  "world_size")
+# fmt: on
 
 
 def training_folder(args):
@@ -76,26 +53,29 @@ def training_folder(args):
 
 def artifact_store(args, identity=None):
     """The store of this run's artifacts (only the flags that place them are read)."""
-    folder = folder_dir_name(training_folder(args)) if args.dataset == "folder" else args.dataset
+    root = os.path.join(args.out, folder_dir_name(training_folder(args)) if args.dataset == "folder" else args.dataset)
     given = {kind: getattr(args, kind, None) for kind in ("codebook", "segment", "cluster")}
     baseline = checkpoint_stem(args.ckpt or None, args.arch)
-    return ArtifactStore(
-        os.path.join(args.out, folder), baseline, args.num_codebook, getattr(args, "head", None), given, identity
-    )
+    return ArtifactStore(root, baseline, args.num_codebook, getattr(args, "head", None), given, identity)
 
 
-def _print_warnings(caught):
-    for warning in caught:
+@contextlib.contextmanager
+def printed_warnings(show=True):
+    """The warnings raised inside, printed once it ends as one ``warning:`` line each (when ``show``)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for warning in caught if show else ():
         print(f"warning: {warning.message}", file=sys.stderr)
 
 
 def run(main, parser, argv=None, single_process=False, lock=True):
     """Parse flags, launch one process per device, and report a stop the user can act on as one line.
 
-    Bad input and the other reported stops are one line with their exit code; any other exception is
-    a bug and keeps its traceback. Ctrl-C exits 130, SIGTERM 143 (after a training stage saved its
-    resumable state), both naming the state. ``single_process``: evaluation uses the first id of
-    ``--gpu``. ``lock``: hold the output directory (``run.lock``) against a second run writing it.
+    Bad input and the other reported stops are one line with their exit code; any other exception is a bug and keeps
+    its traceback. Ctrl-C exits 130, SIGTERM 143 (after a training stage saved its resumable state), both naming the
+    state. ``single_process``: evaluation uses the first id of ``--gpu``. ``lock``: hold the output directory
+    (``run.lock``) against a second run writing it.
     """
     args = parser.parse_args(argv)
     if single_process:
@@ -109,10 +89,8 @@ def run(main, parser, argv=None, single_process=False, lock=True):
             if problems:
                 raise preflight.report(problems)
             if lock and not args.check and int(os.environ.get("RANK", 0)) == 0:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
+                with printed_warnings():
                     held = RunLock(store.output_dir(args.stage), 60 * args.lock_timeout).acquire()
-                _print_warnings(caught)
         launch(main, args)
         leave()  # torchrun's processes (spawned ones leave in their own process)
     except SpawnedExit as err:
@@ -150,22 +128,25 @@ class Run:
         """The learning rate of the job: ``--lr`` times the number of processes (SPEC §4-6)."""
         return self.cfg.lr * self.info.world_size
 
-    def dataset(self, split, resolution):
-        """A split with the backbone's own normalisation; the toy data is generated once, by rank 0."""
-        return run_dataset(self.cfg, self.info, self.backbone, split, resolution)
+    def dataset(self, split, resolution=None):
+        """The split at ``resolution`` (default ``--train_resolution``) with the backbone's own normalisation; the
+        toy data is generated once, by rank 0."""
+        if self.cfg.dataset == "toy":
+            if self.info.is_main:
+                ensure_toy(self.cfg.data_dir)
+            barrier(self.info)
+        return build_split(self.cfg, split, resolution or self.cfg.train_resolution, self.backbone)
 
     def train_loader(self):
         """The training split at ``--train_resolution``: ``(loader, sampler)``, shuffled, ``--drop_last``."""
-        cfg, data = self.cfg, self.dataset("train", self.cfg.train_resolution)
+        cfg, data = self.cfg, self.dataset("train")
         return make_loader(data, self.info, cfg.batch_size, cfg.num_workers, True, cfg.drop_last, seed=cfg.seed)
 
     def tokens(self):
         """``tokens(img, ind)``: the frozen tokens of training batches, cached with ``--feature_cache``."""
-        if not self.cfg.feature_cache:
-            return TokenSource(self.backbone)
-        return TokenSource(
-            self.backbone, FeatureCache(self.cfg.feature_cache, feature_cache_key(self.cfg, self.backbone))
-        )
+        cfg = self.cfg
+        cache = FeatureCache(cfg.feature_cache, feature_cache_key(cfg, self.backbone)) if cfg.feature_cache else None
+        return TokenSource(self.backbone, cache)
 
     def write_config(self, name, directory=None):
         """``config_<name>.json`` (a training stage's as ``.running.json`` until it completes: Trainer.finish)."""
@@ -179,42 +160,14 @@ class Run:
         cfg = self.cfg
         flags = {k: v for k, v in cfg.as_dict().items() if k not in RESUME_FREE}
         flags.update(upstream=dict(self.store.loaded), dataset=self.store.identity.get("dataset"))
+        loop = {"epochs": cfg.epoch, "max_steps": cfg.max_steps, "save_every": cfg.save_every, "amp": cfg.amp}
         return Trainer(
-            cfg.stage,
-            self.info,
-            self.store.output_dir(cfg.stage),
-            epochs=cfg.epoch,
-            max_steps=cfg.max_steps,
-            save_every=cfg.save_every,
-            amp=cfg.amp,
-            flags=flags,
-            shared=shared,
-            local=local,
+            cfg.stage, self.info, self.store.output_dir(cfg.stage), flags=flags, shared=shared, local=local, **loop
         )
 
     def flags(self, **what_ran):
         """The flags recorded with every artifact this run saves, and what the stage says actually ran."""
         return {**{key: getattr(self.cfg, key) for key in RECORDED_FLAGS if hasattr(self.cfg, key)}, **what_ran}
-
-
-def run_dataset(cfg, info, backbone, split, resolution=None):
-    """The split at ``resolution`` (default ``--train_resolution``) with the backbone's normalisation."""
-    if cfg.dataset == "toy":
-        if info.is_main:
-            ensure_toy(cfg.data_dir)
-        barrier(info)
-    resolution, mean, std = resolution or cfg.train_resolution, backbone.mean, backbone.std
-    return build_dataset(
-        cfg.dataset,
-        cfg.data_dir,
-        split,
-        resolution,
-        mean=mean,
-        std=std,
-        n_classes=cfg.n_classes,
-        image_dir=cfg.image_dir,
-        label_dir=cfg.label_dir,
-    )
 
 
 def _identity(cfg, dataset):
@@ -228,40 +181,36 @@ def _identity(cfg, dataset):
 def prepare(args, splits=None):
     """Set this process up and return its :class:`Run`; stop (exit 2) when the pre-flight check fails.
 
-    Rank 0 checks the run (:mod:`engine.preflight`; ``splits``: the dataset splits the stage reads, by
-    default those of its stage); when it finds problems every rank stops. ``--check`` stops here.
+    Rank 0 checks the run (:mod:`engine.preflight`; ``splits``: the dataset splits the stage reads, by default those
+    of its stage); when it finds problems every rank stops. ``--check`` stops here.
     """
     info = setup(args.gpu, use_cpu=args.cpu, timeout_min=getattr(args, "dist_timeout", 10.0))
     seed_everything(getattr(args, "seed", 0) + info.rank)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with printed_warnings(info.is_main):
         backbone = build_backbone(args, info.device)
         hint = normalisation_hint(args.ckpt or None, args.norm, backbone.mean)
         if hint:
             warnings.warn(hint)
         if not torch.cuda.is_available() and not args.cpu and str(args.gpu) not in ("0", ""):
             warnings.warn(f"no CUDA device on this machine: --gpu {args.gpu} runs on the CPU (--cpu says so)")
-    if info.is_main:
-        _print_warnings(caught)
     n_classes = args.n_classes if args.dataset == "folder" else dataset_info(args.dataset).n_classes
     if n_classes is None:
         raise InvalidInputError("--dataset folder needs --n_classes")
-    extra = {
-        "family_resolved": backbone.family,
-        "world_size": info.world_size,
-        "norm_resolved": backbone.mean + backbone.std,
-    }
+    norm = backbone.mean + backbone.std
+    extra = {"family_resolved": backbone.family, "world_size": info.world_size, "norm_resolved": norm}
     if hasattr(args, "amp"):
         extra["amp"] = info.device.type == "cuda" if args.amp is None else args.amp
     cfg = resolve(args, backbone.patch_size, n_classes, **extra)
+    run = Run(cfg, info, backbone, None)
     try:  # the training files' manifest (a missing or bad dataset is the pre-flight check's to report)
-        training = run_dataset(cfg, info, backbone, "train") if cfg.stage in TRAINING else None
+        training = run.dataset("train") if cfg.stage in TRAINING else None
     except BadInputError:
         training = None
-    run = Run(cfg, info, backbone, artifact_store(cfg, _identity(cfg, training)))
+    run = dataclasses.replace(run, store=artifact_store(cfg, _identity(cfg, training)))
     if info.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    problems = preflight.run_checks(run, splits) if info.is_main else []
+    with printed_warnings():  # e.g. released heads without provenance
+        problems = preflight.run_checks(run, splits) if info.is_main else []
     if all_reduce_mean(float(len(problems)), info) > 0:
         if info.is_main:
             raise preflight.report(problems)

@@ -1,9 +1,8 @@
 """The command line of the stage scripts, and its resolution into one read-only configuration.
 
-:data:`FLAGS` declares every flag once, with the scripts that take it; :func:`build_parser`
-gives a script exactly its own. The published defaults of SPEC depend on the dataset, the head
-and the backbone's patch size, so flags left at ``None`` are filled in once the backbone is
-known: :func:`resolve` returns a new, read-only :class:`Config`, saved as ``config_<stage>.json``.
+:data:`FLAGS` declares every flag once, with the scripts that take it; :func:`build_parser` gives a script its own.
+The published defaults of SPEC depend on the dataset, the head and the backbone's patch size, so flags left at ``None``
+are filled in once the backbone is known: :func:`resolve` returns a read-only :class:`Config` (``config_<stage>.json``).
 """
 
 import argparse

@@ -1,20 +1,10 @@
 """The training loop of every stage: epochs, optimiser steps, logs, save points, the fixed-batch loss.
 
-A stage script builds its networks, defines ``train_step`` (its method step) and calls :func:`fit`,
-which is the whole loop::
-
-    for each epoch still to run:
-        for each batch (a resumed run skips those it has done):
-            on the run's first batch: evaluate the fixed-batch loss (before training)
-            values = train_step(epoch, batch)        # one optimiser step (Trainer.step)
-            log values; every --save_every steps, and on SIGTERM: save the resumable state
-        step the learning-rate schedules; save the resumable state
-    evaluate the fixed-batch loss again (after training)
-
-:class:`Trainer` keeps the run's bookkeeping: the AMP loss scaler, the optimiser step, the log and
-the resumable state (``engine/state.py``; a resumed run continues bit-identically on the CPU). While a
-run goes on, its log and configuration are ``<name>.running.*``; they take their final names when it
-completes, so an aborted rerun never hides the last complete run's.
+A stage script builds its networks, defines ``train_step`` (its method step) and calls :func:`fit`, the whole loop.
+:class:`Trainer` keeps the run's bookkeeping: the AMP loss scaler, the optimiser step, the log and the resumable state
+(``engine/state.py``; a resumed run continues bit-identically on the CPU). While a run goes on, its log and
+configuration are ``<name>.running.*``; they take their final names when it completes, so an aborted rerun never
+hides the last complete run's.
 """
 
 import contextlib
@@ -109,10 +99,8 @@ class Trainer:
             return
         shown = " ".join(f"{name}={value:.4g}" for name, value in zip(terms, values))
         where = f" (mean over {self.info.world_size} processes)" if self.info.distributed else ""
-        raise NonFiniteLossError(
-            f"[{self.name}] non-finite loss at step {self.global_step + 1}: {shown}{where}; "
-            f"stopped; last good state: {self.saved_state or 'none'}"
-        )
+        last = f"; stopped; last good state: {self.saved_state or 'none'}"
+        raise NonFiniteLossError(f"[{self.name}] non-finite loss at step {self.global_step + 1}: {shown}{where}{last}")
 
     def step(self, loss, optimizers, params, grad_clip=None, clip_params=None, terms=None):
         """Check the loss, backward, average gradients over ranks, clip, and step every optimiser.
@@ -151,10 +139,8 @@ class Trainer:
                     f.write(json.dumps(self.records[-1]) + "\n")
             except OSError as err:
                 os.truncate(path, size)
-                raise OutputWriteError(
-                    f"cannot write {path}: {err.strerror or err}; the log keeps its complete "
-                    f"lines, the last resumable state is {self.saved_state or 'none'}"
-                ) from None
+                kept = f"the log keeps its complete lines, the last resumable state is {self.saved_state or 'none'}"
+                raise OutputWriteError(f"cannot write {path}: {err.strerror or err}; {kept}") from None
 
     def batches(self, loader, sampler, epoch, desc):
         """One epoch of ``(Batch, progress bar)`` from the saved position, at most ``max_steps`` batches.
@@ -163,15 +149,8 @@ class Trainer:
         """
         sampler.set_epoch(epoch, self.batch * loader.batch_size)
         loader.generator.manual_seed(sampler.seed * 1_000_003 + epoch)
-        bar = tqdm(
-            loader,
-            desc=f"{desc} epoch {epoch + 1}/{self.epochs}",
-            initial=self.batch,
-            total=self.batch + len(loader),
-            disable=not self.info.is_main,
-            dynamic_ncols=True,
-            leave=False,
-        )
+        progress = {"initial": self.batch, "total": self.batch + len(loader), "disable": not self.info.is_main}
+        bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{self.epochs}", dynamic_ncols=True, leave=False, **progress)
         device = self.info.device
         for it, batch in enumerate(bar, start=self.batch):
             if self.max_steps is not None and it >= self.max_steps:
@@ -183,11 +162,6 @@ class Trainer:
         """The run's first batch, loaded again (for the fixed-batch loss after training)."""
         items = default_collate([dataset[i] for i in self.fixed["ind"]])
         return Batch(items["img"].to(self.info.device), items["label"].to(self.info.device), items["ind"])
-
-    # -- the resumable state (engine/state.py writes it) ------------------------------------------
-
-    def save_due(self):
-        return bool(self.save_every) and self.global_step % self.save_every == 0
 
     def save_state(self):
         loop = {key: getattr(self, key) for key in LOOP_STATE}
@@ -202,12 +176,10 @@ class Trainer:
         for key in LOOP_STATE:
             setattr(self, key, loop[key])
         self.scaler.load_state_dict(loop["scaler"])
-        if self.info.is_main:
-            atomic_write_bytes(
-                running_name(self.log_path), "".join(json.dumps(r) + "\n" for r in self.records).encode()
-            )
         self.saved_state = f"{self.state.path} (step {self.global_step})"
         if self.info.is_main:
+            log = "".join(json.dumps(record) + "\n" for record in self.records)
+            atomic_write_bytes(running_name(self.log_path), log.encode())
             print(f"[{self.name}] resuming from {self.saved_state}: epoch {self.epoch + 1}", file=sys.stderr)
         return True
 
@@ -230,19 +202,13 @@ class Trainer:
         """Whether any rank received SIGTERM (all ranks agree, so they save and stop at the same step)."""
         return distributed.all_reduce_mean(float(PREEMPTION.received), self.info) > 0
 
-    # -- the end --------------------------------------------------------------------------------
-
     def loss_summary(self, key, start, end):
         """First/last logged ``key`` and the fixed-batch value before/after training (mean over ranks)."""
         values = [r[key] for r in self.records if key in r]
         first, last = (values[0], values[-1]) if values else (None, None)
         start, end = distributed.all_reduce_mean(start, self.info), distributed.all_reduce_mean(end, self.info)
-        return {
-            f"{key}_first": first,
-            f"{key}_last": last,
-            f"fixed_batch_{key}_start": start,
-            f"fixed_batch_{key}_end": end,
-        }
+        fixed = f"fixed_batch_{key}"
+        return {f"{key}_first": first, f"{key}_last": last, f"{fixed}_start": start, f"{fixed}_end": end}
 
     def finish(self, summary, plot_keys):
         """The run is complete: its log and configuration take their final names; write ``<stage>_summary.json``
@@ -253,13 +219,8 @@ class Trainer:
             for path in (self.log_path, self.config_path):
                 if os.path.exists(running_name(path)):
                     os.replace(running_name(path), path)
-            summary = {
-                "stage": self.name,
-                "steps": self.global_step,
-                "amp_skipped_steps": self.skipped_steps,
-                "seconds": round(time.time() - self.start, 1),
-                **summary,
-            }
+            steps = {"stage": self.name, "steps": self.global_step, "amp_skipped_steps": self.skipped_steps}
+            summary = {**steps, "seconds": round(time.time() - self.start, 1), **summary}
             path = os.path.join(self.log_dir, f"{self.name}_summary.json")
             atomic_write_bytes(path, json.dumps(summary, indent=2).encode())
             if self.records:
@@ -288,7 +249,7 @@ def fit(trainer, loader, sampler, train_step, fixed_loss, schedulers=(), desc=""
                 if trainer.terminating():
                     trainer.save_state()
                     raise Terminated()
-                if trainer.save_due():
+                if trainer.save_every and trainer.global_step % trainer.save_every == 0:
                     trainer.save_state()
             step_schedules(schedulers)
             trainer.epoch, trainer.batch = epoch + 1, 0

@@ -1,8 +1,7 @@
 """Pre-flight checks: everything a stage can find wrong before it trains for hours.
 
-Each ``check_*`` returns a list of problems, one line each (empty: all is well). :func:`run_checks`
-gathers them at the start of a stage (and alone with ``--check``); the stage prints them all and
-stops with exit code 2 before training anything.
+Each ``check_*`` returns a list of problems, one line each (empty: all is well). :func:`run_checks` gathers them at the
+start of a stage (and alone with ``--check``); the stage prints them all and stops (exit 2) before training anything.
 """
 
 import os
@@ -14,9 +13,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine.build import build_segment, feature_cache_key, read_artifact, read_codebook
+from engine.build import build_segment, build_split, feature_cache_key, read_artifact, read_codebook
 from engine.store import PRODUCER
-from loader.datasets import build_dataset
 from loader.feature_cache import cache_dir
 from loader.toy import ensure_toy
 from modules.segment import SEGMENT_HEADS
@@ -105,33 +103,23 @@ def check_geometry(cfg, patch_size):
     return problems
 
 
-def _split(cfg, split):
+def _split(cfg, split, backbone):
     if cfg.dataset == "toy":
         ensure_toy(cfg.data_dir)
-    resolution = cfg.test_resolution if split == "val" else cfg.train_resolution
-    return build_dataset(
-        cfg.dataset,
-        cfg.data_dir,
-        split,
-        resolution,
-        n_classes=cfg.n_classes,
-        image_dir=cfg.image_dir,
-        label_dir=cfg.label_dir,
-    )
+    return build_split(cfg, split, cfg.test_resolution if split == "val" else cfg.train_resolution, backbone)
 
 
-def check_dataset(cfg, split, samples=SAMPLES_DECODED):
+def check_dataset(cfg, split, backbone, samples=SAMPLES_DECODED):
     """The split's layout, and a sample of its images and labels spread over it decodes within range."""
     if cfg.dataset == "folder" and not 1 <= cfg.n_classes <= MAX_FOLDER_CLASSES:
         return []  # check_geometry reports it; labels cannot be checked against it
     if cfg.stage == "test" and cfg.dataset == "folder" and not cfg.label_dir:
-        return [
-            "test.py scores predictions against labels: give --label_dir, or segment unlabelled images with predict.py"
-        ]
+        why = "test.py scores predictions against labels"
+        return [f"{why}: give --label_dir, or segment unlabelled images with predict.py"]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the stage itself warns about left-out files
-            data = _split(cfg, split)
+            data = _split(cfg, split, backbone)
         picks = sorted(set(np.linspace(0, len(data) - 1, min(samples, len(data))).round().astype(int).tolist()))
     except BadInputError as err:
         return [one_line(err)]
@@ -197,7 +185,7 @@ def _bytes_needed(run):
         key = feature_cache_key(cfg, run.backbone)
         directory = cache_dir(cfg.feature_cache, key)
         try:
-            items = len(_split(cfg, "train"))
+            items = len(_split(cfg, "train", run.backbone))
         except BadInputError:
             items = 0
         cached = len([f for f in os.listdir(directory) if f.endswith(".npy")]) if os.path.isdir(directory) else 0
@@ -216,14 +204,12 @@ def _size(n):
 def check_disk(run):
     """Free space for this stage's artifacts and the feature cache, per file system."""
     artifacts, cache = _bytes_needed(run)
-    needs = {_existing_ancestor(run.store.output_dir(run.cfg.stage)): artifacts}
-    if cache:
-        where = _existing_ancestor(run.cfg.feature_cache)
-        needs[where] = needs.get(where, 0) + cache
-    by_device = {}
-    for path, need in needs.items():
-        first, total = by_device.get(os.stat(path).st_dev, (path, 0))
-        by_device[os.stat(path).st_dev] = (first, total + need)
+    by_device = {}  # file system -> (its first folder, bytes needed there)
+    for folder, need in ((run.store.output_dir(run.cfg.stage), artifacts), (run.cfg.feature_cache, cache)):
+        if need:
+            path = _existing_ancestor(folder)
+            first, total = by_device.get(os.stat(path).st_dev, (path, 0))
+            by_device[os.stat(path).st_dev] = (first, total + need)
     problems = []
     for path, need in by_device.values():
         free = shutil.disk_usage(path).free
@@ -235,19 +221,14 @@ def check_disk(run):
 
 
 def run_checks(run, splits=None):
-    """All problems of this run, one line each; warnings (e.g. released heads without provenance) are printed."""
+    """All problems of this run, one line each."""
     cfg, backbone = run.cfg, run.backbone
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        output = check_output(cfg, run.store)
-        problems = check_devices(cfg) + output + check_geometry(cfg, backbone.patch_size)
-        for split in SPLITS[cfg.stage] if splits is None else splits:
-            problems += check_dataset(cfg, split)
-        problems += check_artifacts(cfg, run.store, backbone.embed_dim)
-        problems += [] if output else check_disk(run)
-    for warning in caught:
-        print(f"warning: {warning.message}", file=sys.stderr)
-    return problems
+    output = check_output(cfg, run.store)
+    problems = check_devices(cfg) + output + check_geometry(cfg, backbone.patch_size)
+    for split in SPLITS[cfg.stage] if splits is None else splits:
+        problems += check_dataset(cfg, split, backbone)
+    problems += check_artifacts(cfg, run.store, backbone.embed_dim)
+    return problems + ([] if output else check_disk(run))
 
 
 def summary(run, splits=None):
@@ -264,7 +245,7 @@ def summary(run, splits=None):
     else:
         lines.append(f"  resolution: test {cfg.test_resolution}")
     for split in SPLITS[cfg.stage] if splits is None else splits:
-        count = len(_split(cfg, split))
+        count = len(_split(cfg, split, backbone))
         lines.append(f"  {split}: {count} images, {min(SAMPLES_DECODED, count)} decoded")
     lines += [f"  {kind}: {store.path(kind)}" for kind in needed_artifacts(cfg)]
     free = _size(shutil.disk_usage(_existing_ancestor(store.output_dir(cfg.stage))).free)

@@ -1,11 +1,10 @@
 """``report.html``: one self-contained page with everything a test.py run produced.
 
-Sections (each a ``<section id=...>``): ``config`` (the resolved flags), ``metrics`` (CAUSE,
-CRF, linear probe, k-means baselines, clusters used), ``iou`` (per-class IoU bar chart),
-``confusion`` (the confusion matrix), ``losses`` (the loss curves of the three training stages,
-read from their ``<stage>_loss.png`` or ``<stage>.jsonl``) and ``examples`` (image | ground truth
-| clusters | CRF | matched). Pictures are embedded as base64 ``data:`` URIs and the page has no
-script and no external reference, so it opens anywhere, offline, as a single file.
+Sections (each a ``<section id=...>``): ``config`` (the resolved flags), ``metrics`` (CAUSE, CRF, linear probe,
+k-means baselines, clusters used), ``iou`` (per-class IoU bar chart), ``confusion`` (the confusion matrix), ``losses``
+(the three training stages' ``<stage>_loss.png`` or ``<stage>.jsonl``) and ``examples`` (image | ground truth |
+clusters | CRF | matched). Pictures are embedded as base64 ``data:`` URIs and the page has no script and no external
+reference, so it opens anywhere, offline, as a single file.
 """
 
 import base64
@@ -46,16 +45,6 @@ img { max-width: 100%; display: block; margin: 6px 0; }
 """
 
 
-def data_uri(png_bytes):
-    return "data:image/png;base64," + base64.b64encode(png_bytes).decode("ascii")
-
-
-def figure_png(fig, dpi=100):
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    return buffer.getvalue()
-
-
 def iou_chart(iou, class_names):
     """Horizontal bars of per-class IoU (percent); absent classes (NaN) are labelled n/a."""
     n = len(class_names)
@@ -70,7 +59,9 @@ def iou_chart(iou, class_names):
     ax.set_xlim(0, 110)
     ax.set_xlabel("IoU (%)")
     fig.tight_layout()
-    return figure_png(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
 
 
 def stage_loss_png(stage, log_dirs):
@@ -78,8 +69,7 @@ def stage_loss_png(stage, log_dirs):
     for directory in log_dirs:
         picture = os.path.join(directory, f"{stage}_loss.png")
         if os.path.isfile(picture):
-            with open(picture, "rb") as f:
-                return f.read()
+            return _read(picture)
         log = os.path.join(directory, f"{stage}.jsonl")
         if os.path.isfile(log):
             with tempfile.TemporaryDirectory() as tmp:
@@ -87,18 +77,18 @@ def stage_loss_png(stage, log_dirs):
                     plot_losses(log, os.path.join(tmp, "loss.png"))
                 except ValueError:
                     continue
-                with open(os.path.join(tmp, "loss.png"), "rb") as f:
-                    return f.read()
+                return _read(os.path.join(tmp, "loss.png"))
     return None
-
-
-def _image(png_bytes, alt):
-    return f'<img alt="{html.escape(alt)}" src="{data_uri(png_bytes)}">'
 
 
 def _read(path):
     with open(path, "rb") as f:
         return f.read()
+
+
+def _image(png_bytes, alt):
+    data = base64.b64encode(png_bytes).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
 def _config_section(config):
@@ -121,22 +111,19 @@ def render_report(config, result, confusion_png, panel_pngs, log_dirs):
     """The page as a string. confusion_png: bytes or None; panel_pngs: list of bytes; log_dirs: folders
     searched, in order, for ``<stage>_loss.png`` / ``<stage>.jsonl``."""
     best, names = "cluster_crf" if "cluster_crf" in result else "cluster", result["class_names"]
-    iou = f"<p class=note>{best}, Hungarian-matched</p>" + _image(
-        iou_chart(result[best]["iou"], names), "per-class IoU"
-    )
+    chart = _image(iou_chart(result[best]["iou"], names), "per-class IoU")
     confusion = _image(confusion_png, "confusion matrix") if confusion_png else "<p class=note>no confusion matrix</p>"
     losses = ""
     for stage in STAGES:
         png = stage_loss_png(stage, log_dirs)
-        losses += f"<h3>{stage}</h3>" + (
-            _image(png, f"{stage} loss") if png else f"<p class=note>no {stage}.jsonl log found</p>"
-        )
+        found = _image(png, f"{stage} loss") if png else f"<p class=note>no {stage}.jsonl log found</p>"
+        losses += f"<h3>{stage}</h3>{found}"
     examples = "".join(_image(p, f"example {i}") for i, p in enumerate(panel_pngs))
     examples = f"<p class=note>image | ground truth | clusters | CRF | matched</p>{examples}" if panel_pngs else ""
     body = {
         "config": _config_section(config),
         "metrics": _metrics_section(result),
-        "iou": iou,
+        "iou": f"<p class=note>{best}, Hungarian-matched</p>{chart}",
         "confusion": confusion,
         "losses": losses,
         "examples": examples or "<p class=note>no examples (--save_images 0)</p>",

@@ -8,8 +8,7 @@
     >>> labels.shape == (photo.height, photo.width)
     True
 
-``from_files`` takes the backbone checkpoint and the trained heads by path (the released CAUSE heads
-included); ``from_run`` a run directory (or its ``metrics.json``). Nothing is written or downloaded.
+Nothing is written or downloaded.
 """
 
 import json
@@ -25,6 +24,7 @@ from PIL import Image
 
 from engine.build import describe_cluster, describe_segment, load_trained
 from engine.cli import artifact_store
+from engine.config import TEST_RESOLUTION, round_to_patch
 from engine.store import ArtifactMismatchError, ArtifactStore
 from loader.images import to_display_rgb
 from loader.transforms import image_to_tensor
@@ -32,8 +32,6 @@ from models.backbone import load_backbone
 from modules import inference
 from utils.crf import CRFPool
 from utils.errors import InputNotFoundError, InvalidInputError
-
-TEST_RESOLUTION = 320
 
 
 class CauseSegmenter(nn.Module):
@@ -60,21 +58,17 @@ class CauseSegmenter(nn.Module):
         """
         backbone_options = {k: options.pop(k) for k in ("family", "arch", "num_heads", "norm") if k in options}
         backbone = load_backbone(ckpt, **backbone_options)
-        given = {
-            "segment": os.fspath(segment),
-            "cluster": os.fspath(cluster),
-            "codebook": codebook and os.fspath(codebook),
-        }
-        held = describe_segment(ArtifactStore("", "", 0, head, given).state("segment"))
+        given = {"segment": os.fspath(segment), "cluster": os.fspath(cluster)}
+        files = ArtifactStore("", "", 0, head, {**given, "codebook": codebook and os.fspath(codebook)})
+        held = describe_segment(files.state("segment"))
         if held["head"] is None or head not in (None, held["head"]):
-            raise ArtifactMismatchError(
-                f"{segment} holds {held['head'] or 'no CAUSE'} head, not {head or 'a CAUSE one'}"
-            )
-        clusters = describe_cluster(ArtifactStore("", "", 0, head, given).state("cluster"))
+            heads = f"{held['head'] or 'no CAUSE'} head, not {head or 'a CAUSE one'}"
+            raise ArtifactMismatchError(f"{segment} holds {heads}")
+        clusters = describe_cluster(files.state("cluster"))
         grid = math.isqrt(held["num_queries"] or 0) * backbone.patch_size
-        resolution = grid or (math.ceil(test_resolution / backbone.patch_size) * backbone.patch_size)
+        resolution = grid or round_to_patch(test_resolution, backbone.patch_size)
         cfg = Namespace(**held, num_codebook=clusters["num_codebook"], train_resolution=resolution)
-        store = ArtifactStore("", "", cfg.num_codebook, cfg.head, given)
+        store = ArtifactStore("", "", cfg.num_codebook, cfg.head, files.given)
         segment_module, cluster_module = load_trained(cfg, store, backbone.embed_dim, torch.device("cpu"))
         return cls(backbone, segment_module, cluster_module, resolution, **options)
 
@@ -157,14 +151,11 @@ class CauseSegmenter(nn.Module):
         ids of test.py instead (needs ``classes``).
         """
         image = to_display_rgb(Image.fromarray(np.asarray(image)) if not isinstance(image, Image.Image) else image)
-        labels = self.labels_job(
-            image, self.picture_scores(image, overlap, batch_size), crf, crf_max_megapixels
-        ).result()
-        if matched:
-            if self.classes is None:
-                raise InvalidInputError("matched labels need the classes of a test.py run (from_run, or classes=...)")
-            labels = self.classes[0][labels]
-        return labels
+        scores = self.picture_scores(image, overlap, batch_size)
+        labels = self.labels_job(image, scores, crf, crf_max_megapixels).result()
+        if matched and self.classes is None:
+            raise InvalidInputError("matched labels need the classes of a test.py run (from_run, or classes=...)")
+        return self.classes[0][labels] if matched else labels
 
 
 class LabelsJob:

@@ -1,10 +1,8 @@
 """The resumable state of a training stage on disk: written atomically, read back to continue bit-identically.
 
-Rank 0 writes ``<run dir>/state_<stage>.pt``: everything shared by the ranks (weights, EMA teacher,
-optimisers, schedulers), the loop's bookkeeping and position, and its own part (RNG states); rank
-r > 0 writes its own part (RNG states, concept bank) to ``state_<stage>.rank<r>.<position>.pt``,
-which rank 0's file names, so replacing rank 0's file is the one step that commits a save. The
-training loop (``engine/loop.py``) decides when a state is saved; this module how.
+Rank 0 writes ``<run dir>/state_<stage>.pt``: what the ranks share (weights, EMA teacher, optimisers, schedulers), the
+loop's bookkeeping and position, and its own RNG states; rank r > 0 writes its own part (RNG states, concept bank) to
+``state_<stage>.rank<r>.<position>.pt``, named by rank 0's file, so replacing rank 0's file is what commits a save.
 """
 
 import glob
@@ -23,9 +21,9 @@ VERSION = 2
 
 def rng_state(device):
     """Every random generator this process draws from: torch (CPU and CUDA), numpy, python."""
-    numpy_state = np.random.get_state()
+    name, keys, *rest = np.random.get_state()
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    numpy = [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]]
+    numpy = [name, keys.tolist(), *rest]
     return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": numpy, "python": random.getstate()}
 
 
@@ -67,10 +65,9 @@ def _load_into(obj, state):
 class ResumableState:
     """The state files of one stage run.
 
-    ``shared``: name -> module / optimiser / scheduler / tensor, identical on every rank (``state_dict``);
-    ``local``: name -> objects that differ per rank, such as a concept bank (``state()`` / ``load_state()``);
-    ``flags``: what determines the result; a state is only resumed by a run with the same flags,
-    upstream artifacts and dataset.
+    ``shared``: name -> module / optimiser / scheduler / tensor, identical on every rank (``state_dict``); ``local``:
+    name -> objects that differ per rank, such as a concept bank (``state()`` / ``load_state()``); ``flags``: what
+    determines the result; a state is only resumed by a run with the same flags, upstream artifacts and dataset.
     """
 
     def __init__(self, name, info, directory, flags, shared, local=None):
@@ -108,10 +105,8 @@ class ResumableState:
         """Apply ``--resume no|yes|auto``: the saved loop bookkeeping (objects and RNGs restored), or None."""
         found = os.path.isfile(self.path)
         if mode == "yes" and not found:
-            raise InputNotFoundError(
-                f"--resume yes: no resumable state {self.path} (the stage finished, or saved none yet); use "
-                f"--resume auto to start over when there is none"
-            )
+            why = "(the stage finished, or saved none yet); use --resume auto to start over when there is none"
+            raise InputNotFoundError(f"--resume yes: no resumable state {self.path} {why}")
         if mode == "no" or not found:
             if found:
                 self.remove()

@@ -7,11 +7,10 @@ Artifacts follow the reference's layout under the output root (default ``CAUSE/`
     <out>/<dataset>/<baseline>/<K>/cluster_<head>.pth           stage 3
     <out>/<dataset>/<baseline>/<K>/<head>/                      the head's logs, configs, states, tests
 
-``<baseline>`` is the checkpoint's file stem, ``<dataset>`` the dataset's name or
-``folder-<name>-<hash>`` for ``--dataset folder``. Every artifact has a provenance record next to
-it (``segment_mlp.pth.json``): its sha256, the dataset (with a manifest of its files), the
-backbone, the sha256 of each upstream artifact *as it was read* and the flags. A :class:`RunLock`
-keeps two runs from writing one directory at the same time.
+``<baseline>`` is the checkpoint's file stem, ``<dataset>`` the dataset's name or ``folder-<name>-<hash>`` for
+``--dataset folder``. Every artifact has a provenance record next to it (``segment_mlp.pth.json``): its sha256, the
+dataset (with a manifest of its files), the backbone, the sha256 of each upstream artifact *as it was read* and the
+flags. A :class:`RunLock` keeps two runs from writing one directory at the same time.
 """
 
 import hashlib
@@ -95,8 +94,7 @@ def _describe_backbone(identity):
 
 
 def _same_backbone(recorded, current):
-    keys = ("random", "size", "sha256_ends")
-    return all(recorded.get(k) == current.get(k) for k in keys)
+    return all(recorded.get(k) == current.get(k) for k in ("random", "size", "sha256_ends"))
 
 
 def _what_it_is(data):
@@ -156,10 +154,8 @@ class ArtifactStore:
         if not os.path.isfile(path):
             if kind in self.given:
                 raise MissingArtifactError(f"{kind} file not found: {path}")
-            flags = "--num_codebook" if kind == "codebook" else "--head"
-            raise MissingArtifactError(
-                f"{kind} {path} not found: run {PRODUCER[kind]} first with the same --dataset/--ckpt/{flags}/--out"
-            )
+            same = f"--dataset/--ckpt/{'--num_codebook' if kind == 'codebook' else '--head'}/--out"
+            raise MissingArtifactError(f"{kind} {path} not found: run {PRODUCER[kind]} first with the same {same}")
         with open(path, "rb") as f:
             data = f.read()
         self.loaded[kind] = hashlib.sha256(data).hexdigest()
@@ -167,11 +163,8 @@ class ArtifactStore:
 
     def codebook(self):
         """The stage-1 mediator as a float32 array [K, D]; a missing or unreadable file is one line."""
-        path, data, fix = (
-            self.path("codebook"),
-            self.read_bytes("codebook"),
-            f"rerun {PRODUCER['codebook']} --overwrite",
-        )
+        path, data = self.path("codebook"), self.read_bytes("codebook")
+        fix = f"rerun {PRODUCER['codebook']} --overwrite"
         try:
             codebook = np.load(io.BytesIO(data), allow_pickle=False)
         except (OSError, ValueError, EOFError):
@@ -183,8 +176,7 @@ class ArtifactStore:
 
     def state(self, kind):
         """A released-layout state dict (``module.`` prefixes removed); a bad file is one line."""
-        path, data = self.path(kind), self.read_bytes(kind)
-        fix = f"rerun {PRODUCER[kind]}"
+        path, data, fix = self.path(kind), self.read_bytes(kind), f"rerun {PRODUCER[kind]}"
         if not data.startswith((b"PK", b"\x80")):
             raise CorruptArtifactError(f"{kind} weights {path} {_what_it_is(data)}: {fix}")
         try:
@@ -231,9 +223,8 @@ class ArtifactStore:
             warnings.warn(f"{record_path} is unreadable: {name} is {unchecked}", ProvenanceWarning)
             return None
         if not isinstance(record, dict) or record.get("sha256") != file_sha256(path):
-            warnings.warn(
-                f"{name} was replaced after {os.path.basename(record_path)} was written: {unchecked}", ProvenanceWarning
-            )
+            why = f"was replaced after {os.path.basename(record_path)} was written"
+            warnings.warn(f"{name} {why}: {unchecked}", ProvenanceWarning)
             return None
         return record
 
@@ -245,24 +236,19 @@ class ArtifactStore:
         name, script, problems = os.path.basename(self.path(kind)), PRODUCER[kind], []
         recorded, current = record.get("backbone"), self.identity.get("backbone")
         if recorded is not None and current is not None and not _same_backbone(recorded, current):
-            problems.append(
-                f"{name} was trained with backbone {_describe_backbone(recorded)} but this run uses "
-                f"{_describe_backbone(current)}: rerun {script}"
-            )
-        data, now = record.get("dataset"), self.identity.get("dataset")
-        if data is not None and now is not None and _dataset_differs(data, now):
-            problems.append(
-                f"{name} was trained on dataset {_describe_data(data)} but this run uses "
-                f"{_describe_data(now)}: rerun {script}"
-            )
+            was, now = _describe_backbone(recorded), _describe_backbone(current)
+            problems.append(f"{name} was trained with backbone {was} but this run uses {now}: rerun {script}")
+        recorded, current = record.get("dataset"), self.identity.get("dataset")
+        if recorded is not None and current is not None and _dataset_differs(recorded, current):
+            was, now = _describe_data(recorded), _describe_data(current)
+            problems.append(f"{name} was trained on dataset {was} but this run uses {now}: rerun {script}")
         upstream = record.get("upstream")
-        if upstream is not None and os.path.isfile(self.path(upstream["kind"])):
-            up_path = self.path(upstream["kind"])
-            if file_sha256(up_path) != upstream["sha256"]:
-                problems.append(
-                    f"{name} was trained on {upstream['kind']} sha {upstream['sha256'][:12]} but "
-                    f"{os.path.basename(up_path)} is now sha {file_sha256(up_path)[:12]}: rerun {script}"
-                )
+        up_path = self.path(upstream["kind"]) if upstream is not None else None
+        if up_path and os.path.isfile(up_path) and file_sha256(up_path) != upstream["sha256"]:
+            was, now = f"{upstream['kind']} sha {upstream['sha256'][:12]}", file_sha256(up_path)[:12]
+            problems.append(
+                f"{name} was trained on {was} but {os.path.basename(up_path)} is now sha {now}: rerun {script}"
+            )
         return problems
 
 
@@ -273,10 +259,9 @@ def _dataset_differs(recorded, current):
 
 
 def _describe_data(identity):
-    text = f"{identity['name']}" + (f" in {identity['image_dir']}" if identity.get("image_dir") else "")
-    return text + (
-        f" (manifest {identity['manifest'][:12]}, {identity['files']} files)" if "manifest" in identity else ""
-    )
+    folder = f" in {identity['image_dir']}" if identity.get("image_dir") else ""
+    manifest = f" (manifest {identity['manifest'][:12]}, {identity['files']} files)" if "manifest" in identity else ""
+    return f"{identity['name']}{folder}{manifest}"
 
 
 class RunLock:
@@ -304,27 +289,20 @@ class RunLock:
         if holder.get("host") == host and not pid_alive(int(holder.get("pid", -1))):
             return "that is gone"
         silent = time.time() - float(holder.get("heartbeat", 0))
-        return (
-            f"silent for {silent / 60:.1f} min (--lock_timeout {self.stale_after / 60:g})"
-            if silent > self.stale_after
-            else ""
-        )
+        if silent <= self.stale_after:
+            return ""
+        return f"silent for {silent / 60:.1f} min (--lock_timeout {self.stale_after / 60:g})"
 
     def acquire(self):
         try:
             os.makedirs(self.directory, exist_ok=True)
         except OSError as err:
-            raise InvalidInputError(
-                f"cannot create the output folder {self.directory}: {err.strerror or err}"
-            ) from None
+            why = err.strerror or err
+            raise InvalidInputError(f"cannot create the output folder {self.directory}: {why}") from None
         command = " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:300]
-        self.me = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "command": command,
-            "heartbeat": time.time(),
-        }
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.me = {"pid": os.getpid(), "host": socket.gethostname(), "started": started, "command": command}
+        self.me["heartbeat"] = time.time()
         tmp = f"{self.path}.tmp{os.getpid()}"
         atomic_write_bytes(tmp, json.dumps(self.me).encode())
         try:
@@ -336,16 +314,12 @@ class RunLock:
                     return self
                 except FileExistsError:
                     holder = self._holder()
-                    who = (
-                        f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')} "
-                        f"({holder.get('command', '?')})"
-                    )
+                    who = f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
+                    who += f" ({holder.get('command', '?')})"
                     gone = self._stale(holder, self.me["host"])
                     if not gone:
-                        raise OutputLockedError(
-                            f"{self.directory} is in use by another run: {who}; wait for it or "
-                            f"use another --out (delete {self.path} if that run is gone)"
-                        ) from None
+                        fix = f"wait for it or use another --out (delete {self.path} if that run is gone)"
+                        raise OutputLockedError(f"{self.directory} is in use by another run: {who}; {fix}") from None
                     warnings.warn(f"taking over the stale lock {self.path} of a run {gone} ({who})")
                     os.remove(self.path)
             raise OutputLockedError(f"{self.directory} is in use by another run that started at the same time")
