@@ -1,10 +1,9 @@
 """The embedded toy dataset: synthetic 'stuff' scenes generated locally from a seed.
 
-Each image is a warped Voronoi layout of regions; each region shows one of six texture
-classes (stripes, checkers, noise, waves, gradient, dots). A class paints with two hues,
-its own and the one of class ``c + 2``, so every hue belongs to two classes and no class
-can be told from one pixel's colour: the texture decides. Every region jitters its hues,
-saturation, brightness, orientation, phase and texture scale.
+Each image is a warped Voronoi layout of regions; each region shows one of six texture classes (stripes, checkers,
+noise, waves, gradient, dots). A class paints with two hues, its own and the one of class ``c + 2``, so every hue
+belongs to two classes and no class can be told from one pixel's colour: the texture decides. Every region jitters
+its hues, saturation, brightness, orientation, phase and texture scale.
 
 On disk (what the folder loader reads)::
 
@@ -116,18 +115,16 @@ def toy_sample(rng: np.random.Generator, size: int, n_classes: int) -> tuple[np.
 
 
 def _write_split(toy_root: str, split: str, count: int, seed: int, size: int, n_classes: int):
-    image_dir = os.path.join(toy_root, split, "images")
-    label_dir = os.path.join(toy_root, split, "labels")
-    os.makedirs(image_dir, exist_ok=True)
-    os.makedirs(label_dir, exist_ok=True)
-    names = {f"{i:05d}.png" for i in range(count)}
-    for i in range(count):
-        rng = np.random.default_rng([seed, _SPLITS[split], i])
-        image, label = toy_sample(rng, size, n_classes)
-        atomic_save_image(image, os.path.join(image_dir, f"{i:05d}.png"), compress_level=6)
-        atomic_save_image(label, os.path.join(label_dir, f"{i:05d}.png"), compress_level=6)
-    for directory in (image_dir, label_dir):
-        for stale in set(os.listdir(directory)) - names:
+    directories = [os.path.join(toy_root, split, kind) for kind in ("images", "labels")]
+    names = [f"{i:05d}.png" for i in range(count)]
+    for directory in directories:
+        os.makedirs(directory, exist_ok=True)
+    for i, name in enumerate(names):
+        image_and_label = toy_sample(np.random.default_rng([seed, _SPLITS[split], i]), size, n_classes)
+        for directory, pixels in zip(directories, image_and_label):
+            atomic_save_image(pixels, os.path.join(directory, name), compress_level=6)
+    for directory in directories:
+        for stale in set(os.listdir(directory)) - set(names):
             if stale.endswith(".png") and stale[:-4].isdigit():
                 os.remove(os.path.join(directory, stale))
 

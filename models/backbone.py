@@ -1,19 +1,16 @@
 """Frozen ViT backbones built with timm from official self-supervised checkpoints.
 
-`load_backbone` reads a checkpoint as its authors publish it (DINO, DINOv2 with or without
-registers, iBOT, MSN, MAE, MoCo v3, Unicom, DINOv3 in Meta's or Hugging Face's layout; `.pth` or
-`.safetensors`), tells the family from the container and the keys, reads width, depth, patch
-size, MLP width, registers and layer scale from the tensor shapes, builds the matching timm model
-and loads the weights strictly. A timm state dict of any ViT loads by its timm name (`arch`). The
-returned module is frozen and maps normalised images to the patch tokens of the last block after
-the final norm:
+`load_backbone` reads a checkpoint as its authors publish it (DINO, DINOv2 with or without registers, iBOT, MSN,
+MAE, MoCo v3, Unicom, DINOv3 in Meta's or Hugging Face's layout; `.pth` or `.safetensors`), tells the family from
+the container and the keys (`models.checkpoints`), reads width, depth, patch size, MLP width, registers and layer
+scale from the tensor shapes, builds the matching timm model and loads the weights strictly. A timm state dict of
+any ViT loads by its timm name (`arch`). The returned module is frozen and maps normalised images to the patch
+tokens of the last block after the final norm:
 
     img[B, 3, H, W] -> tokens[B, (H/p) * (W/p), D]   (row-major over the h x w grid)
 
-Each family keeps its official position handling (`models.positions`; RoPE for DINOv3, in
-`models.dinov3`), so features at any input size divisible by `p` equal those of the authors'
-code. Reading files is `models.files`, family detection `models.checkpoints`, input
-normalisation `models.normalisation`.
+Each family keeps its official position handling (`models.positions`; RoPE in `models.dinov3`), so features at any
+input size divisible by `p` equal those of the authors' code.
 """
 
 import functools
@@ -53,38 +50,24 @@ from models.normalisation import (
     SAT_MEAN,
     SAT_STD,
     NormalisationHintWarning,
+    Triple,
     normalisation_hint,
     resolve_normalisation,
 )
 from models.positions import interpolate_position_embedding, position_rule, sincos_2d_position_embedding
 from utils.errors import InvalidInputError
 
+# fmt: off
 __all__ = [
-    "FAMILIES",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "SAT_MEAN",
-    "SAT_STD",
-    "NORMALISATIONS",
-    "DEFAULT_ARCH",
+    "load_backbone", "FrozenViT", "RandomBackboneWarning", "checkpoint_stem", "default_num_heads", "DEFAULT_ARCH",
     "RANDOM_SEED",
-    "UnknownCheckpointError",
-    "RandomBackboneWarning",
-    "NormalisationHintWarning",
-    "FrozenViT",
-    "load_backbone",
-    "checkpoint_stem",
-    "checkpoint_files",
-    "default_num_heads",
-    "read_checkpoint",
-    "detect_family",
-    "resolve_normalisation",
-    "normalisation_hint",
-    "sincos_2d_position_embedding",
-    "interpolate_position_embedding",
+    # re-exported from models.checkpoints, models.files, models.normalisation and models.positions
+    "FAMILIES", "detect_family", "UnknownCheckpointError", "read_checkpoint", "checkpoint_files",
+    "IMAGENET_MEAN", "IMAGENET_STD", "CLIP_MEAN", "CLIP_STD", "SAT_MEAN", "SAT_STD", "NORMALISATIONS",
+    "NormalisationHintWarning", "resolve_normalisation", "normalisation_hint",
+    "sincos_2d_position_embedding", "interpolate_position_embedding",
 ]
+# fmt: on
 
 DEFAULT_ARCH = "vit_tiny_patch16_224"
 RANDOM_SEED = 0
@@ -140,13 +123,8 @@ def build_vit(shape: ViTShape, family: str, num_heads: int) -> VisionTransformer
 
 def to_timm_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Backbone keys to timm names (only DINOv2's registers differ), tensors in fp32."""
-    return {
-        ("reg_token" if key == "register_tokens" else key): value.float() if value.is_floating_point() else value
-        for key, value in state_dict.items()
-    }
-
-
-# The module.
+    renamed = {("reg_token" if key == "register_tokens" else key): value for key, value in state_dict.items()}
+    return {key: value.float() if value.is_floating_point() else value for key, value in renamed.items()}
 
 
 class FrozenViT(nn.Module):
@@ -158,13 +136,7 @@ class FrozenViT(nn.Module):
     """
 
     def __init__(
-        self,
-        vit: nn.Module,
-        family: str,
-        position_rule: str,
-        mean: tuple[float, float, float],
-        std: tuple[float, float, float],
-        arch: str | None = None,
+        self, vit: nn.Module, family: str, position_rule: str, mean: Triple, std: Triple, arch: str | None = None
     ):
         super().__init__()
         self.vit = vit
@@ -191,11 +163,6 @@ class FrozenViT(nn.Module):
         """Always eval mode: a parent's `.train()` must not enable dropout here."""
         return super().train(False)
 
-    def patch_position_embedding(self, h: int, w: int) -> torch.Tensor:
-        """-> [1, h*w, D], the patch part of the position table for an h x w grid."""
-        table = self.vit.pos_embed[:, int(self.has_class_token) :]
-        return interpolate_position_embedding(table, h, w, self.position_rule)
-
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         """img: [B, 3, H, W] normalised -> tokens: [B, (H/p)*(W/p), D], row-major."""
         batch, _, height, width = img.shape
@@ -208,7 +175,8 @@ class FrozenViT(nn.Module):
             return self.vit.forward_features(img)[:, self.num_prefix_tokens :]
         h, w = height // p, width // p
         x = self.vit.patch_embed(img).reshape(batch, h * w, self.embed_dim)
-        x = x + self.patch_position_embedding(h, w)
+        table = self.vit.pos_embed[:, int(self.has_class_token) :]  # the patch part: [1, M*M, D]
+        x = x + interpolate_position_embedding(table, h, w, self.position_rule)
         prefix = []
         if self.has_class_token:
             cls = self.vit.cls_token + self.vit.pos_embed[:, :1]
@@ -220,27 +188,26 @@ class FrozenViT(nn.Module):
         return x[:, self.num_prefix_tokens :]
 
 
-# timm models by name.
-
-
-def _create_timm(arch: str, num_heads: int | None) -> nn.Module:
-    """timm.create_model without pretrained weights or classifier, for any input size."""
+def _create_timm(arch: str, num_heads: int | None, seed: int | None = None) -> nn.Module:
+    """timm.create_model without pretrained weights or classifier, for any input size, initialised from
+    `seed` if given; the global RNG is left untouched."""
     overrides = {} if num_heads is None else {"num_heads": num_heads}
-    try:
-        return timm.create_model(
-            arch, pretrained=False, num_classes=0, global_pool="", dynamic_img_size=True, **overrides
-        )
-    except RuntimeError as exc:
-        raise InvalidInputError(f"unknown timm architecture {arch!r} ({exc})") from exc
-    except TypeError as exc:  # models without the ViT arguments (dynamic_img_size, num_heads)
-        raise InvalidInputError(f"{arch!r} is not a timm ViT ({exc})") from exc
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        try:
+            return timm.create_model(
+                arch, pretrained=False, num_classes=0, global_pool="", dynamic_img_size=True, **overrides
+            )
+        except RuntimeError as exc:
+            raise InvalidInputError(f"unknown timm architecture {arch!r} ({exc})") from exc
+        except TypeError as exc:  # models without the ViT arguments (dynamic_img_size, num_heads)
+            raise InvalidInputError(f"{arch!r} is not a timm ViT ({exc})") from exc
 
 
 def _random_backbone(arch: str, num_heads: int | None, seed: int) -> FrozenViT:
-    """A timm ViT with seeded random weights; the global RNG is left untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        vit = _create_timm(arch, num_heads)
+    """A timm ViT with seeded random weights."""
+    vit = _create_timm(arch, num_heads, seed)
     plain = (
         isinstance(vit, VisionTransformer) and vit.has_class_token and not vit.num_reg_tokens and not vit.no_embed_class
     )
@@ -263,8 +230,7 @@ def _fit_timm(raw: object, arch: str, num_heads: int | None) -> tuple[FrozenViT 
     state_dict = timm_state_dict(raw)
     if state_dict is None:
         return None, "not a state dict of tensors"
-    with torch.random.fork_rng(devices=[]):
-        vit = _create_timm(arch, num_heads)
+    vit = _create_timm(arch, num_heads)
     if not isinstance(vit, (VisionTransformer, Eva)):
         raise InvalidInputError(f"{arch!r} is not a timm ViT (VisionTransformer or Eva)")
     mismatch = state_dict_mismatch(state_dict, {key: value.shape for key, value in vit.state_dict().items()})
@@ -274,9 +240,6 @@ def _fit_timm(raw: object, arch: str, num_heads: int | None) -> tuple[FrozenViT 
     config = getattr(vit, "pretrained_cfg", None) or {}
     mean, std = tuple(config.get("mean", IMAGENET_MEAN)), tuple(config.get("std", IMAGENET_STD))
     return FrozenViT(vit.eval(), "timm", "timm", mean, std, arch=arch), ""
-
-
-# Checkpoints.
 
 
 def _family_backbone(raw: object, path: str, family: str, num_heads: int | None) -> FrozenViT:
@@ -297,12 +260,10 @@ def _family_backbone(raw: object, path: str, family: str, num_heads: int | None)
         raise InvalidInputError(f"{path}: width {shape.embed_dim} is not divisible by {heads} heads")
     vit = build_vit(shape, family, heads)
     weights = to_timm_state_dict(state_dict)
-    expected = set(vit.state_dict())
-    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-    if missing or unexpected:
+    mismatch = state_dict_mismatch(weights, {key: value.shape for key, value in vit.state_dict().items()})
+    if mismatch:
         raise UnknownCheckpointError(
-            f"{path}: weights do not fit the {family} ViT built from their shapes "
-            f"(missing {missing[:8]}, unexpected {unexpected[:8]})"
+            f"{path}: weights do not fit the {family} ViT built from their shapes ({mismatch})"
         )
     vit.load_state_dict(weights, strict=True)
     mean, std = (CLIP_MEAN, CLIP_STD) if family == "unicom" else (IMAGENET_MEAN, IMAGENET_STD)
@@ -311,31 +272,25 @@ def _family_backbone(raw: object, path: str, family: str, num_heads: int | None)
 
 def _checkpoint_backbone(path: str, family: str | None, arch: str | None, num_heads: int | None) -> FrozenViT:
     """The official family first (given, or told by the keys), then the timm architecture `arch`."""
+    families = ", ".join(FAMILIES)
     if family is not None and family not in FAMILIES + ("timm",):
-        raise InvalidInputError(
-            f"unknown backbone family {family!r}; expected one of {', '.join(FAMILIES)} (or timm, with arch)"
-        )
+        raise InvalidInputError(f"unknown backbone family {family!r}; expected one of {families} (or timm, with arch)")
     if family == "timm" and arch is None:
         raise InvalidInputError("family timm loads a timm state dict by its architecture name: give arch")
     raw = read_checkpoint(path)
-    families = ", ".join(FAMILIES)
     detected = family or detect_family(raw)
     if detected in (None, "timm"):
-        missing = dinov3_missing_keys(raw)
+        missing, found = dinov3_missing_keys(raw), describe_keys(raw)
         if missing and family is None:
-            raise UnknownCheckpointError(
-                f"{path}: a DINOv3 checkpoint, but it lacks {missing}; found {describe_keys(raw)}"
-            )
+            raise UnknownCheckpointError(f"{path}: a DINOv3 checkpoint, but it lacks {missing}; found {found}")
         if arch is None:
-            raise UnknownCheckpointError(f"{path}: matches no backbone family ({families}); found {describe_keys(raw)}")
+            raise UnknownCheckpointError(f"{path}: matches no backbone family ({families}); found {found}")
         backbone, reason = _fit_timm(raw, arch, num_heads)
         if backbone is None:
-            what = (
-                f"not a state dict of the timm architecture {arch!r} ({reason})"
-                if family
-                else f"fits neither the timm architecture {arch!r} ({reason}) nor any backbone family ({families})"
-            )
-            raise UnknownCheckpointError(f"{path}: {what}; found {describe_keys(raw)}")
+            what = f"fits neither the timm architecture {arch!r} ({reason}) nor any backbone family ({families})"
+            if family:
+                what = f"not a state dict of the timm architecture {arch!r} ({reason})"
+            raise UnknownCheckpointError(f"{path}: {what}; found {found}")
         return backbone
     try:
         return _family_backbone(raw, path, detected, num_heads)
@@ -390,9 +345,6 @@ def checkpoint_stem(ckpt, arch: str | None = None) -> str:
     if ckpt is None:
         return f"random_{arch or DEFAULT_ARCH}"
     path = Path(os.path.abspath(os.fspath(ckpt)))
-    if os.path.isdir(path) or path.name == HF_WEIGHTS:
-        return path.name if os.path.isdir(path) else path.parent.name
-    name = path.name
-    if name.endswith(".tar"):
-        name = name[: -len(".tar")]
-    return Path(name).stem
+    if os.path.isdir(path):
+        return path.name
+    return path.parent.name if path.name == HF_WEIGHTS else Path(path.name.removesuffix(".tar")).stem

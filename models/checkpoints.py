@@ -1,7 +1,6 @@
-"""Checkpoint layouts of the backbone families: where each keeps its weights, telling the family from
-the container and the keys, and the ViT architecture that the tensor shapes imply.
-
-Reading files lives in `models.files`; DINOv3's layouts (Meta's and Hugging Face's) in `models.dinov3`.
+"""Checkpoint layouts of the backbone families: where each keeps its weights, telling the family from the
+container and the keys (DINOv3's Hugging Face layout renamed to Meta's), and the ViT architecture that the tensor
+shapes imply. Reading files lives in `models.files`, DINOv3's architecture in `models.dinov3`.
 """
 
 import math
@@ -11,22 +10,6 @@ from dataclasses import dataclass
 import torch
 
 from models.files import UnknownCheckpointError
-
-__all__ = [
-    "FAMILIES",
-    "LAYOUTS",
-    "VIT_KEYS",
-    "ViTShape",
-    "extract_backbone",
-    "detect_family",
-    "describe_keys",
-    "infer_shape",
-    "META_KEYS",
-    "dinov3_state_dict",
-    "dinov3_missing_keys",
-    "timm_state_dict",
-    "state_dict_mismatch",
-]
 
 FAMILIES = ("dino", "dinov2", "ibot", "msn", "mae", "mocov3", "unicom", "dinov3")
 
@@ -75,28 +58,17 @@ _HF_TOP = {
     "embeddings.patch_embeddings.weight": "patch_embed.proj.weight",
     "embeddings.patch_embeddings.bias": "patch_embed.proj.bias",
     "rope_embeddings.periods": "rope_embed.periods",
-    "norm.weight": "norm.weight",
-    "norm.bias": "norm.bias",
 }
-_HF_BLOCK = {
-    "norm1": "norm1",
-    "norm2": "norm2",
-    "attention.o_proj": "attn.proj",
-    "mlp.up_proj": "mlp.fc1",
-    "mlp.down_proj": "mlp.fc2",
-}
-_HF_GATED_BLOCK = dict(_HF_BLOCK, **{"mlp.gate_proj": "mlp.w1", "mlp.up_proj": "mlp.w2", "mlp.down_proj": "mlp.w3"})
+_HF_COMMON = {"norm1": "norm1", "norm2": "norm2", "attention.o_proj": "attn.proj"}
+_HF_BLOCK = dict(_HF_COMMON, **{"mlp.up_proj": "mlp.fc1", "mlp.down_proj": "mlp.fc2"})
+_HF_GATED_BLOCK = dict(_HF_COMMON, **{"mlp.gate_proj": "mlp.w1", "mlp.up_proj": "mlp.w2", "mlp.down_proj": "mlp.w3"})
 _HF_LAYER_SCALE = {"layer_scale1": "ls1.gamma", "layer_scale2": "ls2.gamma"}
 
 
 def _hf_prefix(raw: dict) -> str | None:
     """The key prefix of a transformers DINOv3ViTModel state dict ("" or e.g. "dinov3_vit."), or None."""
-    for key in raw:
-        if isinstance(key, str) and key.endswith(_HF_PATCH):
-            prefix = key[: -len(_HF_PATCH)]
-            if all(prefix + name in raw for name in HF_KEYS):
-                return prefix
-    return None
+    prefixes = (key[: -len(_HF_PATCH)] for key in raw if isinstance(key, str) and key.endswith(_HF_PATCH))
+    return next((prefix for prefix in prefixes if all(prefix + name in raw for name in HF_KEYS)), None)
 
 
 def hf_to_meta(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -148,15 +120,8 @@ def dinov3_missing_keys(raw: object) -> list[str]:
         return []
     if any(key in raw for key in ("storage_tokens", "rope_embed.periods")):
         return [key for key in META_KEYS if key not in raw]
-    for key in raw:
-        if isinstance(key, str) and key.endswith(_HF_QUERY):
-            prefix = key[: -len(_HF_QUERY)]
-            return [prefix + name for name in HF_KEYS if prefix + name not in raw]
-    return []
-
-
-def _is_vit(state_dict: dict[str, torch.Tensor]) -> bool:
-    return all(key in state_dict for key in VIT_KEYS)
+    prefix = next((key[: -len(_HF_QUERY)] for key in raw if isinstance(key, str) and key.endswith(_HF_QUERY)), None)
+    return [] if prefix is None else [prefix + name for name in HF_KEYS if prefix + name not in raw]
 
 
 def extract_backbone(raw: object, family: str) -> dict[str, torch.Tensor] | None:
@@ -172,29 +137,15 @@ def extract_backbone(raw: object, family: str) -> dict[str, torch.Tensor] | None
     inner = raw if layout.container is None else raw.get(layout.container)
     if not isinstance(inner, dict):
         return None
-    if layout.prefix:
-        inner = {
-            key[len(layout.prefix) :]: value
-            for key, value in inner.items()
-            if isinstance(key, str) and key.startswith(layout.prefix)
-        }
+    start = len(layout.prefix)
     state_dict = {
-        key: value for key, value in inner.items() if isinstance(key, str) and not key.startswith(layout.drop)
+        key[start:]: value
+        for key, value in inner.items()
+        if isinstance(key, str) and key.startswith(layout.prefix) and not key[start:].startswith(layout.drop)
     }
-    if not _is_vit(state_dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
+    if not all(key in state_dict for key in VIT_KEYS) or not all(torch.is_tensor(v) for v in state_dict.values()):
         return None
     return state_dict
-
-
-def _plain_family(state_dict: dict[str, torch.Tensor]) -> str:
-    """dino, dinov2 or unicom for a plain state dict (they share no container)."""
-    if "cls_token" not in state_dict:
-        return "unicom"
-    if "mask_token" in state_dict or "register_tokens" in state_dict:
-        return "dinov2"
-    if "blocks.0.ls1.gamma" in state_dict:
-        return "dinov2"
-    return "dino"
 
 
 def detect_family(raw: object) -> str | None:
@@ -203,16 +154,16 @@ def detect_family(raw: object) -> str | None:
         return None
     if dinov3_state_dict(raw) is not None:
         return "dinov3"
-    if extract_backbone(raw, "msn") is not None:
-        return "msn"
-    if extract_backbone(raw, "mocov3") is not None:
-        return "mocov3"
-    if extract_backbone(raw, "ibot") is not None:
-        return "ibot"
-    if extract_backbone(raw, "mae") is not None:
-        return "mae"
-    plain = extract_backbone(raw, "dino")
-    return None if plain is None else _plain_family(plain)
+    for family in ("msn", "mocov3", "ibot", "mae"):
+        if extract_backbone(raw, family) is not None:
+            return family
+    plain = extract_backbone(raw, "dino")  # DINO, DINOv2 and Unicom share the plain container
+    if plain is None:
+        return None
+    if "cls_token" not in plain:
+        return "unicom"
+    dinov2 = any(key in plain for key in ("mask_token", "register_tokens", "blocks.0.ls1.gamma"))
+    return "dinov2" if dinov2 else "dino"
 
 
 def describe_keys(raw: object, limit: int = 8) -> str:
@@ -242,7 +193,7 @@ def timm_state_dict(raw: object) -> dict[str, torch.Tensor] | None:
         if (
             isinstance(inner, dict)
             and inner
-            and all(isinstance(key, str) and torch.is_tensor(value) for key, value in inner.items())
+            and all(isinstance(k, str) and torch.is_tensor(v) for k, v in inner.items())
         ):
             if all(key.startswith("module.") for key in inner):
                 inner = {key[len("module.") :]: value for key, value in inner.items()}
@@ -257,8 +208,7 @@ def _key_order(key: str) -> tuple:
 
 
 def state_dict_mismatch(given: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> str:
-    """What keeps `given` from loading strictly where the tensors and their shapes are `expected`;
-    "" if nothing."""
+    """What keeps `given` from loading strictly into tensors of the `expected` shapes; "" if nothing."""
     missing = sorted(set(expected) - set(given), key=_key_order)
     unexpected = sorted(set(given) - set(expected), key=_key_order)
     if missing or unexpected:
@@ -269,7 +219,9 @@ def state_dict_mismatch(given: dict[str, torch.Tensor], expected: dict[str, tupl
     return ""
 
 
-# Architecture.
+def shape_error(path: str, key: str, tensor: torch.Tensor, expected: str) -> UnknownCheckpointError:
+    """The error for a tensor `key` of the checkpoint whose shape is not the `expected` one."""
+    return UnknownCheckpointError(f"{path}: {key} has shape {list(tensor.shape)}, expected {expected}")
 
 
 @dataclass(frozen=True)
@@ -291,9 +243,7 @@ def infer_shape(state_dict: dict[str, torch.Tensor], path: str) -> ViTShape:
     """Architecture of a ViT state dict from its tensor shapes."""
     proj = state_dict["patch_embed.proj.weight"]
     if proj.ndim != 4 or proj.shape[2] != proj.shape[3]:
-        raise UnknownCheckpointError(
-            f"{path}: patch_embed.proj.weight has shape {tuple(proj.shape)}, expected [D, 3, p, p]"
-        )
+        raise shape_error(path, "patch_embed.proj.weight", proj, "[D, 3, p, p]")
     embed_dim, patch_size = proj.shape[0], proj.shape[3]
     depth = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
     if "blocks.0.mlp.fc1.weight" not in state_dict:

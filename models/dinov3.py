@@ -18,10 +18,9 @@ from timm.layers import LayerNorm
 from timm.models.eva import Eva
 from timm.models.eva import checkpoint_filter_fn as eva_checkpoint_filter_fn
 
-from models.checkpoints import UnknownCheckpointError, state_dict_mismatch
+from models.checkpoints import shape_error, state_dict_mismatch
+from models.files import UnknownCheckpointError
 from utils.errors import InvalidInputError
-
-__all__ = ["DINOv3Shape", "dinov3_num_heads", "infer_dinov3_shape", "load_dinov3"]
 
 # Not used for the patch tokens: the masked-modelling token, the norms of the CLS token and registers
 # that some checkpoints keep apart (ViT-L SAT-493M and ViT-7B: `local_cls_norm`).
@@ -47,34 +46,26 @@ def infer_dinov3_shape(state_dict: dict[str, torch.Tensor], path: str) -> DINOv3
     """Architecture of a Meta-layout DINOv3 state dict from its tensor shapes."""
     proj = state_dict["patch_embed.proj.weight"]
     if proj.ndim != 4 or proj.shape[2] != proj.shape[3]:
-        raise UnknownCheckpointError(
-            f"{path}: patch_embed.proj.weight has shape {list(proj.shape)}, expected [D, 3, p, p]"
-        )
+        raise shape_error(path, "patch_embed.proj.weight", proj, "[D, 3, p, p]")
     registers = state_dict["storage_tokens"]
     if registers.ndim != 3:
-        raise UnknownCheckpointError(
-            f"{path}: storage_tokens has shape {list(registers.shape)}, expected [1, registers, D]"
-        )
-    if "blocks.0.mlp.w1.weight" in state_dict:
-        swiglu, hidden = True, state_dict["blocks.0.mlp.w1.weight"].shape[0]
-    elif "blocks.0.mlp.fc1.weight" in state_dict:
-        swiglu, hidden = False, state_dict["blocks.0.mlp.fc1.weight"].shape[0]
-    else:
+        raise shape_error(path, "storage_tokens", registers, "[1, registers, D]")
+    swiglu = "blocks.0.mlp.w1.weight" in state_dict
+    mlp_in = "blocks.0.mlp.w1.weight" if swiglu else "blocks.0.mlp.fc1.weight"
+    if mlp_in not in state_dict:
         blocks0 = sorted(key for key in state_dict if key.startswith("blocks.0."))
         raise UnknownCheckpointError(
             f"{path}: unsupported DINOv3 block layout (neither mlp.fc1 nor mlp.w1); block 0 holds {blocks0}"
         )
     periods = state_dict.get("rope_embed.periods")
     if periods is not None and periods.ndim != 1:
-        raise UnknownCheckpointError(
-            f"{path}: rope_embed.periods has shape {list(periods.shape)}, expected [D_head / 4]"
-        )
+        raise shape_error(path, "rope_embed.periods", periods, "[D_head / 4]")
     return DINOv3Shape(
         embed_dim=proj.shape[0],
         depth=len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")}),
         patch_size=proj.shape[3],
         num_registers=registers.shape[1],
-        mlp_hidden=hidden,
+        mlp_hidden=state_dict[mlp_in].shape[0],
         swiglu=swiglu,
         qkv_bias="blocks.0.attn.qkv.bias" in state_dict,
         layer_scale="blocks.0.ls1.gamma" in state_dict,
@@ -103,10 +94,7 @@ def _num_heads(shape: DINOv3Shape, num_heads: int | None, config: dict, path: st
                 f"{path}: its RoPE periods fix {heads} heads of {shape.head_dim} channels; {num_heads} heads do not fit"
             )
         return heads
-    if num_heads is not None:
-        heads = num_heads
-    else:
-        heads = int(config.get("num_attention_heads") or dinov3_num_heads(width))
+    heads = int(config.get("num_attention_heads") or dinov3_num_heads(width)) if num_heads is None else num_heads
     if heads < 1 or width % heads or (width // heads) % 4:
         raise InvalidInputError(
             f"{path}: width {width} is not divisible into {heads} heads of a multiple of 4 channels (RoPE)"
@@ -117,33 +105,22 @@ def _num_heads(shape: DINOv3Shape, num_heads: int | None, config: dict, path: st
 def expected_shapes(shape: DINOv3Shape) -> dict[str, tuple[int, ...]]:
     """Every backbone tensor of a Meta-layout file (except the unused ones) and its shape."""
     d, h = shape.embed_dim, shape.mlp_hidden
-    shapes = {
-        "cls_token": (1, 1, d),
-        "storage_tokens": (1, shape.num_registers, d),
-        "patch_embed.proj.weight": (d, 3, shape.patch_size, shape.patch_size),
-        "patch_embed.proj.bias": (d,),
-        "norm.weight": (d,),
-        "norm.bias": (d,),
-    }
+    shapes = {"cls_token": (1, 1, d), "storage_tokens": (1, shape.num_registers, d)}
+    shapes["patch_embed.proj.weight"] = (d, 3, shape.patch_size, shape.patch_size)
+    shapes.update(dict.fromkeys(["patch_embed.proj.bias", "norm.weight", "norm.bias"], (d,)))
     if shape.head_dim is not None:
         shapes["rope_embed.periods"] = (shape.head_dim // 4,)
+    block = dict.fromkeys(["norm1.weight", "norm1.bias"], (d,))
+    block.update({"attn.qkv.weight": (3 * d, d), "attn.proj.weight": (d, d), "attn.proj.bias": (d,)})
+    block.update(dict.fromkeys(["norm2.weight", "norm2.bias"], (d,)))
+    if shape.qkv_bias:
+        block["attn.qkv.bias"] = (3 * d,)
+    if shape.layer_scale:
+        block.update({"ls1.gamma": (d,), "ls2.gamma": (d,)})
     mlp = {"w1": (h, d), "w2": (h, d), "w3": (d, h)} if shape.swiglu else {"fc1": (h, d), "fc2": (d, h)}
+    for name, size in mlp.items():
+        block.update({f"mlp.{name}.weight": size, f"mlp.{name}.bias": size[:1]})
     for i in range(shape.depth):
-        block = {
-            "norm1.weight": (d,),
-            "norm1.bias": (d,),
-            "attn.qkv.weight": (3 * d, d),
-            "attn.proj.weight": (d, d),
-            "attn.proj.bias": (d,),
-            "norm2.weight": (d,),
-            "norm2.bias": (d,),
-        }
-        if shape.qkv_bias:
-            block["attn.qkv.bias"] = (3 * d,)
-        if shape.layer_scale:
-            block.update({"ls1.gamma": (d,), "ls2.gamma": (d,)})
-        for name, size in mlp.items():
-            block.update({f"mlp.{name}.weight": size, f"mlp.{name}.bias": size[:1]})
         shapes.update({f"blocks.{i}.{key}": size for key, size in block.items()})
     return shapes
 

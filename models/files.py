@@ -14,15 +14,6 @@ import torch
 
 from utils.errors import InputNotFoundError, InvalidInputError
 
-__all__ = [
-    "UnknownCheckpointError",
-    "checkpoint_files",
-    "read_checkpoint",
-    "read_safetensors",
-    "read_hf_config",
-    "first_line",
-]
-
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 HF_CONFIG = "config.json"
@@ -67,10 +58,7 @@ def read_checkpoint(path) -> object:
     files = checkpoint_files(path)
     if len(files) == 1:
         return _read_file(files[0])
-    tensors = {}
-    for shard in files:
-        tensors.update(read_safetensors(shard))
-    return tensors
+    return {name: tensor for shard in files for name, tensor in read_safetensors(shard).items()}
 
 
 def read_safetensors(path: str) -> dict[str, torch.Tensor]:
@@ -99,24 +87,17 @@ def _read_file(path: str) -> object:
     if named_safetensors or _looks_like_safetensors(head, size):
         return read_safetensors(path)
     if not head.startswith((b"PK", b"\x80")):
-        raise UnknownCheckpointError(
-            f"{path}: not a readable PyTorch checkpoint (neither a zip archive nor a pickle; it "
-            f"begins with {head[:8]!r})"
-        )
+        what = f"neither a zip archive nor a pickle; it begins with {head[:8]!r}"
+        raise UnknownCheckpointError(f"{path}: not a readable PyTorch checkpoint ({what})")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # Training outputs of the official repositories also pickle non-tensor objects (an
+            # argparse Namespace, numpy scalars) that the weights-only unpickler refuses. The file is
+            # one the user chose to load as a backbone, so it is unpickled in full.
+            return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # truncated archives, text files: any failure to read the user's file is bad input
-        raise UnknownCheckpointError(
-            f"{path}: not a readable PyTorch checkpoint, truncated or not a weights file ({first_line(exc)})"
-        ) from None
-    # Training outputs of the official repositories also pickle non-tensor objects (an
-    # argparse Namespace, numpy scalars) that the weights-only unpickler refuses. The file is
-    # one the user chose to load as a backbone, so it is unpickled in full.
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
         raise UnknownCheckpointError(
             f"{path}: not a readable PyTorch checkpoint, truncated or not a weights file ({first_line(exc)})"
         ) from None

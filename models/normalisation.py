@@ -12,19 +12,6 @@ from pathlib import Path
 
 from utils.errors import InvalidInputError
 
-__all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "SAT_MEAN",
-    "SAT_STD",
-    "NORMALISATIONS",
-    "NormalisationHintWarning",
-    "resolve_normalisation",
-    "normalisation_hint",
-]
-
 Triple = tuple[float, float, float]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -62,7 +49,7 @@ def resolve_normalisation(norm, default: tuple[Triple, Triple]) -> tuple[Triple,
         name = norm.strip().lower()
         if name in NORMALISATIONS:
             return NORMALISATIONS[name]
-        numbers = [part for part in name.replace(",", " ").split() if part]
+        numbers = name.replace(",", " ").split()
     elif isinstance(norm, Sequence):
         pair = len(norm) == 2 and all(isinstance(part, Sequence) and not isinstance(part, str) for part in norm)
         numbers = [*norm[0], *norm[1]] if pair else list(norm)

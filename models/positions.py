@@ -1,9 +1,9 @@
 """Position embeddings of the ViT families, each resized to a new patch grid as its official code does.
 
-Every rule maps the patch part of a position table, [1, M*M, D] for the checkpoint's M x M grid, to
-the target h x w grid, [1, h*w, D], row-major. The rules differ in ways that change the features
-(an offset in the scale factor, antialiasing, one factor for both axes, regeneration instead of
-resampling), so each family keeps its own.
+`interpolate_position_embedding` maps the patch part of a position table, [1, M*M, D] for the
+checkpoint's M x M grid, to the target h x w grid, [1, h*w, D], row-major. The rules differ in ways
+that change the features (an offset in the scale factor, antialiasing, one factor for both axes,
+regeneration instead of resampling), so each family keeps its own.
 """
 
 import math
@@ -12,86 +12,58 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = [
-    "interpolate_offset",
-    "interpolate_msn",
-    "interpolate_antialias",
-    "interpolate_size",
-    "interpolate_sincos",
-    "sincos_2d_position_embedding",
-    "position_rule",
-    "interpolate_position_embedding",
-    "TABLE_RULES",
-]
 
-
-def _table_to_grid(table: torch.Tensor) -> torch.Tensor:
-    """table: [1, M*M, D] -> grid: [1, D, M, M]."""
-    side = math.isqrt(table.shape[1])
-    return table.reshape(1, side, side, table.shape[2]).permute(0, 3, 1, 2)
-
-
-def _grid_to_table(grid: torch.Tensor) -> torch.Tensor:
-    """grid: [1, D, h, w] -> table: [1, h*w, D]."""
-    return grid.permute(0, 2, 3, 1).reshape(1, grid.shape[2] * grid.shape[3], grid.shape[1])
-
-
-def interpolate_offset(table: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """DINO, iBOT, MAE (as CAUSE uses it), DINOv2 without registers.
+def interpolate_offset(grid: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """DINO, iBOT, MAE (as CAUSE uses it), DINOv2 without registers: [1, D, M, M] -> [1, D, h, w].
 
     Bicubic, no antialias, scale factors ((h + 0.1) / M, (w + 0.1) / M): the 0.1 offset
     moves the sampling positions, so `size=(h, w)` would not give the same table.
-    table: [1, M*M, D] -> [1, h*w, D]
     """
-    side = math.isqrt(table.shape[1])
-    grid = F.interpolate(_table_to_grid(table), scale_factor=((h + 0.1) / side, (w + 0.1) / side), mode="bicubic")
-    return _grid_to_table(grid)
+    side = grid.shape[-1]
+    return F.interpolate(grid, scale_factor=((h + 0.1) / side, (w + 0.1) / side), mode="bicubic")
 
 
-def interpolate_msn(table: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """MSN: bicubic, no offset, one factor sqrt(h*w / M^2) for square grids.
+def interpolate_msn(grid: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """MSN: bicubic, no offset, one factor sqrt(h*w / M^2) for square grids: [1, D, M, M] -> [1, D, h, w].
 
     Non-square grids (which the official code does not support) use h/M and w/M per axis.
     The output size is forced to (h, w): for some sizes (e.g. M = 14, h = w = 29) the
     official factor floors to h - 1 and its code fails; the sampling positions stay those
-    of the official factor, which equal those of `size=(h, w)` up to the rounding of the
-    factor.
-    table: [1, M*M, D] -> [1, h*w, D]
+    of the official factor, which equal those of `size=(h, w)` up to the rounding of the factor.
     """
-    side = math.isqrt(table.shape[1])
+    side = grid.shape[-1]
     if h == w:
         scale_h = scale_w = math.sqrt(h * w / side**2)
     else:
         scale_h, scale_w = h / side, w / side
-    grid = torch.ops.aten.upsample_bicubic2d.default(_table_to_grid(table), [h, w], False, scale_h, scale_w)
-    return _grid_to_table(grid)
+    return torch.ops.aten.upsample_bicubic2d.default(grid, [h, w], False, scale_h, scale_w)
 
 
-def interpolate_antialias(table: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """DINOv2 with registers: bicubic to size (h, w) with antialias.
-
-    table: [1, M*M, D] -> [1, h*w, D]
-    """
-    grid = F.interpolate(_table_to_grid(table), size=(h, w), mode="bicubic", antialias=True)
-    return _grid_to_table(grid)
+def interpolate_antialias(grid: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """DINOv2 with registers: bicubic to size (h, w) with antialias. [1, D, M, M] -> [1, D, h, w]"""
+    return F.interpolate(grid, size=(h, w), mode="bicubic", antialias=True)
 
 
-def interpolate_size(table: torch.Tensor, h: int, w: int) -> torch.Tensor:
+def interpolate_size(grid: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Unicom (our rule; its forward has no resize): bicubic to size (h, w), no antialias.
+    [1, D, M, M] -> [1, D, h, w]"""
+    return F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
 
-    table: [1, M*M, D] -> [1, h*w, D]
-    """
-    grid = F.interpolate(_table_to_grid(table), size=(h, w), mode="bicubic", align_corners=False)
-    return _grid_to_table(grid)
+
+GRID_RULES: dict[str, Callable[[torch.Tensor, int, int], torch.Tensor]] = {
+    "offset": interpolate_offset,
+    "msn": interpolate_msn,
+    "antialias": interpolate_antialias,
+    "size": interpolate_size,
+}
 
 
 def sincos_2d_position_embedding(h: int, w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
-    """MoCo v3's fixed 2-D sin-cos table for an h x w grid, without the CLS slot.
+    """MoCo v3's fixed 2-D sin-cos table for an h x w grid, without the CLS slot: -> [1, h*w, dim].
 
     Keeps the official `meshgrid(grid_w, grid_h)` ("ij") order: flat token m gets the pair
     (m // h, m % h), and the channels are [sin(w), cos(w), sin(h), cos(h)], D/4 each (with
     row-major tokens of a square grid, the "w" quarter therefore encodes the row).
-    -> [1, h*w, dim]
     """
     if dim % 4:
         raise ValueError(f"2-D sin-cos position embedding needs a width divisible by 4, got {dim}")
@@ -102,40 +74,25 @@ def sincos_2d_position_embedding(h: int, w: int, dim: int, temperature: float = 
     omega = 1.0 / temperature ** (torch.arange(pos_dim, dtype=torch.float32) / pos_dim)
     out_w = torch.einsum("m,d->md", grid_w.flatten(), omega)
     out_h = torch.einsum("m,d->md", grid_h.flatten(), omega)
-    table = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)
-    return table[None]
-
-
-def interpolate_sincos(table: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """MoCo v3: the table is not resampled but regenerated for the h x w grid.
-
-    table: [1, M*M, D] -> [1, h*w, D]
-    """
-    return sincos_2d_position_embedding(h, w, table.shape[2]).to(table)
-
-
-TABLE_RULES: dict[str, Callable[[torch.Tensor, int, int], torch.Tensor]] = {
-    "offset": interpolate_offset,
-    "msn": interpolate_msn,
-    "antialias": interpolate_antialias,
-    "size": interpolate_size,
-    "sincos": interpolate_sincos,
-}
+    return torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)[None]
 
 
 def position_rule(family: str, num_registers: int) -> str:
-    """Name of the family's position-embedding rule (a key of `TABLE_RULES`)."""
+    """Name of the family's position-embedding rule: a key of `GRID_RULES`, or "sincos" (MoCo v3)."""
     if family == "dinov2":
         return "antialias" if num_registers else "offset"
     return {"msn": "msn", "mocov3": "sincos", "unicom": "size"}.get(family, "offset")
 
 
 def interpolate_position_embedding(table: torch.Tensor, h: int, w: int, rule: str) -> torch.Tensor:
-    """Patch position table of the native M x M grid for an h x w grid by `rule`.
+    """Patch position table of the native M x M grid for an h x w grid by `rule`, none at the native grid.
 
-    No interpolation at the native grid. table: [1, M*M, D] -> [1, h*w, D]
+    table: [1, M*M, D] -> [1, h*w, D]
     """
-    side = math.isqrt(table.shape[1])
+    side, dim = math.isqrt(table.shape[1]), table.shape[2]
     if (h, w) == (side, side):
         return table
-    return TABLE_RULES[rule](table, h, w)
+    if rule == "sincos":  # MoCo v3: the table is not resampled but regenerated for the h x w grid
+        return sincos_2d_position_embedding(h, w, dim).to(table)
+    grid = GRID_RULES[rule](table.reshape(1, side, side, dim).permute(0, 3, 1, 2), h, w)
+    return grid.permute(0, 2, 3, 1).flatten(1, 2)
