@@ -114,11 +114,12 @@ def crop_dataset(dataset, data_dir, crop_type=None, crop_ratio=0.5, split="train
         f.write("crop_dataset.py is writing this split, or was interrupted; rerun it to finish\n")
     jobs = [(i, image, label) for i, (image, label) in enumerate(source.samples)]
     written = 0
-    with tqdm(total=len(jobs), desc=f"{dataset} {crop_type} crops", unit="img", disable=not progress) as bar:
-        with Pool(num_workers, initializer=ignore_sigint) if num_workers > 0 else nullcontext() as pool:
-            for count in pool.imap_unordered(writer, jobs, chunksize=4) if pool else map(writer, jobs):
-                written += count
-                bar.update()
+    bar = tqdm(total=len(jobs), desc=f"{dataset} {crop_type} crops", unit="img", disable=not progress)
+    with Pool(num_workers, initializer=ignore_sigint) if num_workers > 0 else nullcontext() as pool:
+        for count in pool.imap_unordered(writer, jobs, chunksize=4) if pool else map(writer, jobs):
+            written += count
+            bar.update()
+    bar.close()  # not on an error: its one line stays the last one
     os.remove(marker)
     return crop_root, written, len(jobs) * writer.crops_per_image
 

@@ -205,7 +205,10 @@ def check_disk(run):
     """Free space for this stage's artifacts and the feature cache, per file system."""
     artifacts, cache = _bytes_needed(run)
     by_device = {}  # file system -> (its first folder, bytes needed there)
-    for folder, need in ((run.store.output_dir(run.cfg.stage), artifacts), (run.cfg.feature_cache, cache)):
+    for folder, need in (
+        (run.store.output_dir(run.cfg.stage), artifacts),
+        (getattr(run.cfg, "feature_cache", None), cache),
+    ):
         if need:
             path = _existing_ancestor(folder)
             first, total = by_device.get(os.stat(path).st_dev, (path, 0))
