@@ -1,7 +1,7 @@
 """A trained CAUSE model as one ``nn.Module``: the inference of test.py and predict.py, usable from Python.
 
     >>> segmenter = CauseSegmenter.from_run(run_dir)  # <out>/<dataset>/<baseline>/<K>/<head>, or its metrics.json
-    >>> scores = segmenter(images)  # normalised square [B, 3, H, H] -> cosine scores [B, C, H, H]
+    >>> scores = segmenter(images)  # normalised [B, 3, H, W] -> cosine scores [B, C, H, W]
     >>> scores.shape[1] == segmenter.cluster.cluster_probe.shape[0]
     True
     >>> labels = segmenter.predict(photo)  # a PIL image or uint8 [H, W, 3] -> int64 [H, W] cluster ids
@@ -115,10 +115,23 @@ class CauseSegmenter(nn.Module):
         """feats: [B, r, H, W] (``features`` upsampled) -> cosine scores to the cluster centroids [B, C, H, W]."""
         return self.cluster.scores(feats)
 
+    def input_side(self, height, width):
+        """The square side the heads see for an input of ``height`` x ``width``: the input's own when it is a
+        square of whole patches (and, for the TR head, the side it was trained at), else ``window``."""
+        tr_side = math.isqrt(getattr(self.segment.head_ema, "num_queries", 0)) * self.backbone.patch_size
+        fits = height == width and height % self.backbone.patch_size == 0 and tr_side in (0, height)
+        return height if fits else self.window
+
     def forward(self, img):
-        """img: [B, 3, H, H] normalised (``mean``/``std`` of the backbone), H a multiple of the patch size (square
-        token grids; H = ``window`` for the TR head; ``predict`` takes any shape) -> cluster scores [B, C, H, H]."""
-        return self.scores(inference.upsample(self.features(img)[0], img.shape[-2:]))
+        """img: [B, 3, H, W] normalised (``mean``/``std`` of the backbone) -> cluster scores [B, C, H, W].
+
+        The heads work on square token grids: any other input is resized (bilinear) to ``window`` x ``window``
+        (its aspect is not kept) and the scores resized back; ``predict`` tiles a picture with square windows.
+        """
+        size, side = img.shape[-2:], self.input_side(*img.shape[-2:])
+        if tuple(size) != (side, side):
+            img = inference.upsample(img, (side, side))
+        return self.scores(inference.upsample(self.features(img)[0], size))
 
     @torch.no_grad()
     def picture_scores(self, image, overlap=0.5, batch_size=4):

@@ -68,6 +68,27 @@ def test_from_files_labels_equal_predict_py(tmp_path, dino_ckpt, released, photo
         assert torch.equal(segmenter.predict(np.asarray(Image.open(photos / name)), crf=crf == "yes"), labels)
 
 
+@pytest.mark.parametrize("head", ["mlp", "tr"])
+def test_forward_takes_any_size_and_answers_at_that_size(dino_ckpt, released, head):
+    """A square of whole patches (the TR head: its own side) goes through as it is; any other input is resized to
+    the window and its scores resized back to the input's size."""
+    segmenter = from_released(dino_ckpt, head, released[head])
+    patch, window = segmenter.backbone.patch_size, segmenter.window
+
+    def literal(img, side):
+        small = torch.nn.functional.interpolate(img, size=(side, side), mode="bilinear", align_corners=False)
+        u = segmenter.features(small)[0]
+        return segmenter.scores(torch.nn.functional.interpolate(u, size=img.shape[-2:], mode="bilinear"))
+
+    torch.manual_seed(0)
+    for shape in ((1, 3, 37, 70), (2, 3, 3 * patch, 3 * patch), (1, 3, window, window)):
+        img = torch.randn(shape)
+        as_is = shape[-1] % patch == 0 and (head == "mlp" or shape[-1] == window)
+        scores = segmenter(img)
+        assert scores.shape == (shape[0], CLASSES, *shape[-2:])
+        torch.testing.assert_close(scores, literal(img, shape[-1] if as_is else window), rtol=0, atol=1e-6)
+
+
 def test_wrong_head_and_bad_overlap_are_refused(dino_ckpt, released):
     with pytest.raises(Exception, match="holds mlp head, not tr"):
         CauseSegmenter.from_files(dino_ckpt, head="tr", **released["mlp"])
