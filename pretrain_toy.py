@@ -20,6 +20,7 @@ import copy
 import glob
 import math
 import os
+import tempfile
 import time
 
 import numpy as np
@@ -32,11 +33,19 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from loader.toy import TOY_WORLDS, ensure_toy
+from loader.transforms import SegmentationTransform
+from models.backbone import load_backbone
 from models.normalisation import IMAGENET_MEAN, IMAGENET_STD
 from utils.atomic import atomic_torch_save
 
 # Flags that may change between a run and its resumption.
 RESUME_FREE = ("resume", "save_every", "max_steps", "threads", "device")
+
+
+def yes_no(value: str) -> bool:
+    if value.lower() not in ("yes", "no", "true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected yes or no, got {value!r}")
+    return value.lower() in ("yes", "true", "1")
 
 
 def parser():
@@ -61,6 +70,9 @@ def parser():
     g.add_argument("--global_scale", type=float, nargs=2, default=(0.15, 0.5), help="area range of global crops")
     g.add_argument("--local_scale", type=float, nargs=2, default=(0.03, 0.15), help="area range of local crops")
     g.add_argument("--jitter", type=float, default=0.3, help="brightness/contrast/saturation jitter amplitude")
+    g.add_argument(
+        "--rotate", type=yes_no, default=True, help="yes/no: random quarter turns (the toy classes have no upright)"
+    )
     g.add_argument("--mask_ratio", type=float, nargs=2, default=(0.1, 0.5), help="range of masked patch fractions")
     g.add_argument("--mask_prob", type=float, default=0.5, help="probability that a student global crop is masked")
     g = p.add_argument_group("optimisation")
@@ -85,6 +97,14 @@ def parser():
     g.add_argument("--out", default="checkpoint/toy_vit_dino.pth", help="teacher backbone, DINO layout")
     g.add_argument("--half", action="store_true", help="write the weights as fp16 (half the file size)")
     g.add_argument(
+        "--centre_tokens",
+        type=int,
+        default=0,
+        metavar="RES",
+        help="if > 0: fold the mean patch token of the training images at this resolution (as the stages "
+        "resize them) into the final norm's bias, so that the tokens are centred (0 = keep them as trained)",
+    )
+    g.add_argument(
         "--resume",
         choices=["no", "yes", "auto"],
         default="no",
@@ -103,24 +123,68 @@ def load_images(image_dir: str) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])).permute(0, 3, 1, 2)
 
 
-def random_view(image: torch.Tensor, size: int, scale, jitter: float, gen: torch.Generator) -> torch.Tensor:
-    """A random resized crop, flip and colour jitter: uint8 [3, H, W] -> normalised float [3, size, size]."""
+def random_view(
+    image: torch.Tensor, size: int, scale, jitter: float, rotate: bool, gen: torch.Generator, near=None
+) -> tuple[torch.Tensor, tuple]:
+    """A random resized crop, flip, quarter-turn and colour jitter of uint8 [3, H, W].
+
+    near: a geometry whose crop box must hold this crop's centre (so that the two overlap).
+    Returns (normalised float [3, size, size], geometry (top, left, h, w, flipped, quarter turns)).
+    """
     height, width = image.shape[-2:]
     u = torch.rand(7, generator=gen).tolist()
     area = height * width * (scale[0] + (scale[1] - scale[0]) * u[0])
     ratio = math.exp(math.log(3 / 4) + math.log(16 / 9) * u[1])
     h = min(height, round(math.sqrt(area / ratio)))
     w = min(width, round(math.sqrt(area * ratio)))
-    top, left = int(u[2] * (height - h + 1)), int(u[3] * (width - w + 1))
+    if near is None:
+        top, left = int(u[2] * (height - h + 1)), int(u[3] * (width - w + 1))
+    else:
+        top = min(max(0, round(near[0] + u[2] * near[2] - h / 2)), height - h)
+        left = min(max(0, round(near[1] + u[3] * near[3] - w / 2)), width - w)
+    flipped, turns = u[4] < 0.5, int(u[5] * 4) if rotate else 0
     view = TF.resized_crop(image.float() / 255, top, left, h, w, [size, size], antialias=True)
-    if u[4] < 0.5:
+    if flipped:
         view = view.flip(-1)
+    view = torch.rot90(view, turns, dims=(-2, -1))
     brightness, contrast, saturation = (1 + jitter * (2 * torch.rand(3, generator=gen) - 1)).tolist()
     view = view * brightness
     view = (view - view.mean()) * contrast + view.mean()
     gray = (view * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(0, keepdim=True)
     view = ((view - gray) * saturation + gray).clamp(0, 1)
-    return TF.normalize(view, IMAGENET_MEAN, IMAGENET_STD)
+    return TF.normalize(view, IMAGENET_MEAN, IMAGENET_STD), (top, left, h, w, flipped, turns)
+
+
+def view_to_image(geometry, y: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Points of a view (fractions of its side, [M] each) -> image pixel coordinates."""
+    top, left, h, w, flipped, turns = geometry
+    for _ in range(turns):  # rot90 turns counter-clockwise: view (y, x) shows (x, 1 - y) of the unturned crop
+        y, x = x, 1 - y
+    if flipped:
+        x = 1 - x
+    return top + y * h, left + x * w
+
+
+def image_to_view(geometry, y: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of ``view_to_image``."""
+    top, left, h, w, flipped, turns = geometry
+    y, x = (y - top) / h, (x - left) / w
+    if flipped:
+        x = 1 - x
+    for _ in range(turns):
+        y, x = 1 - x, y
+    return y, x
+
+
+def correspondences(source, target, grid: int) -> torch.Tensor:
+    """For each patch of view ``source`` (row-major), the patch of view ``target`` holding its centre,
+    or -1 where the target does not show it: long [grid * grid]."""
+    centres = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid
+    y, x = torch.meshgrid(centres, centres, indexing="ij")
+    y, x = image_to_view(target, *view_to_image(source, y.reshape(-1), x.reshape(-1)))
+    inside = (y >= 0) & (y < 1) & (x >= 0) & (x < 1)
+    index = (y * grid).floor().long().clamp(0, grid - 1) * grid + (x * grid).floor().long().clamp(0, grid - 1)
+    return torch.where(inside, index, torch.full_like(index, -1))
 
 
 def patch_masks(n: int, grid: int, ratio, prob: float, gen: torch.Generator) -> torch.Tensor:
@@ -176,9 +240,9 @@ class Network(nn.Module):
         out = self.head(x)
         return out[:, 0], out[:, 1:]
 
-    def dino_state_dict(self, half: bool = False) -> dict[str, torch.Tensor]:
-        """The backbone as DINO publishes it: a plain state dict of the ViT, no head."""
-        return {k: (v.half() if half else v.float()).cpu().clone() for k, v in self.vit.state_dict().items()}
+    def dino_state_dict(self) -> dict[str, torch.Tensor]:
+        """The backbone as DINO publishes it: a plain fp32 state dict of the ViT, no head."""
+        return {k: v.float().cpu().clone() for k, v in self.vit.state_dict().items()}
 
 
 def cross_entropy(teacher_probs: torch.Tensor, student_logits: torch.Tensor, temp: float) -> torch.Tensor:
@@ -186,10 +250,13 @@ def cross_entropy(teacher_probs: torch.Tensor, student_logits: torch.Tensor, tem
     return -(teacher_probs * F.log_softmax(student_logits / temp, dim=-1)).sum(-1)
 
 
-def losses(student, teacher, views, masks, centers, args):
-    """DINO loss on the CLS outputs of all crops, iBOT loss on the masked patches of the global crops.
+def losses(student, teacher, views, masks, corr, centers, args):
+    """DINO loss on the CLS outputs of all crops; patch loss on the global crops.
 
-    views: (globals [2B, 3, G, G], locals [LB, 3, L, L]); masks: bool [2B, N];
+    The patch loss has two terms: iBOT's (a masked student patch predicts the teacher's output for the
+    same patch unmasked) and a cross-view one (a student patch predicts the teacher's output for the patch
+    of the other global view that shows the same image point), averaged.
+    views: (globals [2B, 3, G, G], locals [LB, 3, L, L]); masks, corr: [2B, N] (``batch_views``);
     centers: (cls [K], patch [K]). Returns (total, cls loss, patch loss, teacher means to update centres).
     """
     globals_, locals_ = views
@@ -197,15 +264,19 @@ def losses(student, teacher, views, masks, centers, args):
         t_cls, t_patch = teacher(globals_)
         t_cls_probs = F.softmax((t_cls - centers[0]) / args.teacher_temp, dim=-1).chunk(2)
         t_patch_probs = F.softmax((t_patch - centers[1]) / args.teacher_temp, dim=-1)
+        other = t_patch_probs.roll(len(globals_) // 2, dims=0)  # row b holds the other global view of b's image
+        t_matched = other.gather(1, corr.clamp(min=0)[..., None].expand(-1, -1, other.shape[-1]))
     s_cls, s_patch = student(globals_, masks)
     s_cls = s_cls.chunk(2) + (student(locals_)[0].chunk(args.local_crops) if args.local_crops else ())
     terms = [cross_entropy(t, s, args.student_temp).mean() for i, t in enumerate(t_cls_probs)
              for j, s in enumerate(s_cls) if i != j]  # fmt: skip
     cls_loss = torch.stack(terms).mean()
-    per_patch = cross_entropy(t_patch_probs, s_patch, args.student_temp)
-    masked = masks.sum(1)
-    has_mask = masked > 0
-    patch_loss = ((per_patch * masks).sum(1)[has_mask] / masked[has_mask]).mean() if has_mask.any() else 0 * cls_loss
+    patch_terms = []
+    for target, weight in ((t_patch_probs, masks), (t_matched, corr >= 0)):
+        if weight.any():
+            per_patch = cross_entropy(target, s_patch, args.student_temp)
+            patch_terms.append((per_patch * weight).sum() / weight.sum())
+    patch_loss = torch.stack(patch_terms).mean() if patch_terms else 0 * cls_loss
     total = cls_loss + args.patch_weight * patch_loss
     return total, cls_loss, patch_loss, (t_cls.mean(0), t_patch.mean((0, 1)))
 
@@ -219,21 +290,55 @@ def cosine(step: int, total: int, start: float, end: float, warmup: int = 0) -> 
 
 
 def batch_views(images, order, step, args):
-    """The views and masks of global step ``step``, drawn from a generator seeded by (seed, step)."""
+    """The views of global step ``step``, drawn from a generator seeded by (seed, step).
+
+    Returns ((globals [2B, 3, G, G], locals [LB, 3, L, L]), masks bool [2B, N], correspondences long
+    [2B, N]: for each global-view patch, the patch of the image's other global view showing its centre, or -1).
+    The second global view of an image is centred inside the first, so the two overlap.
+    """
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-    batch = [images[i] for i in order]
-    globals_ = [
-        random_view(im, args.global_size, args.global_scale, args.jitter, gen) for _ in range(2) for im in batch
-    ]
-    locals_ = [
-        random_view(im, args.local_size, args.local_scale, args.jitter, gen)
-        for _ in range(args.local_crops)
-        for im in batch
-    ]
     grid = args.global_size // args.patch_size
-    masks = patch_masks(len(globals_), grid, args.mask_ratio, args.mask_prob, gen)
+    views, geometries = [[], []], [[], []]
+    for im in (images[i] for i in order):
+        for k in range(2):
+            near = geometries[0][-1] if k else None
+            view, geometry = random_view(im, args.global_size, args.global_scale, args.jitter, args.rotate, gen, near)
+            views[k].append(view)
+            geometries[k].append(geometry)
+    locals_ = [
+        random_view(images[i], args.local_size, args.local_scale, args.jitter, args.rotate, gen)[0]
+        for _ in range(args.local_crops)
+        for i in order
+    ]
+    masks = patch_masks(2 * len(views[0]), grid, args.mask_ratio, args.mask_prob, gen)
+    pairs = [(a, b) for a, b in zip(*geometries)]
+    corr = [correspondences(a, b, grid) for a, b in pairs] + [correspondences(b, a, grid) for a, b in pairs]
     locals_ = torch.stack(locals_) if locals_ else torch.empty(0)
-    return (torch.stack(globals_), locals_), masks
+    return (torch.stack(views[0] + views[1]), locals_), masks, torch.stack(corr)
+
+
+@torch.no_grad()
+def token_mean(weights: dict[str, torch.Tensor], image_dir: str, resolution: int) -> torch.Tensor:
+    """Mean patch token [D] of the DINO-layout ``weights`` over the images of ``image_dir``, each
+    resized and normalised as the stages do (``loader.transforms``, centre crop) and encoded by
+    ``models.backbone`` (DINO's position rule): exactly the tokens the stages see."""
+    backbone = load_backbone_from_state(weights)
+    transform = SegmentationTransform(resolution, "center", backbone.mean, backbone.std)
+    total = torch.zeros(backbone.embed_dim, dtype=torch.float64)
+    count = 0
+    for path in sorted(glob.glob(os.path.join(image_dir, "*.png"))):
+        tokens = backbone(transform(Image.open(path).convert("RGB"), None)[0][None])[0]
+        total += tokens.double().sum(0)
+        count += tokens.shape[0]
+    return (total / count).float()
+
+
+def load_backbone_from_state(weights: dict[str, torch.Tensor]):
+    """The frozen DINO backbone the stages would build from these weights."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "weights.pth")
+        torch.save(weights, path)
+        return load_backbone(path, family="dino")
 
 
 def state_path(out: str) -> str:
@@ -294,14 +399,14 @@ def train(args) -> list[dict]:
     while step < last:
         epoch, position = divmod(step, steps_per_epoch)
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed * 7919 + epoch))
-        views, masks = batch_views(
+        views, masks, corr = batch_views(
             images, order[position * args.batch_size : (position + 1) * args.batch_size], step, args
         )
-        views, masks = tuple(v.to(device) for v in views), masks.to(device)
+        views, masks, corr = tuple(v.to(device) for v in views), masks.to(device), corr.to(device)
         lr = cosine(step, total, args.lr, 1e-6, round(args.warmup_epochs * steps_per_epoch))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, cls_loss, patch_loss, means = losses(student, teacher, views, masks, centers, args)
+        loss, cls_loss, patch_loss, means = losses(student, teacher, views, masks, corr, centers, args)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if epoch < args.freeze_prototypes:
@@ -326,7 +431,10 @@ def train(args) -> list[dict]:
         save_state()
         print(f"[pretrain toy] stopped at step {step}/{total}; --resume yes continues from {state_file}")
         return history
-    atomic_torch_save(teacher.dino_state_dict(args.half), args.out)
+    weights = teacher.dino_state_dict()
+    if args.centre_tokens:
+        weights["norm.bias"] -= token_mean(weights, image_dir, args.centre_tokens)
+    atomic_torch_save({k: v.half() if args.half else v for k, v in weights.items()}, args.out)
     if os.path.isfile(state_file):
         os.remove(state_file)
     print(

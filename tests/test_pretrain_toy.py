@@ -45,13 +45,13 @@ def test_loss_goes_down(image_dir):
     student = pretrain_toy.Network(args)
     teacher = pretrain_toy.Network(args).requires_grad_(False)
     images = pretrain_toy.load_images(image_dir)
-    views, masks = pretrain_toy.batch_views(images, range(4), 0, args)
-    assert masks.any()
+    views, masks, corr = pretrain_toy.batch_views(images, range(4), 0, args)
+    assert masks.any() and (corr >= 0).any()
     centers = (torch.zeros(args.out_dim), torch.zeros(args.out_dim))
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     history = []
     for _ in range(15):
-        total, cls_loss, patch_loss, _ = pretrain_toy.losses(student, teacher, views, masks, centers, args)
+        total, cls_loss, patch_loss, _ = pretrain_toy.losses(student, teacher, views, masks, corr, centers, args)
         history.append((total.item(), cls_loss.item(), patch_loss.item()))
         optimizer.zero_grad()
         total.backward()
@@ -59,6 +59,31 @@ def test_loss_goes_down(image_dir):
     first, last = history[0], history[-1]
     assert all(np.isfinite(history).ravel())
     assert last[0] < 0.8 * first[0] and last[1] < first[1] and last[2] < first[2]
+
+
+def test_view_geometry_maps_pixels_back():
+    """view_to_image sends each pixel of a view (crop without resampling, flip, quarter turns) to the
+    image pixel it shows; image_to_view inverts it; correspondences pair patches showing one point."""
+    image = torch.randint(0, 256, (3, 48, 48), dtype=torch.uint8)
+    gen = torch.Generator().manual_seed(0)
+    mean, std = torch.tensor(pretrain_toy.IMAGENET_MEAN), torch.tensor(pretrain_toy.IMAGENET_STD)
+    seen = set()
+    while len(seen) < 6:
+        view, geometry = pretrain_toy.random_view(image, 24, (0.25, 0.25), 0.0, True, gen)
+        if geometry[2:4] != (24, 24):
+            continue
+        seen.add(geometry[4:])
+        centres = (torch.arange(24, dtype=torch.float64) + 0.5) / 24
+        y, x = (c.reshape(-1) for c in torch.meshgrid(centres, centres, indexing="ij"))
+        rows, cols = pretrain_toy.view_to_image(geometry, y, x)
+        shown = image[:, rows.long(), cols.long()].float().view(3, 24, 24)
+        torch.testing.assert_close((view * std[:, None, None] + mean[:, None, None]) * 255, shown, atol=1e-3, rtol=0)
+        back = pretrain_toy.image_to_view(geometry, rows, cols)
+        torch.testing.assert_close(torch.stack(back), torch.stack([y, x]))
+        assert torch.equal(pretrain_toy.correspondences(geometry, geometry, 3), torch.arange(9))
+    shifted = (10, 20, 16, 16, False, 0)
+    corr = pretrain_toy.correspondences((10, 12, 16, 16, False, 0), shifted, 2)
+    assert corr.tolist() == [-1, 0, -1, 2]  # the right half of the first view is the left half of the second
 
 
 def test_seed_decides_every_draw(image_dir, tmp_path):
