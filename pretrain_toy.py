@@ -1,18 +1,23 @@
 """Self-supervised pre-training of a small ViT on the toy images, without labels.
 
-DINO self-distillation (Caron et al. 2021) with iBOT's masked patch objective (Zhou et al. 2022):
-a student ViT and its EMA teacher see multi-crop views of the training images; the student's
-CLS output on every crop predicts the teacher's centred and sharpened CLS output on the other
-global crop, and its patch outputs on randomly masked global crops predict the teacher's outputs
-for the same patches unmasked. Both objectives share one projection head. The teacher backbone
-is written in the official DINO layout (a plain state dict: ``cls_token``, ``pos_embed``,
-``patch_embed.proj.*``, ``blocks.i.*``, ``norm.*``), so every stage loads it with ``--ckpt``:
+DINO self-distillation (Caron et al. 2021) with a patch-level objective: a student ViT and its EMA
+teacher see multi-crop views (random crops, flips, quarter turns, colour jitter) of the training
+images. The student's CLS output on every crop predicts the teacher's centred and sharpened CLS
+output on the other global crop (DINO). Its patch outputs on the two global crops predict the
+teacher's patch outputs in two ways, averaged: for the same patch unmasked where the student's
+patch was masked (iBOT, Zhou et al. 2022), and for the patch of the other global crop that shows the
+same image point (the two global crops overlap by construction). One projection head serves all.
+
+The teacher backbone is written in the official DINO layout (a plain state dict: ``cls_token``,
+``pos_embed``, ``patch_embed.proj.*``, ``blocks.i.*``, ``norm.*``), so every stage loads it with
+``--ckpt``. By default the mean patch token of the training images is folded into the final norm's
+bias, so that the tokens the stages see are centred (``--centre_tokens``; docs/toy_backbone.md):
 
     python pretrain_toy.py --data_dir data --out checkpoint/toy_vit_dino.pth
     python train_mediator.py --dataset toy --data_dir data --ckpt checkpoint/toy_vit_dino.pth ...
 
-Every random draw (weights, image order, crops, colour jitter, masks) follows from ``--seed``,
-so a CPU run is reproducible bit for bit, and ``--resume`` continues one exactly.
+Every random draw (weights, image order, crops, jitter, masks) follows from ``--seed``, so a CPU
+run with a fixed ``--threads`` is reproducible bit for bit, and ``--resume`` continues one exactly.
 """
 
 import argparse
@@ -39,79 +44,79 @@ from models.normalisation import IMAGENET_MEAN, IMAGENET_STD
 from utils.atomic import atomic_torch_save
 
 # Flags that may change between a run and its resumption.
-RESUME_FREE = ("resume", "save_every", "max_steps", "threads", "device")
+RESUME_FREE = ("resume", "save_every", "max_steps", "threads")
 
 
-def yes_no(value: str) -> bool:
-    if value.lower() not in ("yes", "no", "true", "false", "1", "0"):
-        raise argparse.ArgumentTypeError(f"expected yes or no, got {value!r}")
-    return value.lower() in ("yes", "true", "1")
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default."""
 
 
-def parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--data_dir", default="data", help="toy dataset root (generated on first use)")
-    g.add_argument("--world", choices=TOY_WORLDS, default="textures", help="which toy world to train on")
-    g.add_argument(
-        "--image_dir",
-        default=None,
-        help="train on the PNG images of this folder instead of the toy world's train split",
-    )
-    g = p.add_argument_group("model")
-    g.add_argument("--embed_dim", type=int, default=192, help="ViT width")
-    g.add_argument("--depth", type=int, default=6, help="ViT blocks")
-    g.add_argument("--patch_size", type=int, default=16, help="ViT patch size")
-    g.add_argument("--out_dim", type=int, default=1024, help="prototypes of the projection head")
-    g = p.add_argument_group("views")
-    g.add_argument("--global_size", type=int, default=128, help="side of the two global crops (the native grid)")
-    g.add_argument("--local_size", type=int, default=64, help="side of the local crops")
-    g.add_argument("--local_crops", type=int, default=6, help="local crops per image")
-    g.add_argument("--global_scale", type=float, nargs=2, default=(0.15, 0.5), help="area range of global crops")
-    g.add_argument("--local_scale", type=float, nargs=2, default=(0.03, 0.15), help="area range of local crops")
-    g.add_argument("--jitter", type=float, default=0.3, help="brightness/contrast/saturation jitter amplitude")
-    g.add_argument(
-        "--rotate", type=yes_no, default=True, help="yes/no: random quarter turns (the toy classes have no upright)"
-    )
-    g.add_argument("--mask_ratio", type=float, nargs=2, default=(0.1, 0.5), help="range of masked patch fractions")
-    g.add_argument("--mask_prob", type=float, default=0.5, help="probability that a student global crop is masked")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=12, help="passes over the training images")
-    g.add_argument("--batch_size", type=int, default=16, help="images per step")
-    g.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate (cosine, linear warm-up)")
-    g.add_argument("--warmup_epochs", type=float, default=1.0, help="epochs of linear learning-rate warm-up")
-    g.add_argument("--weight_decay", type=float, default=0.04, help="AdamW weight decay")
-    g.add_argument("--grad_clip", type=float, default=3.0, help="gradient-norm clip, 0 = none")
-    g.add_argument("--momentum", type=float, default=0.99, help="initial teacher EMA momentum (cosine to 1)")
-    g.add_argument("--teacher_temp", type=float, default=0.04, help="teacher softmax temperature")
-    g.add_argument("--student_temp", type=float, default=0.1, help="student softmax temperature")
-    g.add_argument("--center_momentum", type=float, default=0.9, help="EMA momentum of the teacher centres")
-    g.add_argument("--freeze_prototypes", type=float, default=1.0, help="epochs the prototypes stay fixed")
-    g.add_argument("--patch_weight", type=float, default=1.0, help="weight of the masked patch loss (0 = DINO)")
-    g.add_argument("--seed", type=int, default=0, help="seed of every random draw")
-    g.add_argument(
-        "--threads", type=int, default=1, help="CPU threads (results are bit-reproducible for a fixed count)"
-    )
-    g.add_argument("--device", default="cpu", help="cpu or cuda (crops are made on the CPU)")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", default="checkpoint/toy_vit_dino.pth", help="teacher backbone, DINO layout")
-    g.add_argument("--half", action="store_true", help="write the weights as fp16 (half the file size)")
-    g.add_argument(
-        "--centre_tokens",
-        type=int,
-        default=0,
-        metavar="RES",
-        help="if > 0: fold the mean patch token of the training images at this resolution (as the stages "
-        "resize them) into the final norm's bias, so that the tokens are centred (0 = keep them as trained)",
-    )
-    g.add_argument(
-        "--resume",
-        choices=["no", "yes", "auto"],
-        default="no",
-        help="continue from <out>.state.pt: no = start over, yes = resume (error if none), auto = when found",
-    )
-    g.add_argument("--save_every", type=int, default=50, help="save the resumable state every N steps (0 = at end)")
-    g.add_argument("--max_steps", type=int, default=None, help="stop after this global step (schedules unchanged)")
+# Flags by group: (name, default, help[, extra argparse keywords]); the type follows the default
+# (a bool is a --flag / --no-flag pair, a pair of numbers takes two).
+FLAGS = {
+    "data": [
+        ("data_dir", "data", "toy dataset root (generated on first use)"),
+        ("world", "textures", "toy world to train on", {"choices": TOY_WORLDS}),
+        ("image_dir", "", "train on the PNG images of this folder instead of the toy world's train split"),
+    ],
+    "model": [
+        ("embed_dim", 192, "ViT width"),
+        ("depth", 6, "ViT blocks"),
+        ("patch_size", 16, "ViT patch size"),
+        ("out_dim", 256, "prototypes of the projection head"),
+    ],
+    "views": [
+        ("global_size", 128, "side of the two global crops (the native grid of the position table)"),
+        ("local_size", 64, "side of the local crops"),
+        ("local_crops", 4, "local crops per image"),
+        ("global_scale", (0.15, 0.5), "area range of the global crops, fractions of the image"),
+        ("local_scale", (0.03, 0.15), "area range of the local crops"),
+        ("jitter", 0.3, "brightness / contrast / saturation jitter amplitude"),
+        ("rotate", True, "random quarter turns (the toy classes have no upright)"),
+        ("mask_ratio", (0.1, 0.5), "range of the masked fraction of a masked global crop's patches"),
+        ("mask_prob", 0.5, "probability that a student global crop is masked"),
+    ],
+    "optimisation": [
+        ("epochs", 20, "passes over the training images"),
+        ("batch_size", 16, "images per step"),
+        ("lr", 1e-3, "peak AdamW learning rate (linear warm-up, then cosine)"),
+        ("warmup_epochs", 1.0, "epochs of learning-rate warm-up"),
+        ("weight_decay", 0.04, "AdamW weight decay"),
+        ("grad_clip", 3.0, "gradient-norm clip, 0 = none"),
+        ("momentum", 0.99, "initial teacher EMA momentum (cosine to 1)"),
+        ("teacher_temp", 0.04, "teacher softmax temperature"),
+        ("student_temp", 0.1, "student softmax temperature"),
+        ("center_momentum", 0.9, "EMA momentum of the teacher centres"),
+        ("freeze_prototypes", 1.0, "epochs the prototypes stay fixed"),
+        ("patch_weight", 1.0, "weight of the patch loss (0 = DINO alone)"),
+        ("seed", 0, "seed of every random draw"),
+        ("threads", 1, "CPU threads (a run is bit-reproducible for a fixed count)"),
+    ],
+    "output": [
+        ("out", "checkpoint/toy_vit_dino.pth", "teacher backbone, DINO layout"),
+        ("half", False, "write the weights as fp16"),
+        ("centre_tokens", 320, "if > 0: fold the mean patch token of the training images at this resolution "
+         "(resized as the stages resize them) into the final norm's bias, so that the tokens are centred"),
+        ("resume", "no", "continue from <out>.state.pt: no = start over, yes = resume (error if there is none), "
+         "auto = resume when there is one", {"choices": ("no", "yes", "auto")}),
+        ("save_every", 50, "save the resumable state every N steps (0 = only when stopped early)"),
+        ("max_steps", 0, "stop after this global step, schedules unchanged (0 = run to the end)"),
+    ],
+}  # fmt: skip
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    for title, flags in FLAGS.items():
+        group = p.add_argument_group(title)
+        for name, default, text, *extra in flags:
+            kwargs = {"default": default, "help": text, **(extra[0] if extra else {})}
+            if isinstance(default, bool):
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["type"] = type(default[0]) if isinstance(default, tuple) else type(default)
+                kwargs["nargs"] = 2 if isinstance(default, tuple) else None
+            group.add_argument(f"--{name}", **kwargs)
     return p
 
 
@@ -219,15 +224,9 @@ class Network(nn.Module):
     def __init__(self, args):
         super().__init__()
         self.vit = VisionTransformer(
-            img_size=args.global_size,
-            patch_size=args.patch_size,
-            embed_dim=args.embed_dim,
-            depth=args.depth,
-            num_heads=max(1, args.embed_dim // 64),
-            num_classes=0,
-            global_pool="",
-            dynamic_img_size=True,
-        )
+            img_size=args.global_size, patch_size=args.patch_size, embed_dim=args.embed_dim, depth=args.depth,
+            num_heads=max(1, args.embed_dim // 64), num_classes=0, global_pool="", dynamic_img_size=True,
+        )  # fmt: skip
         self.mask_token = nn.Parameter(torch.zeros(args.embed_dim))
         self.head = ProjectionHead(args.embed_dim, args.out_dim)
 
@@ -242,7 +241,7 @@ class Network(nn.Module):
 
     def dino_state_dict(self) -> dict[str, torch.Tensor]:
         """The backbone as DINO publishes it: a plain fp32 state dict of the ViT, no head."""
-        return {k: v.float().cpu().clone() for k, v in self.vit.state_dict().items()}
+        return {k: v.float().clone() for k, v in self.vit.state_dict().items()}
 
 
 def cross_entropy(teacher_probs: torch.Tensor, student_logits: torch.Tensor, temp: float) -> torch.Tensor:
@@ -298,23 +297,19 @@ def batch_views(images, order, step, args):
     """
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
     grid = args.global_size // args.patch_size
-    views, geometries = [[], []], [[], []]
-    for im in (images[i] for i in order):
-        for k in range(2):
-            near = geometries[0][-1] if k else None
-            view, geometry = random_view(im, args.global_size, args.global_scale, args.jitter, args.rotate, gen, near)
-            views[k].append(view)
-            geometries[k].append(geometry)
-    locals_ = [
-        random_view(images[i], args.local_size, args.local_scale, args.jitter, args.rotate, gen)[0]
-        for _ in range(args.local_crops)
-        for i in order
-    ]
-    masks = patch_masks(2 * len(views[0]), grid, args.mask_ratio, args.mask_prob, gen)
-    pairs = [(a, b) for a, b in zip(*geometries)]
-    corr = [correspondences(a, b, grid) for a, b in pairs] + [correspondences(b, a, grid) for a, b in pairs]
-    locals_ = torch.stack(locals_) if locals_ else torch.empty(0)
-    return (torch.stack(views[0] + views[1]), locals_), masks, torch.stack(corr)
+
+    def view(i, size, scale, near=None):
+        return random_view(images[i], size, scale, args.jitter, args.rotate, gen, near)
+
+    first, second = [], []
+    for i in order:
+        first.append(view(i, args.global_size, args.global_scale))
+        second.append(view(i, args.global_size, args.global_scale, near=first[-1][1]))
+    local_views = [view(i, args.local_size, args.local_scale)[0] for _ in range(args.local_crops) for i in order]
+    masks = patch_masks(2 * len(order), grid, args.mask_ratio, args.mask_prob, gen)
+    corr = [correspondences(a[1], b[1], grid) for a, b in (*zip(first, second), *zip(second, first))]
+    globals_ = torch.stack([view for view, _ in first + second])
+    return (globals_, torch.stack(local_views) if local_views else torch.empty(0)), masks, torch.stack(corr)
 
 
 @torch.no_grad()
@@ -322,7 +317,9 @@ def token_mean(weights: dict[str, torch.Tensor], image_dir: str, resolution: int
     """Mean patch token [D] of the DINO-layout ``weights`` over the images of ``image_dir``, each
     resized and normalised as the stages do (``loader.transforms``, centre crop) and encoded by
     ``models.backbone`` (DINO's position rule): exactly the tokens the stages see."""
-    backbone = load_backbone_from_state(weights)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(weights, os.path.join(tmp, "weights.pth"))
+        backbone = load_backbone(os.path.join(tmp, "weights.pth"), family="dino")
     transform = SegmentationTransform(resolution, "center", backbone.mean, backbone.std)
     total = torch.zeros(backbone.embed_dim, dtype=torch.float64)
     count = 0
@@ -331,14 +328,6 @@ def token_mean(weights: dict[str, torch.Tensor], image_dir: str, resolution: int
         total += tokens.double().sum(0)
         count += tokens.shape[0]
     return (total / count).float()
-
-
-def load_backbone_from_state(weights: dict[str, torch.Tensor]):
-    """The frozen DINO backbone the stages would build from these weights."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "weights.pth")
-        torch.save(weights, path)
-        return load_backbone(path, family="dino")
 
 
 def state_path(out: str) -> str:
@@ -350,22 +339,21 @@ def train(args) -> list[dict]:
     torch.manual_seed(args.seed)
     image_dir = args.image_dir or os.path.join(ensure_toy(args.data_dir, world=args.world), "train", "images")
     images = load_images(image_dir)
-    device = torch.device(args.device)
-    student = Network(args).to(device)
+    student = Network(args)
     teacher = copy.deepcopy(student).requires_grad_(False)
-    decayed = {n: p.ndim > 1 and "token" not in n and "pos_embed" not in n for n, p in student.named_parameters()}
-    groups = [
-        {"params": [p for n, p in student.named_parameters() if decayed[n]], "weight_decay": args.weight_decay},
-        {"params": [p for n, p in student.named_parameters() if not decayed[n]], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=0.0)
-    centers = (torch.zeros(args.out_dim, device=device), torch.zeros(args.out_dim, device=device))
+    named = list(student.named_parameters())
+    decayed = [p.ndim > 1 and "token" not in n and "pos_embed" not in n for n, p in named]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for (_, p), d in zip(named, decayed) if d == flag], "weight_decay": wd}
+         for flag, wd in ((True, args.weight_decay), (False, 0.0))]
+    )  # fmt: skip
+    centers = (torch.zeros(args.out_dim), torch.zeros(args.out_dim))
     steps_per_epoch = len(images) // args.batch_size
     if steps_per_epoch < 1:
         raise SystemExit(f"pretrain_toy.py: {len(images)} images is fewer than one batch of {args.batch_size}")
-    total = args.epochs * steps_per_epoch
+    total, step, history = args.epochs * steps_per_epoch, 0, []
     flags = {k: v for k, v in vars(args).items() if k not in RESUME_FREE}
-    step, history = 0, []
+    modules = {"student": student, "teacher": teacher, "optimizer": optimizer}
     state_file = state_path(args.out)
     if args.resume == "yes" and not os.path.isfile(state_file):
         raise SystemExit(f"pretrain_toy.py: --resume yes but there is no state {state_file}")
@@ -374,38 +362,23 @@ def train(args) -> list[dict]:
         changed = sorted(k for k in flags if state["flags"].get(k) != flags[k])
         if changed:
             raise SystemExit(f"pretrain_toy.py: cannot resume {state_file}: flags changed: {', '.join(changed)}")
-        student.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
-        centers, step, history = tuple(c.to(device) for c in state["centers"]), state["step"], state["history"]
+        for name, module in modules.items():
+            module.load_state_dict(state[name])
+        centers, step, history = state["centers"], state["step"], state["history"]
 
     def save_state():
-        atomic_torch_save(
-            {
-                "student": student.state_dict(),
-                "teacher": teacher.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "centers": centers,
-                "step": step,
-                "history": history,
-                "flags": flags,
-            },
-            state_file,
-        )
+        state = {name: module.state_dict() for name, module in modules.items()}
+        atomic_torch_save(state | {"centers": centers, "step": step, "history": history, "flags": flags}, state_file)
 
-    last = total if args.max_steps is None else min(total, args.max_steps)
-    started = time.time()
+    last, started = min(total, args.max_steps or total), time.time()
     bar = tqdm(total=last, initial=step, desc="[pretrain toy]", dynamic_ncols=True)
     while step < last:
         epoch, position = divmod(step, steps_per_epoch)
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed * 7919 + epoch))
-        views, masks, corr = batch_views(
-            images, order[position * args.batch_size : (position + 1) * args.batch_size], step, args
-        )
-        views, masks, corr = tuple(v.to(device) for v in views), masks.to(device), corr.to(device)
-        lr = cosine(step, total, args.lr, 1e-6, round(args.warmup_epochs * steps_per_epoch))
+        batch = order[position * args.batch_size : (position + 1) * args.batch_size]
+        views, masks, corr = batch_views(images, batch, step, args)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = cosine(step, total, args.lr, 1e-6, round(args.warmup_epochs * steps_per_epoch))
         loss, cls_loss, patch_loss, means = losses(student, teacher, views, masks, corr, centers, args)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -414,11 +387,10 @@ def train(args) -> list[dict]:
         if args.grad_clip > 0:
             nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
         optimizer.step()
-        momentum = cosine(step, total, args.momentum, 1.0)
+        momentum, c = cosine(step, total, args.momentum, 1.0), args.center_momentum
         with torch.no_grad():
             for p_teacher, p_student in zip(teacher.parameters(), student.parameters()):
                 p_teacher.mul_(momentum).add_(p_student.detach(), alpha=1 - momentum)
-            c = args.center_momentum
             centers = tuple(center * c + mean * (1 - c) for center, mean in zip(centers, means))
         step += 1
         history.append({"step": step, "loss": loss.item(), "cls": cls_loss.item(), "patch": patch_loss.item()})
@@ -437,18 +409,15 @@ def train(args) -> list[dict]:
     atomic_torch_save({k: v.half() if args.half else v for k, v in weights.items()}, args.out)
     if os.path.isfile(state_file):
         os.remove(state_file)
-    print(
-        f"[pretrain toy] {total} steps ({time.time() - started:.0f} s this run); teacher backbone "
-        f"(DINO layout) written to {args.out}"
-    )
+    print(f"[pretrain toy] {total} steps ({time.time() - started:.0f} s); DINO-layout teacher written to {args.out}")
     return history
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    args.global_scale, args.local_scale = tuple(args.global_scale), tuple(args.local_scale)
-    args.mask_ratio = tuple(args.mask_ratio)
+    for name in ("global_scale", "local_scale", "mask_ratio"):
+        setattr(args, name, tuple(getattr(args, name)))
     if args.global_size % args.patch_size or args.local_size % args.patch_size:
         raise SystemExit("pretrain_toy.py: --global_size and --local_size must be multiples of --patch_size")
     return train(args)

@@ -7,12 +7,13 @@ from PIL import Image
 
 import pretrain_toy
 from loader.toy import PARTS_CLASS_NAMES, TOY_WORLDS, ensure_toy, parts_sample, toy_dir
+from loader.transforms import SegmentationTransform
 from models.backbone import load_backbone
 from models.checkpoints import detect_family
 
 TINY_MODEL = [
     "--embed_dim", "32", "--depth", "1", "--patch_size", "8", "--out_dim", "32",
-    "--global_size", "16", "--local_size", "8", "--local_crops", "2", "--batch_size", "4",
+    "--global_size", "16", "--local_size", "8", "--local_crops", "2", "--batch_size", "4", "--centre_tokens", "0",
 ]  # fmt: skip
 
 
@@ -101,7 +102,7 @@ def test_resume_equals_uninterrupted(image_dir, tmp_path):
     pretrain(image_dir, out, "--epochs", "3", "--max_steps", "3")
     assert not out.exists() and os.path.isfile(pretrain_toy.state_path(str(out)))
     with pytest.raises(SystemExit, match="flags changed: lr"):
-        pretrain(image_dir, out, "--epochs", "3", "--resume", "yes", "--lr", "1e-3")
+        pretrain(image_dir, out, "--epochs", "3", "--resume", "yes", "--lr", "2e-3")
     history = pretrain(image_dir, out, "--epochs", "3", "--resume", "yes")
     assert [record["step"] for record in history] == list(range(1, 7))
     assert_same(weights(tmp_path / "straight.pth"), weights(out))
@@ -112,7 +113,7 @@ def test_resume_equals_uninterrupted(image_dir, tmp_path):
 
 def test_saved_file_is_a_dino_checkpoint(image_dir, tmp_path):
     out = tmp_path / "toy_vit_dino.pth"
-    pretrain(image_dir, out, "--epochs", "1", "--half")
+    pretrain(image_dir, out, "--epochs", "1", "--half", "--centre_tokens", "24")
     state_dict = weights(out)
     assert all(value.dtype == torch.float16 for value in state_dict.values())
     assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "norm.weight"} <= set(
@@ -124,6 +125,11 @@ def test_saved_file_is_a_dino_checkpoint(image_dir, tmp_path):
     assert (backbone.family, backbone.embed_dim, backbone.patch_size) == ("dino", 32, 8)
     tokens = backbone(torch.randn(2, 3, 40, 24))
     assert tokens.shape == (2, 5 * 3, 32) and torch.isfinite(tokens).all()
+    # --centre_tokens 24: the training images' tokens at 24 px, as the stages compute them, have mean ~0
+    transform = SegmentationTransform(24, "center", backbone.mean, backbone.std)
+    images = [Image.open(os.path.join(image_dir, name)).convert("RGB") for name in sorted(os.listdir(image_dir))]
+    tokens = torch.cat([backbone(transform(image, None)[0][None])[0] for image in images])
+    assert tokens.mean(0).abs().max() < 0.02 * tokens.std()
 
 
 def test_parts_world_is_seeded_and_labelled(tmp_path):
