@@ -5,9 +5,16 @@ noise, waves, gradient, dots). A class paints with two hues, its own and the one
 belongs to two classes and no class can be told from one pixel's colour: the texture decides. Every region jitters
 its hues, saturation, brightness, orientation, phase and texture scale.
 
+A second world, ``parts``, needs context to be segmented: every class is an object made of two
+parts, each part a fine texture of its own hue, laid out in a coarse class-specific pattern
+(tiles, spots, bands, rings, blobs, zigzags) a few patches across. Part ``m`` belongs to class
+``m`` and to class ``m - 1``, so a patch, which sees one part, fits two classes: only the
+surrounding parts and their layout tell them apart. Regions also vary in scale, orientation,
+phase and brightness, under a smooth illumination field across the image.
+
 On disk (what the folder loader reads)::
 
-    <root>/toy/{train,val}/images/<00000>.png   RGB
+    <root>/toy/{train,val}/images/<00000>.png   RGB      (world "textures"; "parts": <root>/toy_parts)
     <root>/toy/{train,val}/labels/<00000>.png   class ids 0..n_classes-1 (uint8)
     <root>/toy/.complete.json                   written last: the generation parameters
 
@@ -23,6 +30,8 @@ import numpy as np
 from utils.atomic import atomic_save_image, atomic_write_bytes
 
 TOY_CLASS_NAMES = ("stripes", "checkers", "noise", "waves", "gradient", "dots")
+PARTS_CLASS_NAMES = ("tiles", "spots", "bands", "rings", "blobs", "zigzag")
+TOY_WORLDS = ("textures", "parts")
 
 MARKER = ".complete.json"
 _SPLITS = {"train": 0, "val": 1}
@@ -114,13 +123,93 @@ def toy_sample(rng: np.random.Generator, size: int, n_classes: int) -> tuple[np.
     return image, label.astype(np.uint8)
 
 
-def _write_split(toy_root: str, split: str, count: int, seed: int, size: int, n_classes: int):
+def _fine_texture(part: int, u: np.ndarray, v: np.ndarray, period: np.ndarray, grain: np.ndarray) -> np.ndarray:
+    """Fine texture in [0, 1] of part ``part`` (a few pixels per period) at rotated coordinates: [M] -> [M]."""
+    a = 2 * np.pi * u / period
+    b = 2 * np.pi * v / period
+    if part == 0:  # fine stripes
+        return _soft(np.sin(a), 2.0)
+    if part == 1:  # fine dots
+        du, dv = np.mod(u / period, 1.0) - 0.5, np.mod(v / period, 1.0) - 0.5
+        return _soft(0.3 - np.sqrt(du * du + dv * dv), 20.0)
+    if part == 2:  # fine checkers
+        return _soft(np.sin(a) * np.sin(b), 3.0)
+    if part == 3:  # cross-hatch
+        return 0.5 * (_soft(np.sin(a), 4.0) + _soft(np.sin(b), 4.0))
+    if part == 4:  # grain
+        return grain
+    return _soft(np.sin(a + 1.5 * np.sin(b / 2)), 2.0)  # fine ripples
+
+
+def _layout_mask(cls: int, u: np.ndarray, v: np.ndarray, period: np.ndarray, blobs: np.ndarray) -> np.ndarray:
+    """Which part (0: first, 1: second; soft) class ``cls`` shows at rotated coordinates: [M] -> [M]."""
+    a = 2 * np.pi * u / period
+    b = 2 * np.pi * v / period
+    if cls == 0:  # tiles
+        return _soft(np.sin(a) * np.sin(b), 6.0)
+    if cls == 1:  # spots
+        du, dv = np.mod(u / period, 1.0) - 0.5, np.mod(v / period, 1.0) - 0.5
+        return _soft(0.28 - np.sqrt(du * du + dv * dv), 25.0)
+    if cls == 2:  # bands
+        return _soft(np.sin(a), 5.0)
+    if cls == 3:  # rings around a point of the region
+        return _soft(np.sin(np.sqrt(u * u + v * v) * 2 * np.pi / period), 5.0)
+    if cls == 4:  # blobs
+        return _soft(blobs - 0.5, 12.0)
+    return _soft(np.sin(a + 2.0 * np.sin(b / 2)), 4.0)  # zigzag
+
+
+def parts_sample(rng: np.random.Generator, size: int, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One scene of the ``parts`` world: (image uint8 [size, size, 3], label uint8 [size, size])."""
+    regions = _layout(rng, size)
+    n_regions = int(regions.max()) + 1
+    region_class = rng.integers(0, n_classes, n_regions)
+    scale = size / 256 * rng.uniform(0.75, 1.35, n_regions)
+    coarse_period = 44.0 * scale
+    fine_period = 6.5 * scale * rng.uniform(0.85, 1.15, n_regions)
+    angle = rng.uniform(0, np.pi, n_regions)
+    centre = rng.uniform(0, size, (n_regions, 2))
+    hue = (np.arange(n_classes) / n_classes + rng.uniform(-0.04, 0.04, (n_regions, n_classes))).ravel()
+    sat = rng.uniform(0.45, 0.85, n_regions * n_classes)
+    val = rng.uniform(0.55, 0.95, n_regions * n_classes)
+    light_colours = _hsv_to_rgb(hue, sat, val).reshape(n_regions, n_classes, 3)  # each part's light and dark colour
+    dark_colours = _hsv_to_rgb(hue, sat, 0.45 * val).reshape(n_regions, n_classes, 3)
+    grain = _smooth_noise(rng, size, max(2, size // 4))
+    blobs = _smooth_noise(rng, size, max(2, size // 40))
+    light = 0.6 + 0.5 * _smooth_noise(rng, size, 2)
+
+    yy, xx = np.meshgrid(np.arange(size, dtype=np.float64), np.arange(size, dtype=np.float64), indexing="ij")
+    label = region_class[regions]
+    rgb = np.empty((size, size, 3))
+    for cls in range(n_classes):
+        mask = label == cls
+        if not mask.any():
+            continue
+        r = regions[mask]
+        cos, sin = np.cos(angle[r]), np.sin(angle[r])
+        x, y = xx[mask] - centre[r, 0], yy[mask] - centre[r, 1]
+        u, v = x * cos + y * sin, -x * sin + y * cos
+        second = _layout_mask(cls, u, v, coarse_period[r], blobs[mask])[:, None]
+        colour = np.zeros((len(r), 3))
+        for side, part in ((1 - second, cls), (second, (cls + 1) % n_classes)):
+            fine = _fine_texture(part, u, v, fine_period[r], grain[mask])[:, None]
+            colour += side * (dark_colours[r, part] * (1 - fine) + light_colours[r, part] * fine)
+        rgb[mask] = colour
+    rgb = rgb * light[..., None] + rng.normal(0.0, 0.03, rgb.shape)
+    image = np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
+    return image, label.astype(np.uint8)
+
+
+_SAMPLERS = {"textures": toy_sample, "parts": parts_sample}
+
+
+def _write_split(toy_root: str, split: str, count: int, seed: int, size: int, n_classes: int, world: str):
     directories = [os.path.join(toy_root, split, kind) for kind in ("images", "labels")]
     names = [f"{i:05d}.png" for i in range(count)]
     for directory in directories:
         os.makedirs(directory, exist_ok=True)
     for i, name in enumerate(names):
-        image_and_label = toy_sample(np.random.default_rng([seed, _SPLITS[split], i]), size, n_classes)
+        image_and_label = _SAMPLERS[world](np.random.default_rng([seed, _SPLITS[split], i]), size, n_classes)
         for directory, pixels in zip(directories, image_and_label):
             atomic_save_image(pixels, os.path.join(directory, name), compress_level=6)
     for directory in directories:
@@ -129,13 +218,28 @@ def _write_split(toy_root: str, split: str, count: int, seed: int, size: int, n_
                 os.remove(os.path.join(directory, stale))
 
 
+def toy_dir(root: str, world: str = "textures") -> str:
+    """Where ``ensure_toy`` writes a world: ``<root>/toy`` for textures, ``<root>/toy_<world>`` otherwise."""
+    if world not in TOY_WORLDS:
+        raise ValueError(f"unknown toy world {world!r}; expected one of {', '.join(TOY_WORLDS)}")
+    return os.path.join(root, "toy" if world == "textures" else f"toy_{world}")
+
+
 def ensure_toy(
-    root: str, seed: int = 0, n_train: int = 300, n_val: int = 100, size: int = 256, n_classes: int = 6
+    root: str,
+    seed: int = 0,
+    n_train: int = 300,
+    n_val: int = 100,
+    size: int = 256,
+    n_classes: int = 6,
+    world: str = "textures",
 ) -> str:
-    """Generate ``<root>/toy`` unless a complete copy with these parameters is there; -> its path.
+    """Generate the toy ``world`` under ``root`` (``toy_dir``) unless a complete copy with these
+    parameters is there; -> its path.
 
     The marker file is written last, so an interrupted generation is redone on the next call.
     """
+    toy_root = toy_dir(root, world)
     if not 2 <= n_classes <= len(TOY_CLASS_NAMES):
         raise ValueError(f"the toy dataset has 2..{len(TOY_CLASS_NAMES)} classes, got {n_classes}")
     if size < 16 or n_train < 1 or n_val < 1:
@@ -143,8 +247,9 @@ def ensure_toy(
             f"toy dataset needs size >= 16 and at least one image per split, "
             f"got size={size}, n_train={n_train}, n_val={n_val}"
         )
-    toy_root = os.path.join(root, "toy")
     params = {"seed": seed, "n_train": n_train, "n_val": n_val, "size": size, "n_classes": n_classes}
+    if world != "textures":
+        params["world"] = world
     marker = os.path.join(toy_root, MARKER)
     if os.path.isfile(marker):
         with open(marker) as f:
@@ -155,7 +260,7 @@ def ensure_toy(
                 pass
         os.remove(marker)
     os.makedirs(toy_root, exist_ok=True)
-    _write_split(toy_root, "train", n_train, seed, size, n_classes)
-    _write_split(toy_root, "val", n_val, seed, size, n_classes)
+    _write_split(toy_root, "train", n_train, seed, size, n_classes, world)
+    _write_split(toy_root, "val", n_val, seed, size, n_classes, world)
     atomic_write_bytes(marker, json.dumps(params).encode())
     return toy_root
