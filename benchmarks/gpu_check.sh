@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for the day a GPU is lent (under 8 minutes on one H200): the stage benchmark at the
+# One command for a GPU machine (under 8 minutes on one H200): the stage benchmark at the
 # published shapes with AMP off and on, then every stage's step with a random ViT-B/8 backbone on
 # generated COCO-sized batches, with and without torch.compile on the heads. Markdown tables on stdout.
 #
