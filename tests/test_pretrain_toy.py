@@ -8,8 +8,10 @@ from PIL import Image
 import pretrain_toy
 from loader.toy import PARTS_CLASS_NAMES, TOY_WORLDS, ensure_toy, parts_sample, toy_dir
 from loader.transforms import SegmentationTransform
+from loader.views import correspondences, image_to_view, random_view, view_to_image
 from models.backbone import load_backbone
 from models.checkpoints import detect_family
+from models.normalisation import IMAGENET_MEAN, IMAGENET_STD
 
 TINY_MODEL = [
     "--embed_dim", "32", "--depth", "1", "--patch_size", "8", "--out_dim", "32",
@@ -67,23 +69,23 @@ def test_view_geometry_maps_pixels_back():
     image pixel it shows; image_to_view inverts it; correspondences pair patches showing one point."""
     image = torch.randint(0, 256, (3, 48, 48), dtype=torch.uint8)
     gen = torch.Generator().manual_seed(0)
-    mean, std = torch.tensor(pretrain_toy.IMAGENET_MEAN), torch.tensor(pretrain_toy.IMAGENET_STD)
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
     seen = set()
     while len(seen) < 6:
-        view, geometry = pretrain_toy.random_view(image, 24, (0.25, 0.25), 0.0, True, gen)
+        view, geometry = random_view(image, 24, (0.25, 0.25), 0.0, True, gen)
         if geometry[2:4] != (24, 24):
             continue
         seen.add(geometry[4:])
         centres = (torch.arange(24, dtype=torch.float64) + 0.5) / 24
         y, x = (c.reshape(-1) for c in torch.meshgrid(centres, centres, indexing="ij"))
-        rows, cols = pretrain_toy.view_to_image(geometry, y, x)
+        rows, cols = view_to_image(geometry, y, x)
         shown = image[:, rows.long(), cols.long()].float().view(3, 24, 24)
         torch.testing.assert_close((view * std[:, None, None] + mean[:, None, None]) * 255, shown, atol=1e-3, rtol=0)
-        back = pretrain_toy.image_to_view(geometry, rows, cols)
+        back = image_to_view(geometry, rows, cols)
         torch.testing.assert_close(torch.stack(back), torch.stack([y, x]))
-        assert torch.equal(pretrain_toy.correspondences(geometry, geometry, 3), torch.arange(9))
+        assert torch.equal(correspondences(geometry, geometry, 3), torch.arange(9))
     shifted = (10, 20, 16, 16, False, 0)
-    corr = pretrain_toy.correspondences((10, 12, 16, 16, False, 0), shifted, 2)
+    corr = correspondences((10, 12, 16, 16, False, 0), shifted, 2)
     assert corr.tolist() == [-1, 0, -1, 2]  # the right half of the first view is the left half of the second
 
 
