@@ -91,6 +91,21 @@ def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.array([colorsys.hsv_to_rgb(*hsv) for hsv in zip(np.mod(h, 1.0), s, v)]).reshape(-1, 3)
 
 
+def _by_class(regions, label, n_classes, angle, origin):
+    """For each class present: (class, its mask [S, S], the region of each of its pixels [M], the pixels'
+    coordinates (u, v) [M] each, relative to their region's ``origin`` [R, 2] (x, y) and turned by its ``angle``)."""
+    yy, xx = np.meshgrid(
+        np.arange(label.shape[0], dtype=np.float64), np.arange(label.shape[1], dtype=np.float64), indexing="ij"
+    )
+    for cls in range(n_classes):
+        mask = label == cls
+        if mask.any():
+            r = regions[mask]
+            cos, sin = np.cos(angle[r]), np.sin(angle[r])
+            x, y = xx[mask] - origin[r, 0], yy[mask] - origin[r, 1]
+            yield cls, mask, r, x * cos + y * sin, -x * sin + y * cos
+
+
 def toy_sample(rng: np.random.Generator, size: int, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """One scene: (image uint8 [size, size, 3], label uint8 [size, size] in 0..n_classes-1)."""
     regions = _layout(rng, size)
@@ -105,17 +120,9 @@ def toy_sample(rng: np.random.Generator, size: int, n_classes: int) -> tuple[np.
     phase = rng.uniform(0, 2 * np.pi, n_regions)
     noise = _smooth_noise(rng, size, max(2, size // 24))
 
-    yy, xx = np.meshgrid(np.arange(size, dtype=np.float64), np.arange(size, dtype=np.float64), indexing="ij")
     label = region_class[regions]
     t = np.empty((size, size))
-    for cls in range(n_classes):
-        mask = label == cls
-        if not mask.any():
-            continue
-        r = regions[mask]
-        cos, sin = np.cos(angle[r]), np.sin(angle[r])
-        u = xx[mask] * cos + yy[mask] * sin
-        v = -xx[mask] * sin + yy[mask] * cos
+    for cls, mask, r, u, v in _by_class(regions, label, n_classes, angle, np.zeros((n_regions, 2))):
         t[mask] = _texture(cls, u, v, period[r], phase[r], noise[mask])
     rgb = colour_a[regions] * (1 - t[..., None]) + colour_b[regions] * t[..., None]
     rgb = rgb + rng.normal(0.0, 0.03, rgb.shape)
@@ -178,17 +185,9 @@ def parts_sample(rng: np.random.Generator, size: int, n_classes: int) -> tuple[n
     blobs = _smooth_noise(rng, size, max(2, size // 40))
     light = 0.6 + 0.5 * _smooth_noise(rng, size, 2)
 
-    yy, xx = np.meshgrid(np.arange(size, dtype=np.float64), np.arange(size, dtype=np.float64), indexing="ij")
     label = region_class[regions]
     rgb = np.empty((size, size, 3))
-    for cls in range(n_classes):
-        mask = label == cls
-        if not mask.any():
-            continue
-        r = regions[mask]
-        cos, sin = np.cos(angle[r]), np.sin(angle[r])
-        x, y = xx[mask] - centre[r, 0], yy[mask] - centre[r, 1]
-        u, v = x * cos + y * sin, -x * sin + y * cos
+    for cls, mask, r, u, v in _by_class(regions, label, n_classes, angle, centre):
         second = _layout_mask(cls, u, v, coarse_period[r], blobs[mask])[:, None]
         colour = np.zeros((len(r), 3))
         for side, part in ((1 - second, cls), (second, (cls + 1) % n_classes)):

@@ -19,6 +19,16 @@ import torch
 import torch.nn.functional as F
 
 
+def add_flags(parser):
+    """The flags of an injected run, the same for both sides' runners."""
+    parser.add_argument("--inject", type=int, default=None, help="seed of the injected random draws")
+    parser.add_argument("--orders", default=None, help="JSON list of per-epoch sample orders to inject")
+    parser.add_argument("--probe", default=None, help="initial cluster probe [C, r] (torch file) to inject")
+    parser.add_argument("--record", default=None, help="write the per-step record here")
+    parser.add_argument("--segment_init", default=None, help="initial segment state dict (torch file) to inject")
+    parser.add_argument("--losses", default=None, help="write every training-loss term (JSON) here")
+
+
 class Injection:
     def __init__(self, seed, order_file=None, probe_file=None, record_file=None, segment_file=None):
         self.generator = torch.Generator().manual_seed(seed)

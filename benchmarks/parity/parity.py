@@ -182,6 +182,12 @@ def check_inputs(paths):
 # -- running each side --------------------------------------------------------------------------
 
 
+def run_quietly(command, cwd):
+    """Run a command; its output is shown with --verbose only."""
+    quiet = None if VERBOSE else subprocess.DEVNULL
+    subprocess.run(command, check=True, cwd=cwd, stdout=quiet, stderr=quiet)
+
+
 def run_reference(paths, seed, script, flags, cwd, extra):
     command = [
         sys.executable,
@@ -196,13 +202,7 @@ def run_reference(paths, seed, script, flags, cwd, extra):
         script,
         *flags,
     ]
-    subprocess.run(
-        command,
-        check=True,
-        cwd=cwd,
-        stdout=subprocess.DEVNULL if not VERBOSE else None,
-        stderr=subprocess.DEVNULL if not VERBOSE else None,
-    )
+    run_quietly(command, cwd)
 
 
 def reference_flags(paths, stage, head):
@@ -250,40 +250,18 @@ def run_reference_stage(paths, stage, head, seed, run, extra=()):
     )
 
 
+def shared_flags(paths, head=None):
+    """The project's flags of the data, backbone and sizes, the same for training and test.py (head flags with a
+    head only: stage 1 has none)."""
+    flags = ["--dataset", "toy", "--data_dir", paths.data, "--ckpt", paths.ckpt, "--num_codebook", str(K)]
+    flags += ["--train_resolution", str(RES), "--num_workers", "0"]
+    return flags + (["--head", head, "--projection_dim", str(E)] if head else [])
+
+
 def project_flags(paths, stage, head, seed, out):
-    flags = [
-        "--dataset",
-        "toy",
-        "--data_dir",
-        paths.data,
-        "--ckpt",
-        paths.ckpt,
-        "--head",
-        head,
-        "--num_codebook",
-        str(K),
-        "--projection_dim",
-        str(E),
-        "--train_resolution",
-        str(RES),
-        "--batch_size",
-        str(BATCH),
-        "--num_workers",
-        "0",
-        "--seed",
-        str(seed),
-        "--out",
-        out,
-        "--epoch",
-        str(EPOCHS[stage]),
-    ]
-    if stage == "fine_tuning":
-        flags += ["--grad_clip", PROJECT_STAGE3_CLIP]
-    if stage == "mediator":  # stage 1 has no head
-        for flag in ("--head", "--projection_dim"):
-            at = flags.index(flag)
-            del flags[at : at + 2]
-    return flags
+    flags = shared_flags(paths, None if stage == "mediator" else head)
+    flags += ["--batch_size", str(BATCH), "--seed", str(seed), "--out", out, "--epoch", str(EPOCHS[stage])]
+    return flags + (["--grad_clip", PROJECT_STAGE3_CLIP] if stage == "fine_tuning" else [])
 
 
 def project_artifacts(out, head):
@@ -304,13 +282,7 @@ def run_project_stage(paths, stage, head, seed, out, extra=()):
         PROJECT_SCRIPTS[stage],
         *project_flags(paths, stage, head, seed, out),
     ]
-    subprocess.run(
-        command,
-        check=True,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL if not VERBOSE else None,
-        stderr=subprocess.DEVNULL if not VERBOSE else None,
-    )
+    run_quietly(command, ROOT)
 
 
 def place(files, targets, kinds):
@@ -325,38 +297,8 @@ def place(files, targets, kinds):
 
 def evaluate(paths, head, files, out):
     """The project's test.py on one set of trained files -> metrics.json as a dict."""
-    command = [
-        sys.executable,
-        "test.py",
-        "--dataset",
-        "toy",
-        "--data_dir",
-        paths.data,
-        "--ckpt",
-        paths.ckpt,
-        "--head",
-        head,
-        "--num_codebook",
-        str(K),
-        "--projection_dim",
-        str(E),
-        "--train_resolution",
-        str(RES),
-        "--test_resolution",
-        str(RES),
-        "--num_workers",
-        "0",
-        "--out",
-        out,
-        "--save_images",
-        "0",
-        "--segment",
-        files["segment"],
-        "--cluster",
-        files["cluster"],
-        "--codebook",
-        files["codebook"],
-    ]
+    command = [sys.executable, "test.py", *shared_flags(paths, head), "--test_resolution", str(RES), "--out", out]
+    command += ["--save_images", "0", *(f"--{kind}={files[kind]}" for kind in ("segment", "cluster", "codebook"))]
     subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with open(os.path.join(out, "toy", BACKBONE, str(K), head, "metrics.json")) as f:
         return json.load(f)

@@ -19,12 +19,7 @@ import inject  # noqa: E402
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--inject", type=int, default=None, help="seed of the injected random draws")
-    parser.add_argument("--orders", default=None, help="JSON list of per-epoch sample orders to inject")
-    parser.add_argument("--probe", default=None, help="initial cluster probe [C, r] (torch file) to inject")
-    parser.add_argument("--record", default=None, help="write the per-step record here")
-    parser.add_argument("--segment_init", default=None, help="initial segment state dict (torch file) to inject")
-    parser.add_argument("--losses", default=None, help="write every training-loss term (JSON) here")
+    inject.add_flags(parser)
     parser.add_argument("script", help="the project's stage script, e.g. fine_tuning.py")
     known, rest = parser.parse_known_args()
     if known.inject is not None:
