@@ -16,6 +16,7 @@ class PatchBackbone(nn.Module):
     def __init__(self, side: int, dim: int, patch: int = 4):
         super().__init__()
         self.side, self.patch = side, patch
+        self.patch_size = patch  # as the project's backbones name it
         self.proj = nn.Linear(3 * patch * patch, dim)
         self.column = nn.Parameter(torch.randn(side, dim))
 
