@@ -176,13 +176,14 @@ def _initial_segment(classes, injection):
 
 def install_project(injection):
     """The project's samplers, cluster probe and bank draw from the injection."""
+    import engine.loop
+    import loader.batches
     import modules.bank
     import modules.segment
-    import utils.engine
 
     if injection.segment is not None:
         _initial_segment((modules.segment.SegmentMLP, modules.segment.SegmentTR), injection)
-    fixed_batch_loss = utils.engine.fixed_batch_loss
+    fixed_batch_loss = engine.loop.fixed_batch_loss
 
     def outside_stream(*args, **kwargs):
         injection.suspended = True
@@ -191,7 +192,7 @@ def install_project(injection):
         finally:
             injection.suspended = False
 
-    utils.engine.fixed_batch_loss = outside_stream
+    engine.loop.fixed_batch_loss = outside_stream
 
     injection.install()
     if injection.orders is not None:
@@ -199,7 +200,7 @@ def install_project(injection):
         def epoch_order(sampler):
             return iter(injection.order(sampler.epoch)[sampler.start :])
 
-        utils.engine.EpochSampler.__iter__ = epoch_order
+        loader.batches.EpochSampler.__iter__ = epoch_order
     if injection.probe is not None:
         init = modules.segment.Cluster.__init__
 
