@@ -115,3 +115,8 @@ def test_stage3_protocol_temperature_and_clipping(stage_runs):
     calls = stage_runs["fine_tuning_step"]
     assert len(calls) >= 3 and all((call["temp"], call["reference"]) == (0.3, False) for call in calls)
     assert [call["grad_clip"] for call in stage_runs["stage3_step"]] == [0.6] * 3
+    # As the reference, the norm clipped is the segment's alone: the cluster probe steps unclipped.
+    for call in stage_runs["stage3_step"]:
+        probe = call["params"][-1]
+        assert probe.dim() == 2 and probe.shape[0] == 6  # [C, r]: the toy's six classes
+        assert [id(p) for p in call["clip_params"]] == [id(p) for p in call["params"][:-1]]
