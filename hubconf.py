@@ -1,8 +1,8 @@
-"""torch.hub entries: a trained CAUSE segmenter from local files (nothing is downloaded).
+"""torch.hub entries: a trained CAUSE segmenter from local files. ``source="local"`` reads this clone's folder
+and every argument is a path on your disk: nothing is fetched.
 
-    segmenter = torch.hub.load("path/to/this/repository", "cause_tr", source="local",
-                               ckpt="dinov2_vitb14_reg4_pretrain.pth", segment="segment_tr.pth",
-                               cluster="cluster_tr.pth", codebook="modular.npy")
+    segmenter = torch.hub.load(clone_dir, "cause_tr", source="local", ckpt="dinov2_vitb14_reg4_pretrain.pth",
+                               segment="segment_tr.pth", cluster="cluster_tr.pth", codebook="modular.npy")
 
 Both take the arguments of ``engine.segmenter.CauseSegmenter.from_files`` and return that module.
 """

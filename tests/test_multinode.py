@@ -32,6 +32,12 @@ def environment():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
+def succeeds(command):
+    """Run ``command`` from the repository root (5 minutes at most) and check that it exits 0."""
+    res = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=environment())
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
 def artifacts(out, toy_dirs):
     root = dataset_dir(out, toy_dirs["train"][0])
     return {
@@ -54,15 +60,7 @@ def test_two_nodes_train_as_the_two_process_run(tmp_path, toy_dirs, dino_ckpt):
     for script in STAGES:
         argv = for_script(script, flags(spawned, dino_ckpt, toy_dirs["train"], "mlp", ["--max_steps", "3"]))
         gpus = argv.index("--gpu") + 1
-        res = subprocess.run(
-            [sys.executable, script, *argv[:gpus], "0,1", *argv[gpus + 1 :], "--port", free_port()],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=environment(),
-        )
-        assert res.returncode == 0, res.stderr[-2000:]
+        succeeds([sys.executable, script, *argv[:gpus], "0,1", *argv[gpus + 1 :], "--port", free_port()])
         argv = for_script(script, flags(nodes, dino_ckpt, toy_dirs["train"], "mlp", ["--max_steps", "3"]))
         rendezvous = [
             "--nnodes",
@@ -106,15 +104,7 @@ def test_an_elastic_restart_resumes_to_the_uninterrupted_artifact(tmp_path, toy_
     base = flags(trained, dino_ckpt, toy_dirs["train"], "mlp", ["--epoch", "3", "--save_every", "1"])
     job = ["--standalone", "--nproc_per_node", "2", "--max-restarts", "1"]
     for script in STAGES:
-        res = subprocess.run(
-            torchrun(*job, script, *for_script(script, base)),
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=environment(),
-        )
-        assert res.returncode == 0, res.stderr[-2000:]
+        succeeds(torchrun(*job, script, *for_script(script, base)))
     out = tmp_path / "elastic"
     argv = for_script(
         "train_front_door.py",

@@ -29,6 +29,21 @@ def add_flags(parser):
     parser.add_argument("--losses", default=None, help="write every training-loss term (JSON) here")
 
 
+def run_script(known, rest, folder, install, log_losses):
+    """Run ``folder/known.script`` as ``__main__`` with the flags ``rest``, after installing the injection and the
+    loss log that ``known`` (the parsed ``add_flags``) asks for: ``install(Injection)``, ``log_losses(path)``."""
+    import os
+    import runpy
+    import sys
+
+    if known.inject is not None:
+        install(Injection(known.inject, known.orders, known.probe, known.record, known.segment_init))
+    if known.losses:
+        log_losses(known.losses)
+    sys.argv = [known.script] + rest
+    runpy.run_path(os.path.join(folder, known.script), run_name="__main__")
+
+
 class Injection:
     def __init__(self, seed, order_file=None, probe_file=None, record_file=None, segment_file=None):
         self.generator = torch.Generator().manual_seed(seed)

@@ -234,13 +234,17 @@ def reference_flags(paths, stage, head):
     ]
 
 
-def reference_artifacts(run, head):
-    base = os.path.join(run, "CAUSE", "toy")
+def artifact_paths(base, head):
+    """Both sides' layout below their dataset folder ``base``: codebook, segment and cluster files."""
     return {
         "codebook": os.path.join(base, "modularity", BACKBONE, str(K), "modular.npy"),
         "segment": os.path.join(base, BACKBONE, str(K), f"segment_{head}.pth"),
         "cluster": os.path.join(base, BACKBONE, str(K), f"cluster_{head}.pth"),
     }
+
+
+def reference_artifacts(run, head):
+    return artifact_paths(os.path.join(run, "CAUSE", "toy"), head)
 
 
 def run_reference_stage(paths, stage, head, seed, run, extra=()):
@@ -265,12 +269,7 @@ def project_flags(paths, stage, head, seed, out):
 
 
 def project_artifacts(out, head):
-    base = os.path.join(out, "toy")
-    return {
-        "codebook": os.path.join(base, "modularity", BACKBONE, str(K), "modular.npy"),
-        "segment": os.path.join(base, BACKBONE, str(K), f"segment_{head}.pth"),
-        "cluster": os.path.join(base, BACKBONE, str(K), f"cluster_{head}.pth"),
-    }
+    return artifact_paths(os.path.join(out, "toy"), head)
 
 
 def run_project_stage(paths, stage, head, seed, out, extra=()):

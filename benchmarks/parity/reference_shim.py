@@ -167,19 +167,10 @@ def install_toy_loader(toy_crops):
         if args.dataset != "toy":
             return original(args, no_ddp_train_shuffle)
         args.n_classes = TOY_CLASSES
-        train = DataLoader(
-            toy_set("train", args.train_resolution),
-            args.batch_size,
-            shuffle=no_ddp_train_shuffle,
-            num_workers=args.num_workers,
-            pin_memory=False,
-        )
-        test = DataLoader(
-            toy_set("val", args.test_resolution),
-            args.batch_size,
-            shuffle=False,
-            num_workers=args.num_workers,
-            pin_memory=False,
+        splits = (("train", args.train_resolution, no_ddp_train_shuffle), ("val", args.test_resolution, False))
+        train, test = (
+            DataLoader(toy_set(split, res), args.batch_size, shuffle=shuffle, num_workers=args.num_workers)
+            for split, res, shuffle in splits
         )
         return train, test, None
 

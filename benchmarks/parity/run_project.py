@@ -6,7 +6,6 @@
 
 import argparse
 import os
-import runpy
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -22,14 +21,7 @@ def main():
     inject.add_flags(parser)
     parser.add_argument("script", help="the project's stage script, e.g. fine_tuning.py")
     known, rest = parser.parse_known_args()
-    if known.inject is not None:
-        inject.install_project(
-            inject.Injection(known.inject, known.orders, known.probe, known.record, known.segment_init)
-        )
-    if known.losses:
-        inject.log_project_losses(known.losses)
-    sys.argv = [known.script] + rest
-    runpy.run_path(os.path.join(ROOT, known.script), run_name="__main__")
+    inject.run_script(known, rest, ROOT, inject.install_project, inject.log_project_losses)
 
 
 if __name__ == "__main__":

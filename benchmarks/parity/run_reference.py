@@ -8,7 +8,6 @@ Run it from the folder that should receive the script's ``CAUSE/`` outputs.
 
 import argparse
 import os
-import runpy
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -28,14 +27,7 @@ def main():
     reference = os.path.abspath(known.reference)
     reference_shim.install(reference, os.path.abspath(known.toy_crops))
     reference_shim.seed_all(known.seed)
-    if known.inject is not None:
-        inject.install_reference(
-            inject.Injection(known.inject, known.orders, known.probe, known.record, known.segment_init)
-        )
-    if known.losses:
-        inject.log_reference_losses(known.losses)
-    sys.argv = [known.script] + rest
-    runpy.run_path(os.path.join(reference, known.script), run_name="__main__")
+    inject.run_script(known, rest, reference, inject.install_reference, inject.log_reference_losses)
 
 
 if __name__ == "__main__":
