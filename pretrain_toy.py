@@ -23,6 +23,8 @@ run with a fixed ``--threads`` is reproducible bit for bit, and ``--resume`` con
 import argparse
 import copy
 import glob
+import hashlib
+import json
 import math
 import os
 import tempfile
@@ -36,11 +38,11 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 from tqdm import tqdm
 
-from loader.toy import TOY_WORLDS, ensure_toy
+from loader.toy import TOY_WORLDS, ensure_toy, toy_sample
 from loader.transforms import SegmentationTransform
 from loader.views import correspondences, patch_masks, random_view
 from models.backbone import load_backbone
-from utils.atomic import atomic_torch_save
+from utils.atomic import atomic_torch_save, atomic_write_bytes
 
 # Flags that may change between a run and its resumption.
 RESUME_FREE = ("resume", "save_every", "max_steps", "threads")
@@ -260,6 +262,33 @@ def state_path(out: str) -> str:
     return out + ".state.pt"
 
 
+def record_path(out: str) -> str:
+    """``a/toy_vit_dino.pth`` -> ``a/toy_vit_dino.json``: what made the weights, and what they give."""
+    return os.path.splitext(out)[0] + ".json"
+
+
+@torch.no_grad()
+def fingerprint(path: str) -> dict:
+    """Tokens of the backbone saved at ``path`` on one fixed picture (the textures world's sample of seed 0,
+    64 px, normalised as the stages do): the first 8 values of the first 4 tokens and the mean absolute
+    token. A file that gives them again is the recorded one, however it was stored."""
+    backbone = load_backbone(path, family="dino")
+    image = torch.from_numpy(toy_sample(np.random.default_rng(0), 64, 6)[0]).permute(2, 0, 1).float() / 255
+    mean, std = (torch.tensor(v)[:, None, None] for v in (backbone.mean, backbone.std))
+    tokens = backbone(((image - mean) / std)[None])[0].double()
+    return {"first": [[round(v, 6) for v in row] for row in tokens[:4, :8].tolist()],
+            "mean_abs": round(float(tokens.abs().mean()), 6)}  # fmt: skip
+
+
+def write_record(args, seconds: float) -> None:
+    """``record_path(args.out)``: the flags, this run's seconds, the file's sha256 and :func:`fingerprint`."""
+    with open(args.out, "rb") as f:
+        sha256 = hashlib.sha256(f.read()).hexdigest()
+    flags = {k: v for k, v in vars(args).items() if k not in ("resume", "save_every", "max_steps")}
+    record = {"flags": flags, "seconds": round(seconds), "sha256": sha256, "fingerprint": fingerprint(args.out)}
+    atomic_write_bytes(record_path(args.out), json.dumps(record, indent=1).encode())
+
+
 def train(args) -> list[dict]:
     """Pre-train and write ``args.out`` (or the resumable state when stopped early); -> the per-step losses."""
     torch.manual_seed(args.seed)
@@ -335,6 +364,7 @@ def train(args) -> list[dict]:
     atomic_torch_save({k: v.half() if args.half else v for k, v in weights.items()}, args.out)
     if os.path.isfile(state_file):
         os.remove(state_file)
+    write_record(args, time.time() - started)
     print(f"[pretrain toy] {total} steps ({time.time() - started:.0f} s); DINO-layout teacher written to {args.out}")
     return history
 

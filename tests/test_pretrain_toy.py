@@ -1,3 +1,5 @@
+import hashlib
+import json
 import os
 
 import numpy as np
@@ -132,6 +134,35 @@ def test_saved_file_is_a_dino_checkpoint(image_dir, tmp_path):
     images = [Image.open(os.path.join(image_dir, name)).convert("RGB") for name in sorted(os.listdir(image_dir))]
     tokens = torch.cat([backbone(transform(image, None)[0][None])[0] for image in images])
     assert tokens.mean(0).abs().max() < 0.02 * tokens.std()
+    # the record beside the weights: flags, the file's sha256 and the tokens it gives
+    record = json.load(open(pretrain_toy.record_path(str(out))))
+    assert record["flags"]["half"] and record["flags"]["epochs"] == 1 and record["seconds"] >= 0
+    assert record["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert record["fingerprint"] == pretrain_toy.fingerprint(str(out))
+    assert len(record["fingerprint"]["first"]) == 4 and record["fingerprint"]["mean_abs"] > 0
+
+
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "toy_vit_dino.pth")
+
+
+def test_the_shipped_backbone_is_the_default_recipes_and_gives_its_recorded_tokens():
+    """weights/toy_vit_dino.pth: made by `python pretrain_toy.py` with today's defaults (fp16, nothing else
+    changed), unaltered since (sha256), and it still loads as a DINO ViT giving the tokens recorded at saving."""
+    record = json.load(open(pretrain_toy.record_path(SHIPPED)))
+    with open(SHIPPED, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == record["sha256"]
+    defaults = vars(pretrain_toy.parser().parse_args([]))
+    changed = {
+        k
+        for k, v in record["flags"].items()
+        if v != (list(defaults[k]) if isinstance(defaults[k], tuple) else defaults[k])
+    }
+    assert changed == {"half", "out"} and record["flags"]["half"]
+    backbone = load_backbone(SHIPPED)
+    assert (backbone.family, backbone.embed_dim, backbone.patch_size) == ("dino", 192, 16)
+    got = pretrain_toy.fingerprint(SHIPPED)
+    assert np.allclose(got["first"], record["fingerprint"]["first"], atol=1e-5)
+    assert abs(got["mean_abs"] - record["fingerprint"]["mean_abs"]) < 1e-5
 
 
 def test_parts_world_is_seeded_and_labelled(tmp_path):
