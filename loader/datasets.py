@@ -5,10 +5,9 @@ One registry serves every script::
     dataset = build_dataset("cocostuff27", "/data", "val", 320)
     dataset[0] == {"ind": 0, "img": float32[3, 320, 320] (normalised), "label": int64[320, 320]}
 
-Labels are class ids ``0 <= c < n_classes`` with ``-1`` = ignore. For the benchmarks, ``split="train"`` reads the
-crops written by ``crop_dataset.py`` (the reference trains on them); ``crops=False`` reads the original training
-images instead. Every problem with the data on disk raises :class:`DatasetError` or :class:`DatasetNotFoundError`
-with a one-line message naming the path and what was expected, so scripts can print it and exit.
+Labels are class ids ``0 <= c < n_classes`` with ``-1`` = ignore. A benchmark's ``split="train"`` reads the crops
+of ``crop_dataset.py`` (the reference trains on them), with ``crops=False`` the original images. Problems with the
+data on disk raise :class:`DatasetError` or :class:`DatasetNotFoundError` with a one-line message naming the path.
 """
 
 import hashlib
@@ -39,12 +38,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What the scripts need to know about a dataset, in one place.
-
-    ``crop_ratios`` are the crop sizes (fractions of the image height and width) of one crop set; ``crop_dir``
-    is where ``crop_dataset.py`` writes it and training reads it, relative to ``--data_dir`` (the directory
-    names of the reference implementation). ``resize`` is the evaluation geometry of :mod:`loader.transforms`.
-    """
+    """What the scripts need to know about a dataset: ``crop_ratios`` are the crop sizes (fractions of the image
+    height and width) of its crop set in ``crop_dir`` (under ``--data_dir``, named as by the reference); ``resize``
+    is the evaluation geometry of :mod:`loader.transforms`."""
 
     name: str
     n_classes: int | None
@@ -145,13 +141,6 @@ def _require_dir(path: str, what: str, layout: str):
         raise DatasetNotFoundError(f"{what} not found: {path} is missing; expected {layout}")
 
 
-def _read_list(path: str, layout: str) -> list[str]:
-    if not os.path.isfile(path):
-        raise DatasetNotFoundError(f"image list not found: {path}; expected {layout}")
-    with open(path) as f:
-        return [line.strip() for line in f if line.strip()]
-
-
 @dataclass(eq=False, repr=False)
 class SegmentationDataset(Dataset):
     """Pairs of (image file, label file or None) read through a label decoder: ``load(i)`` gives the full-resolution
@@ -201,7 +190,11 @@ def _listed_samples(base, what, layout, folders, list_file):
     _require_dir(base, what, layout)
     for folder, path in folders.items():
         _require_dir(os.path.join(base, path), folder, layout)
-    ids = _read_list(os.path.join(base, list_file), layout)
+    list_path = os.path.join(base, list_file)
+    if not os.path.isfile(list_path):
+        raise DatasetNotFoundError(f"image list not found: {list_path}; expected {layout}")
+    with open(list_path) as f:
+        ids = [line.strip() for line in f if line.strip()]
     images, labels = (os.path.join(base, path) for path in folders.values())
     return [(os.path.join(images, f"{i}.jpg"), os.path.join(labels, f"{i}.png")) for i in ids]
 
@@ -267,10 +260,8 @@ def _cropped_samples(name: str, root: str, split: str, crop_type: str | None, cr
 
 
 def folder_samples(image_dir: str, label_dir: str | None = None) -> list[tuple[str, str | None]]:
-    """Images of a directory (sorted by name) paired with ``label_dir/<stem>.png`` if given.
-
-    Broken links among the images are left out with a warning that counts and names them.
-    """
+    """Images of a directory (sorted by name) paired with ``label_dir/<stem>.png`` if given; broken links are
+    left out with a warning that names them."""
     _require_dir(image_dir, "image folder", _FOLDER_LAYOUT)
     names = sorted(f for f in os.listdir(image_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
     warn_broken_links([os.path.join(image_dir, f) for f in names], f"in {image_dir}")
@@ -324,14 +315,14 @@ def build_dataset(
     crop_type: str | None = None,
     crop_ratio: float | None = None,
 ) -> SegmentationDataset:
-    """The dataset ``name`` (see :data:`DATASETS`) whose items are
-    ``{"ind": int, "img": float32[3, res, res], "label": int64[res, res]}``.
+    """The dataset ``name`` (one of :data:`DATASETS`): items ``{"ind": int, "img": float32[3, res, res],
+    "label": int64[res, res]}``.
 
-    root: the ``--data_dir`` holding the STEGO layout (see :class:`DatasetInfo`.layout). split: "train" or "val"
-    ("test" too for Cityscapes); for a benchmark, "train" reads the crop set of ``crop_type`` / ``crop_ratio``
-    (registry default) unless ``crops=False``. mean, std: the backbone's input normalisation. n_classes:
-    required by ``folder`` with labels; must match the registry otherwise. image_dir, label_dir: the ``folder``
-    dataset's images (``root`` if None) and optional label PNGs (unlabelled items are all -1).
+    root: the ``--data_dir`` (layout: :class:`DatasetInfo`.layout). split: "train" or "val" ("test" too for
+    Cityscapes); a benchmark's "train" reads the crop set of ``crop_type`` / ``crop_ratio`` (registry default)
+    unless ``crops=False``. mean, std: the backbone's normalisation. n_classes: required by ``folder`` with
+    labels, else must match the registry. image_dir, label_dir: the ``folder`` images (``root`` if None) and
+    optional label PNGs (unlabelled items are all -1).
     """
     info = dataset_info(name)
     if info.n_classes is not None and n_classes is not None and n_classes != info.n_classes:

@@ -1,7 +1,5 @@
-"""Reading images and label files, and decoding each dataset's label values into class ids.
-
-Labels are class ids ``0 <= c < n_classes`` with ``-1`` = ignore. A raw value a dataset must not hold is reported
-with the file name, never clipped.
+"""Reading images and label files, and decoding each dataset's label values into class ids ``0 <= c < n_classes``
+with ``-1`` = ignore. A raw value a dataset must not hold is reported with the file name, never clipped.
 """
 
 import json
@@ -67,11 +65,8 @@ def coco_decoder(name: str) -> LabelDecoder:
 
 
 def cityscapes_decoder() -> LabelDecoder:
-    """Cityscapes labelIds -> labelId - 7 (27 classes); ids 0-6 (void) -> ignore.
-
-    gtFine labelIds files hold 0..33 (license-plate polygons, id -1, are not drawn);
-    255 is accepted as ignore for label maps written by other tools.
-    """
+    """Cityscapes labelIds -> labelId - 7 (27 classes); ids 0-6 (void) and 255 (other tools' maps) -> ignore.
+    gtFine labelIds files hold 0..33 (license-plate polygons, id -1, are not drawn)."""
     classes = (slice(0, 7), _IGNORE), (slice(7, 34), np.arange(27)), (255, _IGNORE)
     return _decoder("Cityscapes labelIds 0..33 or 255", *classes)
 

@@ -1,16 +1,13 @@
 """The embedded toy dataset: synthetic 'stuff' scenes generated locally from a seed.
 
-Each image is a warped Voronoi layout of regions; each region shows one of six texture classes (stripes, checkers,
-noise, waves, gradient, dots). A class paints with two hues, its own and the one of class ``c + 2``, so every hue
-belongs to two classes and no class can be told from one pixel's colour: the texture decides. Every region jitters
-its hues, saturation, brightness, orientation, phase and texture scale.
+Each image is a warped Voronoi layout of regions, each showing one of six texture classes (stripes, checkers,
+noise, waves, gradient, dots) painted with two hues, its own and that of class ``c + 2``: no class can be told from
+one pixel's colour, the texture decides. Regions jitter hue, saturation, brightness, orientation, phase and scale.
 
-A second world, ``parts``, needs context to be segmented: every class is an object made of two
-parts, each part a fine texture of its own hue, laid out in a coarse class-specific pattern
-(tiles, spots, bands, rings, blobs, zigzags) a few patches across. Part ``m`` belongs to class
-``m`` and to class ``m - 1``, so a patch, which sees one part, fits two classes: only the
-surrounding parts and their layout tell them apart. Regions also vary in scale, orientation,
-phase and brightness, under a smooth illumination field across the image.
+The ``parts`` world needs context: a class is two parts, each a fine texture of its own hue, laid out in a coarse
+class-specific pattern (tiles, spots, bands, rings, blobs, zigzags) a few patches across. Part ``m`` belongs to
+classes ``m`` and ``m - 1``, so only the surrounding parts and their layout tell a patch's class. Regions vary in
+scale, orientation, phase and brightness, under a smooth illumination field.
 
 On disk (what the folder loader reads)::
 
@@ -22,6 +19,7 @@ Same parameters -> identical bytes (for the same numpy / Pillow versions).
 """
 
 import colorsys
+import contextlib
 import json
 import os
 
@@ -53,9 +51,8 @@ def _layout(rng: np.random.Generator, size: int) -> np.ndarray:
     n_regions = int(rng.integers(4, 9))
     seeds = rng.random((n_regions, 2))
     yy, xx = np.meshgrid(np.linspace(0, 1, size), np.linspace(0, 1, size), indexing="ij")
-    warp = 0.12
-    yy = yy + warp * (_smooth_noise(rng, size, 3) - 0.5)
-    xx = xx + warp * (_smooth_noise(rng, size, 3) - 0.5)
+    yy = yy + 0.12 * (_smooth_noise(rng, size, 3) - 0.5)
+    xx = xx + 0.12 * (_smooth_noise(rng, size, 3) - 0.5)
     dist = (yy[None] - seeds[:, 0, None, None]) ** 2 + (xx[None] - seeds[:, 1, None, None]) ** 2
     return dist.argmin(0)
 
@@ -68,8 +65,7 @@ def _texture(
     cls: int, u: np.ndarray, v: np.ndarray, period: np.ndarray, phase: np.ndarray, noise: np.ndarray
 ) -> np.ndarray:
     """Texture value in [0, 1] of class ``cls`` at rotated pixel coordinates u, v: [M] -> [M]."""
-    a = 2 * np.pi * u / period + phase
-    b = 2 * np.pi * v / period
+    a, b = 2 * np.pi * u / period + phase, 2 * np.pi * v / period
     if cls == 0:  # stripes
         return _soft(np.sin(a), 3.0)
     if cls == 1:  # checkers
@@ -126,14 +122,12 @@ def toy_sample(rng: np.random.Generator, size: int, n_classes: int) -> tuple[np.
         t[mask] = _texture(cls, u, v, period[r], phase[r], noise[mask])
     rgb = colour_a[regions] * (1 - t[..., None]) + colour_b[regions] * t[..., None]
     rgb = rgb + rng.normal(0.0, 0.03, rgb.shape)
-    image = np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
-    return image, label.astype(np.uint8)
+    return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8), label.astype(np.uint8)
 
 
 def _fine_texture(part: int, u: np.ndarray, v: np.ndarray, period: np.ndarray, grain: np.ndarray) -> np.ndarray:
     """Fine texture in [0, 1] of part ``part`` (a few pixels per period) at rotated coordinates: [M] -> [M]."""
-    a = 2 * np.pi * u / period
-    b = 2 * np.pi * v / period
+    a, b = 2 * np.pi * u / period, 2 * np.pi * v / period
     if part == 0:  # fine stripes
         return _soft(np.sin(a), 2.0)
     if part == 1:  # fine dots
@@ -150,8 +144,7 @@ def _fine_texture(part: int, u: np.ndarray, v: np.ndarray, period: np.ndarray, g
 
 def _layout_mask(cls: int, u: np.ndarray, v: np.ndarray, period: np.ndarray, blobs: np.ndarray) -> np.ndarray:
     """Which part (0: first, 1: second; soft) class ``cls`` shows at rotated coordinates: [M] -> [M]."""
-    a = 2 * np.pi * u / period
-    b = 2 * np.pi * v / period
+    a, b = 2 * np.pi * u / period, 2 * np.pi * v / period
     if cls == 0:  # tiles
         return _soft(np.sin(a) * np.sin(b), 6.0)
     if cls == 1:  # spots
@@ -195,8 +188,7 @@ def parts_sample(rng: np.random.Generator, size: int, n_classes: int) -> tuple[n
             colour += side * (dark_colours[r, part] * (1 - fine) + light_colours[r, part] * fine)
         rgb[mask] = colour
     rgb = rgb * light[..., None] + rng.normal(0.0, 0.03, rgb.shape)
-    image = np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
-    return image, label.astype(np.uint8)
+    return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8), label.astype(np.uint8)
 
 
 _SAMPLERS = {"textures": toy_sample, "parts": parts_sample}
@@ -233,11 +225,8 @@ def ensure_toy(
     n_classes: int = 6,
     world: str = "textures",
 ) -> str:
-    """Generate the toy ``world`` under ``root`` (``toy_dir``) unless a complete copy with these
-    parameters is there; -> its path.
-
-    The marker file is written last, so an interrupted generation is redone on the next call.
-    """
+    """Generate the toy ``world`` under ``root`` (``toy_dir``) unless a complete copy with these parameters is
+    there; -> its path. The marker is written last, so an interrupted generation is redone on the next call."""
     toy_root = toy_dir(root, world)
     if not 2 <= n_classes <= len(TOY_CLASS_NAMES):
         raise ValueError(f"the toy dataset has 2..{len(TOY_CLASS_NAMES)} classes, got {n_classes}")
@@ -251,15 +240,11 @@ def ensure_toy(
         params["world"] = world
     marker = os.path.join(toy_root, MARKER)
     if os.path.isfile(marker):
-        with open(marker) as f:
-            try:
-                if json.load(f) == params:
-                    return toy_root
-            except json.JSONDecodeError:
-                pass
+        with open(marker) as f, contextlib.suppress(json.JSONDecodeError):
+            if json.load(f) == params:
+                return toy_root
         os.remove(marker)
-    os.makedirs(toy_root, exist_ok=True)
-    _write_split(toy_root, "train", n_train, seed, size, n_classes, world)
-    _write_split(toy_root, "val", n_val, seed, size, n_classes, world)
+    for split, count in (("train", n_train), ("val", n_val)):
+        _write_split(toy_root, split, count, seed, size, n_classes, world)
     atomic_write_bytes(marker, json.dumps(params).encode())
     return toy_root

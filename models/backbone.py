@@ -1,11 +1,10 @@
 """Frozen ViT backbones built with timm from official self-supervised checkpoints.
 
 `load_backbone` reads a checkpoint as its authors publish it (DINO, DINOv2 with or without registers, iBOT, MSN,
-MAE, MoCo v3, Unicom, DINOv3 in Meta's or Hugging Face's layout; `.pth` or `.safetensors`), tells the family from
-the container and the keys (`models.checkpoints`), reads width, depth, patch size, MLP width, registers and layer
-scale from the tensor shapes, builds the matching timm model and loads the weights strictly. A timm state dict of
-any ViT loads by its timm name (`arch`). The returned module is frozen and maps normalised images to the patch
-tokens of the last block after the final norm:
+MAE, MoCo v3, Unicom, DINOv3 in Meta's or Hugging Face's layout; `.pth` or `.safetensors`), tells the family and
+the architecture from the keys and tensor shapes (`models.checkpoints`) and loads the weights strictly into the
+matching timm model; a timm state dict of any ViT loads by its timm name (`arch`). The frozen module returns the
+final-norm patch tokens of normalised images:
 
     img[B, 3, H, W] -> tokens[B, (H/p) * (W/p), D]   (row-major over the h x w grid)
 
@@ -80,11 +79,8 @@ class RandomBackboneWarning(UserWarning):
 
 
 def default_num_heads(family: str, embed_dim: int) -> int:
-    """Heads of the official model (the weights do not show them).
-
-    DINO, DINOv2, iBOT, MSN, MAE, DINOv3: 64 channels per head (DINOv3 7B: 128). MoCo v3 and
-    Unicom: 12 below width 1024 (their ViT-S and ViT-B alike), 16 from 1024.
-    """
+    """Heads of the official model, which the weights do not show: 64 channels per head (DINOv3 7B: 128);
+    MoCo v3 and Unicom: 12 below width 1024 (their ViT-S and ViT-B alike), 16 from 1024."""
     if family == "dinov3":
         return dinov3_num_heads(embed_dim)
     if family in ("mocov3", "unicom"):
@@ -113,9 +109,8 @@ def build_vit(shape: ViTShape, family: str, num_heads: int) -> VisionTransformer
         act_layer=nn.ReLU6 if unicom else nn.GELU,
         weight_init="skip",
     )
-    # The checkpoints give position embeddings to the CLS token but not to registers
-    # (DINOv2) and have no CLS slot at all (Unicom); timm's table would have one slot per
-    # prefix token, so the table takes the checkpoint's shape.
+    # The checkpoints give the CLS token a position but not the registers (DINOv2), or have no CLS slot (Unicom);
+    # timm's table would have one slot per prefix token, so the table takes the checkpoint's shape.
     num_positions = shape.grid_size**2 + int(shape.class_token)
     vit.pos_embed = nn.Parameter(torch.zeros(1, num_positions, shape.embed_dim))
     return vit
@@ -130,21 +125,17 @@ def to_timm_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
 class FrozenViT(nn.Module):
     """A frozen timm ViT that returns the final-norm patch tokens of normalised images.
 
-    Attributes: `patch_size`, `embed_dim`, `num_heads`, `num_registers`, `grid_size` (native
-    patch grid side of the position table; None with RoPE), `family`, `position_rule`, `arch`
-    (the timm name, for a model loaded by name), `mean` / `std` (the input normalisation it expects).
+    Attributes: `patch_size`, `embed_dim`, `num_heads`, `num_registers`, `grid_size` (side of the position
+    table's patch grid; None with RoPE), `family`, `position_rule`, `arch` (the timm name of a model loaded
+    by name), `mean` / `std` (the input normalisation it expects).
     """
 
     def __init__(
         self, vit: nn.Module, family: str, position_rule: str, mean: Triple, std: Triple, arch: str | None = None
     ):
         super().__init__()
-        self.vit = vit
-        self.family = family
-        self.position_rule = position_rule
-        self.arch = arch
-        self.mean = tuple(mean)
-        self.std = tuple(std)
+        self.vit, self.family, self.position_rule, self.arch = vit, family, position_rule, arch
+        self.mean, self.std = tuple(mean), tuple(std)
         self.patch_size = int(vit.patch_embed.patch_size[0])
         self.embed_dim = int(vit.embed_dim)
         self.num_heads = int(vit.blocks[0].attn.num_heads)
@@ -177,13 +168,9 @@ class FrozenViT(nn.Module):
         x = self.vit.patch_embed(img).reshape(batch, h * w, self.embed_dim)
         table = self.vit.pos_embed[:, int(self.has_class_token) :]  # the patch part: [1, M*M, D]
         x = x + interpolate_position_embedding(table, h, w, self.position_rule)
-        prefix = []
-        if self.has_class_token:
-            cls = self.vit.cls_token + self.vit.pos_embed[:, :1]
-            prefix.append(cls.expand(batch, -1, -1))
-        if self.num_registers:
-            prefix.append(self.vit.reg_token.expand(batch, -1, -1))
-        x = torch.cat(prefix + [x], dim=1)
+        prefix = [self.vit.cls_token + self.vit.pos_embed[:, :1]] if self.has_class_token else []
+        prefix += [self.vit.reg_token] if self.num_registers else []
+        x = torch.cat([token.expand(batch, -1, -1) for token in prefix] + [x], dim=1)
         x = self.vit.norm(self.vit.blocks(x))
         return x[:, self.num_prefix_tokens :]
 
@@ -314,17 +301,14 @@ def load_backbone(
 ) -> FrozenViT:
     """Frozen, eval-mode ViT from an official checkpoint file or a timm state dict.
 
-    ckpt: path of the file (`.pth`, `.pt`, `.safetensors`, ...) or of a Hugging Face model folder,
-      or None for random weights of the timm architecture `arch` (default `vit_tiny_patch16_224`,
-      seeded by `seed`; warns with RandomBackboneWarning).
-    family: one of FAMILIES, or None to detect it from the container and the keys; "timm" loads
-      the file as a state dict of the timm model `arch`.
+    ckpt: a weights file (`.pth`, `.safetensors`, ...) or Hugging Face model folder, or None for random weights
+      of the timm architecture `arch` (default `vit_tiny_patch16_224`, seeded by `seed`; RandomBackboneWarning).
+    family: one of FAMILIES, None to detect it, or "timm" to load a state dict of the timm model `arch`.
     arch: a timm model name; with a checkpoint, used when the file matches no family.
-    num_heads: overrides the family's head count (SPEC section 0: the reference ran DINO
-      ViT-S with 12 heads).
-    norm: input normalisation, None for the weights' own (ImageNet; CLIP for Unicom; timm's
-      for a model by name), "imagenet", "sat", "clip" or six numbers (mean, std). A checkpoint
-      named like a satellite (SAT-493M) file without `norm` warns with NormalisationHintWarning.
+    num_heads: overrides the family's head count (SPEC section 0: the reference ran DINO ViT-S with 12 heads).
+    norm: None for the weights' own normalisation (ImageNet; CLIP for Unicom; timm's for a model by name),
+      "imagenet", "sat", "clip" or six numbers (mean, std); a satellite-named (SAT-493M) checkpoint without
+      `norm` warns with NormalisationHintWarning.
     Returns a FrozenViT: forward(img[B, 3, H, W]) -> tokens[B, (H/p)*(W/p), D].
     """
     if ckpt is None:
@@ -339,9 +323,8 @@ def load_backbone(
 
 
 def checkpoint_stem(ckpt, arch: str | None = None) -> str:
-    """Name of a backbone for artifact folders: the file name without its extension
-    (".pth.tar" counts as one), the folder's name for a Hugging Face folder or its
-    model.safetensors, or "random_<arch>" without a checkpoint."""
+    """Name of a backbone for artifact folders: the file name without its extension (".pth.tar" counts as
+    one), the folder's name for a Hugging Face folder or its model.safetensors, or "random_<arch>"."""
     if ckpt is None:
         return f"random_{arch or DEFAULT_ARCH}"
     path = Path(os.path.abspath(os.fspath(ckpt)))

@@ -65,12 +65,6 @@ _HF_GATED_BLOCK = dict(_HF_COMMON, **{"mlp.gate_proj": "mlp.w1", "mlp.up_proj": 
 _HF_LAYER_SCALE = {"layer_scale1": "ls1.gamma", "layer_scale2": "ls2.gamma"}
 
 
-def _hf_prefix(raw: dict) -> str | None:
-    """The key prefix of a transformers DINOv3ViTModel state dict ("" or e.g. "dinov3_vit."), or None."""
-    prefixes = (key[: -len(_HF_PATCH)] for key in raw if isinstance(key, str) and key.endswith(_HF_PATCH))
-    return next((prefix for prefix in prefixes if all(prefix + name in raw for name in HF_KEYS)), None)
-
-
 def hf_to_meta(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers' DINOv3ViTModel names to Meta's; q, k, v are fused into `attn.qkv` (a missing bias
     is zero, as transformers' key projection has none). Keys it does not know keep their names."""
@@ -106,7 +100,9 @@ def dinov3_state_dict(raw: object) -> dict[str, torch.Tensor] | None:
     if all(key in raw for key in META_KEYS) and "pos_embed" not in raw:
         state_dict = dict(raw)
     else:
-        prefix = _hf_prefix(raw)
+        # the key prefix of a transformers DINOv3ViTModel state dict: "" or e.g. "dinov3_vit."
+        prefixes = (key[: -len(_HF_PATCH)] for key in raw if key.endswith(_HF_PATCH))
+        prefix = next((prefix for prefix in prefixes if all(prefix + name in raw for name in HF_KEYS)), None)
         if prefix is None:
             return None
         state_dict = hf_to_meta({key[len(prefix) :]: v for key, v in raw.items() if key.startswith(prefix)})
@@ -125,16 +121,11 @@ def dinov3_missing_keys(raw: object) -> list[str]:
 
 
 def extract_backbone(raw: object, family: str) -> dict[str, torch.Tensor] | None:
-    """The family's backbone state dict from a loaded file, or None if it does not fit.
-
-    DINOv3 comes in Meta's key names whichever layout the file has.
-    """
+    """The family's backbone state dict from a loaded file, or None if it does not fit (DINOv3 in Meta's names)."""
     if family == "dinov3":
         return dinov3_state_dict(raw)
     layout = LAYOUTS[family]
-    if not isinstance(raw, dict):
-        return None
-    inner = raw if layout.container is None else raw.get(layout.container)
+    inner = raw.get(layout.container) if layout.container is not None and isinstance(raw, dict) else raw
     if not isinstance(inner, dict):
         return None
     start = len(layout.prefix)
@@ -176,12 +167,9 @@ def describe_keys(raw: object, limit: int = 8) -> str:
         more = f", ... ({len(keys)} keys)" if len(keys) > limit else ""
         return "[" + ", ".join(keys[:limit]) + more + "]"
 
-    text = f"top-level keys {head(raw.keys())}"
-    for key, value in raw.items():
-        if isinstance(value, dict):
-            text += f"; keys under {key!r}: {head(value.keys())}"
-            break
-    return text
+    nested = next(((key, value) for key, value in raw.items() if isinstance(value, dict)), None)
+    under = "" if nested is None else f"; keys under {nested[0]!r}: {head(nested[1].keys())}"
+    return f"top-level keys {head(raw.keys())}{under}"
 
 
 def timm_state_dict(raw: object) -> dict[str, torch.Tensor] | None:
@@ -189,12 +177,9 @@ def timm_state_dict(raw: object) -> dict[str, torch.Tensor] | None:
     or the classifier ("head.*"); None if the file holds no dict of tensors there."""
     if not isinstance(raw, dict):
         return None
-    for inner in (raw, raw.get("state_dict"), raw.get("model")):
-        if (
-            isinstance(inner, dict)
-            and inner
-            and all(isinstance(k, str) and torch.is_tensor(v) for k, v in inner.items())
-        ):
+    dicts = (inner for inner in (raw, raw.get("state_dict"), raw.get("model")) if isinstance(inner, dict) and inner)
+    for inner in dicts:
+        if all(isinstance(k, str) and torch.is_tensor(v) for k, v in inner.items()):
             if all(key.startswith("module.") for key in inner):
                 inner = {key[len("module.") :]: value for key, value in inner.items()}
             return {key: value for key, value in inner.items() if not key.startswith("head.")}

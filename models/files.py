@@ -1,8 +1,6 @@
-"""Reading checkpoint files: PyTorch archives and pickles, safetensors files, Hugging Face folders.
-
-A Hugging Face model folder holds `model.safetensors` (or shards listed by
-`model.safetensors.index.json`) and `config.json`; either the folder or its weights file can be
-given. Nothing here knows the backbone families: it returns what the file holds.
+"""Reading checkpoint files: PyTorch archives and pickles, safetensors files, Hugging Face folders (`config.json`
+beside `model.safetensors` or the shards its index lists; the folder or its weights file can be given). Nothing
+here knows the backbone families: it returns what the file holds.
 """
 
 import json
@@ -71,11 +69,6 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def _looks_like_safetensors(head: bytes, size: int) -> bool:
-    """A safetensors file starts with the length of its JSON header (8 bytes, little endian), then '{'."""
-    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8
-
-
 def _read_file(path: str) -> object:
     size = os.path.getsize(path)
     named_safetensors = path.endswith(".safetensors")
@@ -84,7 +77,9 @@ def _read_file(path: str) -> object:
         raise UnknownCheckpointError(f"{path}: not a readable {kind} (the file is empty)")
     with open(path, "rb") as f:
         head = f.read(9)
-    if named_safetensors or _looks_like_safetensors(head, size):
+    # a safetensors file starts with the length of its JSON header (8 bytes, little endian), then '{'
+    header = len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8
+    if named_safetensors or header:
         return read_safetensors(path)
     if not head.startswith((b"PK", b"\x80")):
         what = f"neither a zip archive nor a pickle; it begins with {head[:8]!r}"
@@ -93,9 +88,8 @@ def _read_file(path: str) -> object:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
-            # Training outputs of the official repositories also pickle non-tensor objects (an
-            # argparse Namespace, numpy scalars) that the weights-only unpickler refuses. The file is
-            # one the user chose to load as a backbone, so it is unpickled in full.
+            # The official training outputs also pickle objects (an argparse Namespace, numpy scalars) that the
+            # weights-only unpickler refuses; the user chose this file as a backbone, so it is unpickled in full.
             return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # truncated archives, text files: any failure to read the user's file is bad input
         raise UnknownCheckpointError(
@@ -115,14 +109,9 @@ def _read_json(path: str) -> dict:
 
 
 def read_hf_config(path) -> dict | None:
-    """The Hugging Face `config.json` beside the weights (in the folder given, or in the folder of a
-    `.safetensors` file), or None where there is none."""
+    """The Hugging Face `config.json` in the folder given or beside a `.safetensors` file, or None."""
     path = os.fspath(path)
-    if os.path.isdir(path):
-        folder = path
-    elif path.endswith(".safetensors"):
-        folder = os.path.dirname(os.path.abspath(path))
-    else:
+    if not os.path.isdir(path) and not path.endswith(".safetensors"):
         return None
-    config = os.path.join(folder, HF_CONFIG)
+    config = os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)), HF_CONFIG)
     return _read_json(config) if os.path.isfile(config) else None

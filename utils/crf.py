@@ -1,10 +1,8 @@
 """Fully-connected CRF post-processing (Krähenbühl & Koltun) as CAUSE evaluates it (SPEC §7).
 
-``dense_crf`` refines one image's class scores with the reference's settings (Gaussian
-kernel ``sxy=1, compat=3``, bilateral kernel ``sxy=67, srgb=3, compat=4``, mean-field
-iterations). It runs on the CPU; ``CRFPool`` spreads a batch over worker processes and
-falls back to serial CRF, with a warning, whenever a worker fails or the batch times out,
-so the pool can never hang an evaluation.
+``dense_crf`` refines one image's class scores on the CPU with the reference's settings (Gaussian kernel ``sxy=1,
+compat=3``, bilateral ``sxy=67, srgb=3, compat=4``). ``CRFPool`` spreads a batch over worker processes and falls
+back to serial CRF, with a warning, when a worker fails or the batch times out: it never hangs an evaluation.
 """
 
 import multiprocessing
@@ -21,12 +19,8 @@ import torch.nn.functional as F
 
 
 def unnormalize_to_uint8(img, mean, std):
-    """img: normalised float tensor [B, 3, H, W] (or [3, H, W]) -> uint8 RGB array [B, H, W, 3] (or [H, W, 3]).
-
-    The reference inverts ``Normalize`` with two more ``Normalize`` (divide by ``1/std``, add ``mean``) and
-    quantises with ``to_pil_image`` (times 255, truncated); the same float32 operations, after a clamp to
-    [0, 1], give the CRF the reference's pixels.
-    """
+    """img: normalised float tensor [B, 3, H, W] (or [3, H, W]) -> uint8 RGB array [B, H, W, 3] (or [H, W, 3]),
+    with the reference's float32 operations (divide by ``1/std``, add ``mean``, clamp, times 255, truncated)."""
     x = torch.as_tensor(img).detach().to("cpu", torch.float32)
     single = x.ndim == 3
     x = x[None] if single else x
@@ -79,22 +73,10 @@ def _init_worker():
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group: the parent stops the pool
 
 
-def _prepare_batch(images, logits, iters):
-    """Validates a batch and returns the per-image tasks (image, float32 scores, iters)."""
-    images = [_check_image(image) for image in (images.cpu().numpy() if isinstance(images, torch.Tensor) else images)]
-    scores = _check_scores(logits, 4, "expected class scores [B, C, h, w]")
-    if len(images) != scores.shape[0]:
-        raise ValueError(f"got {len(images)} images but class scores for {scores.shape[0]}")
-    if len(shapes := {image.shape for image in images}) > 1:
-        raise ValueError(f"all images of a CRF batch must have the same size, got {sorted(shapes)}")
-    return [(image, s, int(iters)) for image, s in zip(images, scores.numpy())]
-
-
 @dataclass(eq=False)
 class CRFJob:
-    """A batch submitted to a ``CRFPool``; ``result()`` returns its marginals [B, C, H, W], computed serially
-    with a ``RuntimeWarning`` when the pool fails, when the result takes longer than the pool's ``timeout``
-    (from the ``result()`` call), or when the pool was restarted."""
+    """A batch submitted to a ``CRFPool``; ``result()`` returns its marginals [B, C, H, W], computed serially with a
+    ``RuntimeWarning`` when the pool fails, times out (from the ``result()`` call) or was restarted."""
 
     crf_pool: "CRFPool"
     tasks: list
@@ -128,15 +110,13 @@ class CRFJob:
 
 
 class CRFPool:
-    """A process pool for batched dense CRF, created once and reused across batches.
+    """A process pool for batched dense CRF, reused across batches.
 
-    ``with CRFPool(8) as crf_pool:`` around the evaluation loop, then ``crf_pool(images_uint8, log_probs)``
-    -> [B, C, H, W], or ``job = crf_pool.submit(...)`` and later ``job.result()`` (the workers run while
-    the caller computes the next batch). Workers start lazily (``context``: ``spawn`` by default, safe in
-    processes that hold CUDA or NCCL state). If a worker raises, dies, or a batch's result takes longer
-    than ``timeout`` seconds, the pool is torn down with a ``RuntimeWarning``, that batch (and any other in
-    the old pool) is computed serially and the next batch starts a fresh pool. ``num_workers``: ``None``
-    uses ``os.cpu_count()``, ``0`` runs serially (when ``result()`` is called).
+    ``with CRFPool(8) as crf_pool:`` around the evaluation loop, then ``crf_pool(images_uint8, log_probs)`` ->
+    [B, C, H, W], or ``job = crf_pool.submit(...)`` and later ``job.result()``. Workers start lazily (``spawn``
+    by default: safe beside CUDA or NCCL). If a worker raises, dies or a result takes over ``timeout`` seconds,
+    the pool is torn down with a ``RuntimeWarning``, its batches are computed serially and the next batch
+    starts a fresh pool. ``num_workers``: ``None`` uses ``os.cpu_count()``, ``0`` runs serially.
     """
 
     def __init__(self, num_workers=None, timeout=300.0, context="spawn"):
@@ -166,7 +146,14 @@ class CRFPool:
     def submit(self, images, logits, iters=10):
         """Starts a batch and returns at once: images uint8 RGB [B, H, W, 3] (array, tensor or list);
         logits [B, C, h, w] -> a ``CRFJob`` whose ``result()`` is [B, C, H, W] float32."""
-        tasks = _prepare_batch(images, logits, iters)
+        images = images.cpu().numpy() if isinstance(images, torch.Tensor) else images
+        images = [_check_image(image) for image in images]
+        scores = _check_scores(logits, 4, "expected class scores [B, C, h, w]")
+        if len(images) != scores.shape[0]:
+            raise ValueError(f"got {len(images)} images but class scores for {scores.shape[0]}")
+        if len(shapes := {image.shape for image in images}) > 1:
+            raise ValueError(f"all images of a CRF batch must have the same size, got {sorted(shapes)}")
+        tasks = [(image, s, int(iters)) for image, s in zip(images, scores.numpy())]
         if self.num_workers == 0 or not tasks:
             return CRFJob(self, tasks)
         try:

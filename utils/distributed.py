@@ -1,8 +1,5 @@
-"""One process per device: torchrun, ``--gpu 0,1,..`` spawning, or a single process.
-
-Under ``torchrun`` the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) is read as it is,
-which covers multi-node runs. Otherwise ``--gpu`` with several ids spawns one process per id on this
-machine, like the reference. NCCL on CUDA, gloo on CPU.
+"""One process per device: torchrun (its environment as it is, multi-node included), ``--gpu 0,1,..`` spawning
+one process per id on this machine like the reference, or a single process. NCCL on CUDA, gloo on CPU.
 """
 
 import datetime
@@ -91,9 +88,8 @@ def cleanup():
 
 
 def leave():
-    """Leave the process group after a successful run: a barrier first, so no rank tears its connections
-    down while a peer still uses them, then destroy it before the interpreter exits (gloo's threads must
-    not outlive it)."""
+    """Leave the process group after a successful run: a barrier, so no rank tears its connections down while a
+    peer still uses them, then destroy it before the interpreter exits (gloo's threads must not outlive it)."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -151,12 +147,11 @@ def _spawned(local_rank, main, args, world, port):
 
 
 def launch(main, args):
-    """Run ``main(args)`` once per process: directly under torchrun or for one id, spawned for several
-    (on the CPU with gloo without CUDA or with ``--cpu``). If a spawned process fails, the others are
-    killed and the job exits non-zero instead of hanging (as torchrun does): a process that reported
-    its own one-line error passes its exit code on; one killed or exiting without a report becomes a
-    :class:`WorkerFailedError`; an exception that is a bug keeps its traceback. A SIGTERM sent to this
-    process is passed to every spawned one, which save their state at the same step and exit 143.
+    """Run ``main(args)`` once per process: directly under torchrun or for one id, spawned for several.
+
+    If a spawned process fails, the others are killed (as torchrun does): a reported one-line error passes its
+    exit code on, a process killed or exiting without a report becomes a :class:`WorkerFailedError`, a bug keeps
+    its traceback. SIGTERM is passed to every spawned process; they save their state at one step and exit 143.
     """
     world = len(parse_gpu_ids(args.gpu))
     if under_torchrun() or world <= 1:
@@ -174,8 +169,7 @@ def launch(main, args):
     finally:
         signal.signal(signal.SIGTERM, previous)
     if failed is None:
-        codes = {process.exitcode for process in context.processes}
-        if codes != {0}:
+        if any(process.exitcode != 0 for process in context.processes):
             raise SpawnedExit(EXIT_TERMINATED)
         return
     if os.access(context.error_files[failed], os.R_OK):  # an exception that is a bug: its traceback
@@ -191,9 +185,8 @@ def launch(main, args):
 
 
 def _join(processes):
-    """Wait for every process; -> the index of the first that failed (the others are then killed: a peer's
-    death leaves them nothing to finish), or None. Exit code 143 (SIGTERM, state saved) is no failure: the
-    other ranks stop at the same step by themselves."""
+    """Wait for every process; -> the index of the first that failed (the others are then killed), or None.
+    Exit code 143 (SIGTERM, state saved) is no failure: the other ranks stop at the same step themselves."""
     pending = {process.sentinel: index for index, process in enumerate(processes)}
     while pending:
         for sentinel in multiprocessing.connection.wait(list(pending)):
@@ -209,13 +202,9 @@ def _join(processes):
 
 
 def all_reduce_mean_grads(params, info):
-    """Average the gradients of ``params`` over ranks in one flat all-reduce (what DDP does).
-
-    Not DDP itself: the stages do not train one module's ``forward`` (stage 1 trains a bare codebook;
-    stages 2-3 call the student head, projection head, probe and teacher separately, and the teacher
-    takes no gradient), which DDP's reducer needs to track. Call it on the still-scaled AMP gradients,
-    before ``GradScaler.unscale_``.
-    """
+    """Average the gradients of ``params`` over ranks in one flat all-reduce (what DDP does), on the still-scaled
+    AMP gradients, before ``GradScaler.unscale_``. Not DDP itself: the stages do not train one module's
+    ``forward`` (a bare codebook; heads, probe and teacher called separately), which DDP's reducer tracks."""
     grads = [p.grad for p in params if p.grad is not None] if info.distributed else []
     if not grads:
         return

@@ -1,9 +1,8 @@
 """Pictures of an evaluation: colour maps, per-image panels, loss curves, confusion matrix, overlays, legends.
 
-Figures use matplotlib's object API (``Figure``, Agg), never ``pyplot``, so nothing here touches a global
-backend or opens a window; every file is written atomically. Colour maps follow the reference: Cityscapes
-uses the official colours of its 27 evaluated label ids (7..33, in id order), every other dataset the
-PASCAL VOC palette (DeepLab's bit-interleaving generator), whose class 0 is black like the ignore colour.
+Figures use matplotlib's ``Figure`` (Agg), never ``pyplot``: no global backend, no window; every file is written
+atomically. Colour maps follow the reference: Cityscapes has the official colours of its 27 evaluated label ids
+(7..33), every other dataset the PASCAL VOC palette, whose class 0 is black like the ignore colour.
 """
 
 import json
@@ -76,9 +75,8 @@ def save_panel(
 ):
     """Writes one PNG row: image | ground truth | raw cluster map | CRF map | Hungarian map.
 
-    image_uint8: RGB [H, W, 3]; gt, cluster, crf, mapped: ids [H, W] (a ``None`` map and its title are
-    left out). Pictures keep their resolution, ``gap`` pixels apart, under a ``title_height``-pixel band:
-    the PNG is ``(n·W + (n−1)·gap) × (H + title_height)`` pixels for ``n`` pictures.
+    image_uint8: RGB [H, W, 3]; gt, cluster, crf, mapped: ids [H, W] (a ``None`` map and its title are left out).
+    For ``n`` pictures ``gap`` pixels apart under a title band the PNG is ``(n·W + (n−1)·gap) × (H + title_height)``.
     """
     image = _numpy(image_uint8)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -144,11 +142,8 @@ def plot_losses(records, out_png, keys=None, x_key="step"):
 
 
 def plot_confusion(histogram, class_names, out_png, normalize=True):
-    """Draws a confusion matrix: ground truth on the rows, predictions on the columns.
-
-    histogram: [C, C] counts, rows predicted class, columns label (``UnsupervisedMetrics.matched_histogram``).
-    With ``normalize`` each row is divided by the pixels of its class (rows of absent classes stay 0).
-    """
+    """Draws a confusion matrix (ground truth on the rows) of a [C, C] histogram with rows predicted class, columns
+    label (``UnsupervisedMetrics.matched_histogram``); ``normalize`` divides each row by its class's pixels."""
     hist = _numpy(histogram)
     if hist.ndim != 2 or hist.shape[0] != hist.shape[1] or hist.shape[0] != len(class_names):
         raise ValueError(f"expected a [C, C] histogram with C={len(class_names)} class names, got shape {hist.shape}")
