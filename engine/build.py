@@ -1,7 +1,6 @@
 """The networks of a run, built in one place from the resolved configuration, and trained ones loaded.
 
-Every artifact read here is checked against what the flags build before its strict load, so a
-file of another head, width or class count is one line naming both sides.
+Every artifact read is checked against what the flags build before its strict load: a mismatch is one line.
 """
 
 import os
@@ -71,11 +70,10 @@ def _shape(state, key):
 
 
 def describe_segment(state):
-    """What a segment state dict holds, read from its tensor shapes.
+    """``{"head", "width", "reduced_dim", "projection_dim", "n_classes", "num_queries"}`` of a segment state dict.
 
-    Returns ``{"head", "width", "reduced_dim", "projection_dim", "n_classes", "num_queries"}``: ``head.tr.*`` keys mean
-    the TR head (``head.query_pos`` [Q, D] gives the queries), ``head.f1.weight`` [r, D, 1, 1] the MLP head;
-    ``linear.f.weight`` [C, r, 1, 1] the classes. Unknown values are None.
+    Read from its shapes: ``head.tr.*`` keys mean the TR head (``head.query_pos`` [Q, D]), ``head.f1.weight``
+    [r, D, 1, 1] the MLP head, ``linear.f.weight`` [C, r, 1, 1] the classes. Unknown values are None.
     """
     is_tr = any(k.startswith("head.tr.") for k in state)
     f1 = _shape(state, "head.tr.f1.weight" if is_tr else "head.f1.weight")
@@ -100,35 +98,18 @@ def describe_cluster(state):
     return {"num_codebook": num_codebook, "width": width, "n_classes": n_classes, "reduced_dim": reduced_dim}
 
 
-def expected_segment(cfg, dim):
-    """What :func:`describe_segment` must find in a segment file for the module these flags build."""
+def _expected(kind, cfg, dim):
+    """What :func:`describe_segment` / :func:`describe_cluster` must find for the module these flags build."""
+    if kind == "cluster":
+        sizes = {"n_classes": cfg.n_classes, "reduced_dim": cfg.reduced_dim}
+        return {"num_codebook": cfg.num_codebook, "width": dim, **sizes}
     sizes = {"reduced_dim": cfg.reduced_dim, "projection_dim": cfg.projection_dim, "n_classes": cfg.n_classes}
-    expected = {"head": cfg.head, "width": dim, **sizes}
-    if SEGMENT_HEADS[cfg.head].fixed_grid:
-        expected["num_queries"] = cfg.num_queries
-    return expected
-
-
-def expected_cluster(cfg, dim):
-    """What :func:`describe_cluster` must find in a cluster file for the module these flags build."""
-    return {"num_codebook": cfg.num_codebook, "width": dim, "n_classes": cfg.n_classes, "reduced_dim": cfg.reduced_dim}
+    queries = {"num_queries": cfg.num_queries} if SEGMENT_HEADS[cfg.head].fixed_grid else {}
+    return {"head": cfg.head, "width": dim, **sizes, **queries}
 
 
 def _summary(values):
     return ", ".join(f"{k}={v}" for k, v in values.items() if v is not None)
-
-
-def check_fits(path, held, expected):
-    """One-line ArtifactMismatchError when what a file holds differs from what the flags build."""
-    wrong = [k for k, v in expected.items() if held.get(k) is not None and held[k] != v]
-    if held.get("head", "") is None or wrong:
-        fields = wrong or list(expected)
-        flags = ", ".join(dict.fromkeys(_FLAG_OF[k] for k in fields if k in _FLAG_OF))
-        holds, wanted = _summary(held) or "no known CAUSE head", _summary({k: expected[k] for k in fields})
-        raise ArtifactMismatchError(f"{path} holds {holds}; expected {wanted} (check {flags})")
-
-
-_DESCRIBE = {"segment": (describe_segment, expected_segment), "cluster": (describe_cluster, expected_cluster)}
 
 
 def load_into(module, state, path):
@@ -144,12 +125,17 @@ def load_into(module, state, path):
 
 def read_artifact(store, kind, cfg, dim):
     """``kind``'s state dict from the store, checked against what these flags build (one line if not)."""
-    state = store.state(kind)
+    state, path = store.state(kind), store.path(kind)
     if kind == "cluster" and set(state) != {"codebook", "cluster_probe"}:
         holds = f"holds {sorted(state)[:4]}, not codebook and cluster_probe"
-        raise ArtifactMismatchError(f"{store.path(kind)} {holds}: rerun {PRODUCER['cluster']}")
-    describe, expected = _DESCRIBE[kind]
-    check_fits(store.path(kind), describe(state), expected(cfg, dim))
+        raise ArtifactMismatchError(f"{path} {holds}: rerun {PRODUCER['cluster']}")
+    held, expected = (describe_segment if kind == "segment" else describe_cluster)(state), _expected(kind, cfg, dim)
+    wrong = [k for k, v in expected.items() if held.get(k) is not None and held[k] != v]
+    if held.get("head", "") is None or wrong:
+        fields = wrong or list(expected)
+        flags = ", ".join(dict.fromkeys(_FLAG_OF[k] for k in fields))
+        holds, wanted = _summary(held) or "no known CAUSE head", _summary({k: expected[k] for k in fields})
+        raise ArtifactMismatchError(f"{path} holds {holds}; expected {wanted} (check {flags})")
     return state
 
 

@@ -1,8 +1,7 @@
 """What every stage script does around its method: start the processes, set a run up, report its end.
 
-``run(main, parser)`` parses the flags, locks the output directory, starts one process per device and turns every
-stop into its exit code (``utils.errors.EXIT_CODES``) with one line. ``prepare(args)`` sets one process up (seeds,
-backbone, resolved configuration, artifact store, pre-flight checks) and returns the :class:`Run` the script uses.
+:func:`run` starts the processes and turns every stop into one line and its exit code; :func:`prepare` sets one
+process up (seeds, backbone, configuration, artifact store, pre-flight checks) and returns its :class:`Run`.
 """
 
 import contextlib
@@ -70,12 +69,10 @@ def printed_warnings(show=True):
 
 
 def run(main, parser, argv=None, single_process=False, lock=True):
-    """Parse flags, launch one process per device, and report a stop the user can act on as one line.
+    """Parse flags, lock the output directory (``lock``), launch one process per device and report a stop as one line.
 
-    Bad input and the other reported stops are one line with their exit code; any other exception is a bug and keeps
-    its traceback. Ctrl-C exits 130, SIGTERM 143 (after a training stage saved its resumable state), both naming the
-    state. ``single_process``: evaluation uses the first id of ``--gpu``. ``lock``: hold the output directory
-    (``run.lock``) against a second run writing it.
+    Reported stops exit with their code (``utils.errors.EXIT_CODES``), Ctrl-C 130, SIGTERM 143 (after a training stage
+    saved its state); any other exception is a bug and keeps its traceback. ``single_process``: the first --gpu only.
     """
     args = parser.parse_args(argv)
     if single_process:
@@ -129,8 +126,7 @@ class Run:
         return self.cfg.lr * self.info.world_size
 
     def dataset(self, split, resolution=None):
-        """The split at ``resolution`` (default ``--train_resolution``) with the backbone's own normalisation; the
-        toy data is generated once, by rank 0."""
+        """The split at ``resolution`` (default ``--train_resolution``); rank 0 generates the toy data."""
         if self.cfg.dataset == "toy":
             if self.info.is_main:
                 ensure_toy(self.cfg.data_dir)
@@ -155,15 +151,13 @@ class Run:
             save_config(self.cfg, running_name(path) if self.cfg.stage in TRAINING else path)
 
     def trainer(self, shared, local=None):
-        """The :class:`~engine.loop.Trainer` of this training stage; a resumed state must have this run's
-        flags, upstream artifacts (as read so far) and dataset."""
+        """The stage's :class:`~engine.loop.Trainer`; a resumed state must have this run's flags, upstream and data."""
         cfg = self.cfg
         flags = {k: v for k, v in cfg.as_dict().items() if k not in RESUME_FREE}
         flags.update(upstream=dict(self.store.loaded), dataset=self.store.identity.get("dataset"))
         loop = {"epochs": cfg.epoch, "max_steps": cfg.max_steps, "save_every": cfg.save_every, "amp": cfg.amp}
-        return Trainer(
-            cfg.stage, self.info, self.store.output_dir(cfg.stage), flags=flags, shared=shared, local=local, **loop
-        )
+        directory = self.store.output_dir(cfg.stage)
+        return Trainer(cfg.stage, self.info, directory, flags=flags, shared=shared, local=local, **loop)
 
     def flags(self, **what_ran):
         """The flags recorded with every artifact this run saves, and what the stage says actually ran."""
@@ -179,11 +173,8 @@ def _identity(cfg, dataset):
 
 
 def prepare(args, splits=None):
-    """Set this process up and return its :class:`Run`; stop (exit 2) when the pre-flight check fails.
-
-    Rank 0 checks the run (:mod:`engine.preflight`; ``splits``: the dataset splits the stage reads, by default those
-    of its stage); when it finds problems every rank stops. ``--check`` stops here.
-    """
+    """Set this process up and return its :class:`Run`; every rank stops (exit 2) when rank 0's pre-flight check
+    (of ``splits``, by default the stage's) fails. ``--check`` stops here."""
     info = setup(args.gpu, use_cpu=args.cpu, timeout_min=getattr(args, "dist_timeout", 10.0))
     seed_everything(getattr(args, "seed", 0) + info.rank)
     with printed_warnings(info.is_main):

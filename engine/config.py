@@ -1,8 +1,7 @@
 """The command line of the stage scripts, and its resolution into one read-only configuration.
 
-:data:`FLAGS` declares every flag once, with the scripts that take it; :func:`build_parser` gives a script its own.
-The published defaults of SPEC depend on the dataset, the head and the backbone's patch size, so flags left at ``None``
-are filled in once the backbone is known: :func:`resolve` returns a read-only :class:`Config` (``config_<stage>.json``).
+:data:`FLAGS` declares every flag once, with the stages that take it. Flags left at ``None`` get SPEC's published
+defaults (which depend on the dataset, head and patch size) from :func:`resolve`, once the backbone is known.
 """
 
 import argparse
@@ -14,10 +13,7 @@ from utils.atomic import atomic_write_bytes
 
 HEAD_ALIASES = {"mlp": "mlp", "cnn": "mlp", "tr": "tr", "detr": "tr"}
 FAMILIES = ("dino", "dinov2", "dinov3", "ibot", "msn", "mae", "mocov3", "unicom", "timm")
-TRAINING = ("mediator", "front_door", "fine_tuning")
-EVALUATION = ("test", "predict")
-STAGES = TRAINING + EVALUATION
-HEADED = ("front_door", "fine_tuning", "test", "predict")
+TRAINING, EVALUATION = ("mediator", "front_door", "fine_tuning"), ("test", "predict")
 # Published settings per stage and head (SPEC §4-6).
 EPOCHS = {"mediator": {"mlp": 1, "tr": 1}, "front_door": {"mlp": 2, "tr": 2}, "fine_tuning": {"mlp": 1, "tr": 5}}
 TRAIN_RESOLUTION = {
@@ -27,16 +23,14 @@ TRAIN_RESOLUTION = {
 }
 COCO_GRAD_CLIP = {"mlp": 0.1, "tr": 2.0}
 TEST_RESOLUTION = 320
+BOOLEANS = dict.fromkeys(("yes", "true", "t", "y", "1"), True) | dict.fromkeys(("no", "false", "f", "n", "0"), False)
 
 
 def str2bool(value):
     """argparse type for yes/no flags (``--grid yes``), as the reference spells them."""
-    lowered = str(value).lower()
-    if lowered in ("yes", "true", "t", "y", "1"):
-        return True
-    if lowered in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected yes/no, got {value!r}")
+    if str(value).lower() not in BOOLEANS:
+        raise argparse.ArgumentTypeError(f"expected yes/no, got {value!r}")
+    return BOOLEANS[str(value).lower()]
 
 
 def _number(kind, low, strict, high=math.inf):
@@ -67,8 +61,8 @@ def head_type(value):
     return HEAD_ALIASES[value.lower()]
 
 
-ALL, EVAL, TRAIN, HEADS = STAGES, EVALUATION, TRAINING, HEADED
-HEADS_TRAINED = ("front_door", "fine_tuning")
+ALL, EVAL, TRAIN, HEADS_TRAINED = TRAINING + EVALUATION, EVALUATION, TRAINING, ("front_door", "fine_tuning")
+HEADS = HEADS_TRAINED + EVAL
 # (group, flag, type, default, stages, help); a type of None is an on/off switch. The method's
 # constants (SPEC §3-7) are flags of the stages that use them, with the published values.
 # fmt: off
@@ -175,9 +169,8 @@ def round_to_patch(resolution, patch_size):
 def default_grad_clip(dataset, head, stage="front_door"):
     """Gradient-norm clip of the segment; 0 = none (SPEC §5-6).
 
-    Both stages clip at 1 on Cityscapes and at 0.1 (MLP) / 2 (TR) on COCO-Stuff; stage 3 nowhere
-    else, as the reference. The reference's stage 2 has no value for the other datasets (it fails
-    there); deviation: COCO-81/171 take COCO-Stuff's, the others 1.
+    Both stages clip at 1 on Cityscapes and 0.1 (MLP) / 2 (TR) on COCO-Stuff; stage 3 nowhere else, as the reference.
+    Its stage 2 has no value for other datasets (it fails there); deviation: COCO-81/171 take COCO-Stuff's, others 1.
     """
     if dataset == "cocostuff27" or (stage != "fine_tuning" and dataset in ("coco81", "coco171")):
         return COCO_GRAD_CLIP[head]
@@ -185,10 +178,7 @@ def default_grad_clip(dataset, head, stage="front_door"):
 
 
 def resolve(args, patch_size, n_classes, **extra):
-    """The run's :class:`Config`: ``args`` with every ``None`` flag set to its published default.
-
-    ``extra``: values the run adds (e.g. the resolved backbone family, the world size).
-    """
+    """The run's :class:`Config`: ``args`` and ``extra`` (e.g. the world size), ``None`` flags set to their defaults."""
     values = {**vars(args), **extra}
     stage, head = values["stage"], values.get("head", "mlp")
     if stage in TRAINING and values["epoch"] is None:

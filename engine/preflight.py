@@ -1,7 +1,7 @@
 """Pre-flight checks: everything a stage can find wrong before it trains for hours.
 
-Each ``check_*`` returns a list of problems, one line each (empty: all is well). :func:`run_checks` gathers them at the
-start of a stage (and alone with ``--check``); the stage prints them all and stops (exit 2) before training anything.
+Each ``check_*`` returns its problems, one line each; :func:`run_checks` gathers them at the start of a stage (and
+alone with ``--check``), which prints them all and stops (exit 2) before training anything.
 """
 
 import os
@@ -80,8 +80,7 @@ def check_output(args, store):
 
 
 def sampled_tokens(resolution, patch_size, grid):
-    side = max(0, resolution // patch_size)
-    return (side // GRID_CELL) ** 2 if grid else side**2
+    return (resolution // patch_size // (GRID_CELL if grid else 1)) ** 2
 
 
 def check_geometry(cfg, patch_size):
@@ -97,7 +96,7 @@ def check_geometry(cfg, patch_size):
         return problems
     tokens = sampled_tokens(cfg.train_resolution, patch_size, cfg.grid)
     if tokens < MIN_TOKENS:
-        side = GRID_CELL * int(np.ceil(np.sqrt(MIN_TOKENS))) if cfg.grid else int(np.ceil(np.sqrt(MIN_TOKENS)))
+        side = (GRID_CELL if cfg.grid else 1) * int(np.ceil(np.sqrt(MIN_TOKENS)))
         how = f"with patch {patch_size} and --grid {'yes' if cfg.grid else 'no'}; use at least {side * patch_size}"
         problems.append(f"--train_resolution {cfg.train_resolution} gives {tokens} sampled token(s) per image {how}")
     return problems
@@ -205,10 +204,8 @@ def check_disk(run):
     """Free space for this stage's artifacts and the feature cache, per file system."""
     artifacts, cache = _bytes_needed(run)
     by_device = {}  # file system -> (its first folder, bytes needed there)
-    for folder, need in (
-        (run.store.output_dir(run.cfg.stage), artifacts),
-        (getattr(run.cfg, "feature_cache", None), cache),
-    ):
+    wanted = [(run.store.output_dir(run.cfg.stage), artifacts), (getattr(run.cfg, "feature_cache", None), cache)]
+    for folder, need in wanted:
         if need:
             path = _existing_ancestor(folder)
             first, total = by_device.get(os.stat(path).st_dev, (path, 0))

@@ -1,10 +1,8 @@
 """``report.html``: one self-contained page with everything a test.py run produced.
 
-Sections (each a ``<section id=...>``): ``config`` (the resolved flags), ``metrics`` (CAUSE, CRF, linear probe,
-k-means baselines, clusters used), ``iou`` (per-class IoU bar chart), ``confusion`` (the confusion matrix), ``losses``
-(the three training stages' ``<stage>_loss.png`` or ``<stage>.jsonl``) and ``examples`` (image | ground truth |
-clusters | CRF | matched). Pictures are embedded as base64 ``data:`` URIs and the page has no script and no external
-reference, so it opens anywhere, offline, as a single file.
+Sections (``<section id=...>``): ``config``, ``metrics`` (with the clusters used), ``iou`` (per-class bars),
+``confusion``, ``losses`` (each training stage's ``<stage>_loss.png`` or ``<stage>.jsonl``) and ``examples``. Pictures
+are embedded as base64 ``data:`` URIs and there is no script or external reference: the page opens anywhere, offline.
 """
 
 import base64
@@ -13,6 +11,7 @@ import io
 import math
 import os
 import tempfile
+from pathlib import Path
 
 from matplotlib.figure import Figure
 
@@ -69,7 +68,7 @@ def stage_loss_png(stage, log_dirs):
     for directory in log_dirs:
         picture = os.path.join(directory, f"{stage}_loss.png")
         if os.path.isfile(picture):
-            return _read(picture)
+            return Path(picture).read_bytes()
         log = os.path.join(directory, f"{stage}.jsonl")
         if os.path.isfile(log):
             with tempfile.TemporaryDirectory() as tmp:
@@ -77,13 +76,8 @@ def stage_loss_png(stage, log_dirs):
                     plot_losses(log, os.path.join(tmp, "loss.png"))
                 except ValueError:
                     continue
-                return _read(os.path.join(tmp, "loss.png"))
+                return Path(tmp, "loss.png").read_bytes()
     return None
-
-
-def _read(path):
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def _image(png_bytes, alt):
@@ -108,8 +102,7 @@ def _metrics_section(result):
 
 
 def render_report(config, result, confusion_png, panel_pngs, log_dirs):
-    """The page as a string. confusion_png: bytes or None; panel_pngs: list of bytes; log_dirs: folders
-    searched, in order, for ``<stage>_loss.png`` / ``<stage>.jsonl``."""
+    """The page as a string; ``log_dirs``: folders searched, in order, for each stage's losses."""
     best, names = "cluster_crf" if "cluster_crf" in result else "cluster", result["class_names"]
     chart = _image(iou_chart(result[best]["iou"], names), "per-class IoU")
     confusion = _image(confusion_png, "confusion matrix") if confusion_png else "<p class=note>no confusion matrix</p>"
@@ -136,7 +129,7 @@ def render_report(config, result, confusion_png, panel_pngs, log_dirs):
 
 def write_report(path, config, result, confusion_path, panel_paths, log_dirs):
     """Writes :func:`render_report` of a run to ``path`` (atomically), reading the pictures from disk."""
-    confusion = _read(confusion_path) if confusion_path and os.path.isfile(confusion_path) else None
-    page = render_report(config, result, confusion, [_read(p) for p in panel_paths], log_dirs)
+    confusion = Path(confusion_path).read_bytes() if confusion_path and os.path.isfile(confusion_path) else None
+    page = render_report(config, result, confusion, [Path(p).read_bytes() for p in panel_paths], log_dirs)
     atomic_write_bytes(path, page.encode("utf-8"))
     return path

@@ -1,8 +1,8 @@
 """The resumable state of a training stage on disk: written atomically, read back to continue bit-identically.
 
-Rank 0 writes ``<run dir>/state_<stage>.pt``: what the ranks share (weights, EMA teacher, optimisers, schedulers), the
-loop's bookkeeping and position, and its own RNG states; rank r > 0 writes its own part (RNG states, concept bank) to
-``state_<stage>.rank<r>.<position>.pt``, named by rank 0's file, so replacing rank 0's file is what commits a save.
+Rank 0 writes ``<run dir>/state_<stage>.pt`` (shared weights and optimisers, the loop's position, its own RNGs); rank
+r > 0 its own part (RNGs, concept bank) to ``state_<stage>.rank<r>.<position>.pt``, named by rank 0's file, so
+replacing rank 0's file is what commits a save.
 """
 
 import glob
@@ -65,9 +65,8 @@ def _load_into(obj, state):
 class ResumableState:
     """The state files of one stage run.
 
-    ``shared``: name -> module / optimiser / scheduler / tensor, identical on every rank (``state_dict``); ``local``:
-    name -> objects that differ per rank, such as a concept bank (``state()`` / ``load_state()``); ``flags``: what
-    determines the result; a state is only resumed by a run with the same flags, upstream artifacts and dataset.
+    ``shared``: name -> module / optimiser / scheduler / tensor, identical on every rank; ``local``: name -> per-rank
+    objects such as a concept bank (``state()`` / ``load_state()``); ``flags``: what a resuming run must share.
     """
 
     def __init__(self, name, info, directory, flags, shared, local=None):
@@ -79,10 +78,9 @@ class ResumableState:
         return os.path.join(self.directory, f"state_{self.name}.rank{rank}.{position}.pt")
 
     def save(self, loop, describe_last):
-        """Write every rank's state; ``loop``: the loop's bookkeeping and position (a dict, saved by rank 0).
+        """Write every rank's state and ``loop`` (the loop's bookkeeping and position, by rank 0).
 
-        Refused (NonFiniteLossError, naming ``describe_last``, the last good state) when any of it is not finite.
-        """
+        A non-finite state is refused (NonFiniteLossError, naming ``describe_last``, the last good state)."""
         shared = {name: _state_of(obj) for name, obj in self.shared.items()}
         local = {name: _state_of(obj) for name, obj in self.local.items()}
         if all_reduce_mean(float(all_finite(shared) and all_finite(local)), self.info) < 1.0:
@@ -115,10 +113,9 @@ class ResumableState:
         self._check_compatible(state)
         rank = self.info.rank
         local = state["local"] if rank == 0 else self._read(self._rank_path(rank, state["position"]))
-        for name, obj in self.shared.items():
-            _load_into(obj, state["shared"][name])
-        for name, obj in self.local.items():
-            _load_into(obj, local[name])
+        for objects, states in ((self.shared, state["shared"]), (self.local, local)):
+            for name, obj in objects.items():
+                _load_into(obj, states[name])
         set_rng_state(local["rng"], self.info.device)
         return state["loop"]
 

@@ -7,10 +7,9 @@ Artifacts follow the reference's layout under the output root (default ``CAUSE/`
     <out>/<dataset>/<baseline>/<K>/cluster_<head>.pth           stage 3
     <out>/<dataset>/<baseline>/<K>/<head>/                      the head's logs, configs, states, tests
 
-``<baseline>`` is the checkpoint's file stem, ``<dataset>`` the dataset's name or ``folder-<name>-<hash>`` for
-``--dataset folder``. Every artifact has a provenance record next to it (``segment_mlp.pth.json``): its sha256, the
-dataset (with a manifest of its files), the backbone, the sha256 of each upstream artifact *as it was read* and the
-flags. A :class:`RunLock` keeps two runs from writing one directory at the same time.
+``<baseline>`` is the checkpoint's stem, ``<dataset>`` the dataset's name (``folder-<name>-<hash>`` for ``--dataset
+folder``). Each artifact has a provenance record beside it (``segment_mlp.pth.json``): its sha256, dataset (with a
+manifest of its files), backbone, flags and the sha256 of its upstream artifact as it was read.
 """
 
 import hashlib
@@ -87,33 +86,33 @@ def backbone_identity(files, arch):
     return {"path": os.path.abspath(files[0]), "size": size, "sha256_ends": digest.hexdigest()}
 
 
-def _describe_backbone(identity):
-    if "random" in identity:
+def _differs(what, recorded, current):
+    """Backbones: files' sizes and hashes; datasets: names, folders and (when both sides have one) file manifests."""
+    if what == "backbone":
+        keys = {"random", "size", "sha256_ends"}
+    elif "manifest" in recorded and "manifest" in current:
+        keys = (set(recorded) | set(current)) - {"files"}
+    else:
+        keys = {"name", "image_dir"}
+    return any(recorded.get(k) != current.get(k) for k in keys)
+
+
+def _describe(what, identity):
+    if what == "backbone" and "random" in identity:
         return f"random {identity['random']}"
-    return f"{identity['path']} ({identity['size']} bytes, sha {identity['sha256_ends'][:12]})"
-
-
-def _same_backbone(recorded, current):
-    return all(recorded.get(k) == current.get(k) for k in ("random", "size", "sha256_ends"))
-
-
-def _what_it_is(data):
-    """A few words on a file that is no PyTorch file: empty, text, or its first bytes."""
-    if not data:
-        return "is empty"
-    try:
-        return f"is a text file ({data[:40].decode().strip()!r}...), not PyTorch weights"
-    except UnicodeDecodeError:
-        return f"is not a PyTorch file (it begins with {data[:8]!r})"
+    if what == "backbone":
+        return f"{identity['path']} ({identity['size']} bytes, sha {identity['sha256_ends'][:12]})"
+    folder = f" in {identity['image_dir']}" if identity.get("image_dir") else ""
+    manifest = f" (manifest {identity['manifest'][:12]}, {identity['files']} files)" if "manifest" in identity else ""
+    return f"{identity['name']}{folder}{manifest}"
 
 
 class ArtifactStore:
     """The codebook, segment and cluster files of one configuration, read and written with provenance.
 
-    ``root``: ``<out>/<dataset dir>``; ``head``: mlp or tr (None for stage 1); ``given``: kind -> a path
-    that replaces the tree's (``--segment`` ...); ``identity``: the dataset and backbone of this run,
-    recorded with every artifact it saves and compared with the records of those it reads. Every
-    file read through the store is hashed as read (``loaded``), so a record names the bytes used.
+    ``root``: ``<out>/<dataset dir>``; ``head``: mlp or tr (None for stage 1); ``given``: kind -> a path replacing the
+    tree's (``--segment`` ...); ``identity``: this run's dataset and backbone, recorded with what it saves and compared
+    with the records of what it reads. Files read are hashed as read (``loaded``), so a record names the bytes used.
     """
 
     def __init__(self, root, baseline, num_codebook, head=None, given=None, identity=None):
@@ -178,7 +177,11 @@ class ArtifactStore:
         """A released-layout state dict (``module.`` prefixes removed); a bad file is one line."""
         path, data, fix = self.path(kind), self.read_bytes(kind), f"rerun {PRODUCER[kind]}"
         if not data.startswith((b"PK", b"\x80")):
-            raise CorruptArtifactError(f"{kind} weights {path} {_what_it_is(data)}: {fix}")
+            try:
+                what = f"is a text file ({data[:40].decode().strip()!r}...), not PyTorch weights"
+            except UnicodeDecodeError:
+                what = f"is not a PyTorch file (it begins with {data[:8]!r})"
+            raise CorruptArtifactError(f"{kind} weights {path} {what if data else 'is empty'}: {fix}")
         try:
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception:  # any failure to unpickle a file the user pointed at is a bad file, not a bug
@@ -190,10 +193,9 @@ class ArtifactStore:
         return {k.removeprefix("module."): v for k, v in state.items()}
 
     def save(self, kind, obj, flags):
-        """Save ``obj`` (an array for the codebook, a state dict else) atomically, then its provenance record.
+        """Save ``obj`` (the codebook's array, else a state dict) atomically, then its record; return its sha256.
 
-        The record names the upstream artifact by the sha256 of the bytes this run read of it (or wrote:
-        stage 3's cluster names the segment saved with it). Returns the file's sha256.
+        The record names the upstream artifact by the sha256 of the bytes this run read (or wrote) of it.
         """
         path = self.tree_path(kind)
         sha = atomic_np_save(obj, path) if kind == "codebook" else atomic_torch_save(obj, path)
@@ -234,14 +236,11 @@ class ArtifactStore:
         if record is None:
             return []
         name, script, problems = os.path.basename(self.path(kind)), PRODUCER[kind], []
-        recorded, current = record.get("backbone"), self.identity.get("backbone")
-        if recorded is not None and current is not None and not _same_backbone(recorded, current):
-            was, now = _describe_backbone(recorded), _describe_backbone(current)
-            problems.append(f"{name} was trained with backbone {was} but this run uses {now}: rerun {script}")
-        recorded, current = record.get("dataset"), self.identity.get("dataset")
-        if recorded is not None and current is not None and _dataset_differs(recorded, current):
-            was, now = _describe_data(recorded), _describe_data(current)
-            problems.append(f"{name} was trained on dataset {was} but this run uses {now}: rerun {script}")
+        for what, verb in (("backbone", "with"), ("dataset", "on")):
+            recorded, current = record.get(what), self.identity.get(what)
+            if recorded is not None and current is not None and _differs(what, recorded, current):
+                was, now = _describe(what, recorded), _describe(what, current)
+                problems.append(f"{name} was trained {verb} {what} {was} but this run uses {now}: rerun {script}")
         upstream = record.get("upstream")
         up_path = self.path(upstream["kind"]) if upstream is not None else None
         if up_path and os.path.isfile(up_path) and file_sha256(up_path) != upstream["sha256"]:
@@ -252,24 +251,11 @@ class ArtifactStore:
         return problems
 
 
-def _dataset_differs(recorded, current):
-    """Names, folders and (when both sides have one) the manifests of the files."""
-    keys = set(recorded) | set(current) if "manifest" in recorded and "manifest" in current else {"name", "image_dir"}
-    return any(recorded.get(k) != current.get(k) for k in keys - {"files"})
-
-
-def _describe_data(identity):
-    folder = f" in {identity['image_dir']}" if identity.get("image_dir") else ""
-    manifest = f" (manifest {identity['manifest'][:12]}, {identity['files']} files)" if "manifest" in identity else ""
-    return f"{identity['name']}{folder}{manifest}"
-
-
 class RunLock:
     """Exclusive use of an output directory by one run: a ``run.lock`` naming its holder, with a heartbeat.
 
-    The holder rewrites its heartbeat every ``stale_after / 4`` seconds. A lock whose process is gone
-    (same host, dead pid) or whose heartbeat is older than ``stale_after`` seconds (a job killed on any
-    host) is taken over with a warning; any other held lock is a one-line refusal.
+    The heartbeat is rewritten every ``stale_after / 4`` s. A lock whose process is gone (same host, dead pid) or
+    whose heartbeat is older than ``stale_after`` s is taken over with a warning; any other is a one-line refusal.
     """
 
     def __init__(self, directory, stale_after=600.0):
@@ -297,8 +283,9 @@ class RunLock:
         try:
             os.makedirs(self.directory, exist_ok=True)
         except OSError as err:
-            why = err.strerror or err
-            raise InvalidInputError(f"cannot create the output folder {self.directory}: {why}") from None
+            raise InvalidInputError(
+                f"cannot create the output folder {self.directory}: {err.strerror or err}"
+            ) from None
         command = " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:300]
         started = time.strftime("%Y-%m-%d %H:%M:%S")
         self.me = {"pid": os.getpid(), "host": socket.gethostname(), "started": started, "command": command}
