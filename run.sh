@@ -6,7 +6,7 @@ set -euo pipefail
 
 dataset="${dataset:-toy}"          # toy, cocostuff27, cityscapes, pascalvoc, coco81, coco171, folder
 head="${head:-${structure:-mlp}}"  # mlp or tr (the reference's "structure": cnn/detr also work)
-ckpt="${ckpt:-}"                   # e.g. checkpoint/dino_vitbase8_pretrain.pth; empty = random --arch
+ckpt="${ckpt:-}"                   # e.g. checkpoint/dino_vitbase8_pretrain.pth, weights/toy_vit_dino.pth (toy); empty = random --arch
 arch="${arch:-vit_tiny_patch16_224}"  # timm ViT used when ckpt is empty
 gpu="${gpu:-0}"                    # e.g. 0,1,2,3: one process per GPU (ignored on a CPU-only machine)
 data_dir="${data_dir:-data}"       # dataset root (the toy data is generated here on first use)
