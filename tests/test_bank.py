@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -168,7 +169,8 @@ def test_front_door_loss_gradients_reach_proj_only():
 
 def test_front_door_loss_rejects_bad_shapes():
     feat, proj, proj_ema, codebook, bank_feats, bank_idx = make_case(torch.float32, [[0, 1]], (0,))
-    with pytest.raises(ValueError, match="matching"):
+    shapes = re.escape("front_door_loss needs feat [B, P, D] and proj, proj_ema [B, P, E] of matching B, P, E, got")
+    with pytest.raises(ValueError, match=f"^{shapes} "):
         front_door_loss(feat, proj, proj_ema[..., :3], codebook, bank_feats, bank_idx)
     with pytest.raises(ValueError, match="bank"):
         front_door_loss(feat, proj, proj_ema, codebook, bank_feats[:, :2], bank_idx)

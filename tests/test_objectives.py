@@ -22,7 +22,7 @@ from modules.objectives import (
     probe_loss,
     update_bank,
 )
-from modules.segment import SegmentMLP, SegmentTR
+from modules.segment import SegmentMLP, SegmentTR, tokens_to_image
 from tests._stub_backbone import PatchBackbone
 
 B, SIDE, D, R, E, C, K = 2, 8, 16, 8, 12, 5, 4
@@ -222,6 +222,21 @@ def test_front_door_step_passes_its_thresholds_and_temperature(setting):
     want = front_door_loss(tokens, z, z_bar, codebook, *no_bank, **setting)
     torch.testing.assert_close(out["loss_front"], want, **TOL)
     assert abs(want.item() - front_door_loss(tokens, z, z_bar, codebook, *no_bank).item()) > 1e-3
+
+
+def test_probe_accuracy_is_a_percentage_of_the_counted_pixels_even_of_one():
+    segment = make_segment("mlp")
+    feats = torch.randn(1, 4, segment.linear.f.in_channels)
+    predicted = int(tokens_to_image(segment.linear(feats)).argmax(1)[0, 0, 0])
+    label = torch.full((1, 2, 2), -1, dtype=torch.long)
+    label[0, 0, 0] = predicted  # one counted pixel, classified right (2x2 logits: no interpolation)
+    assert (probe_loss(segment, feats, label, C)["probe_acc"], probe_loss(segment, feats, label, C)["n_counted"]) == (
+        100.0,
+        1,
+    )
+    label[0, 0, 0] = (predicted + 1) % C
+    assert probe_loss(segment, feats, label, C)["probe_acc"] == 0.0
+    assert probe_loss(segment, feats, torch.full((1, 2, 2), -1), C)["probe_acc"] == 0.0
 
 
 @pytest.mark.parametrize("detach", [True, False])
