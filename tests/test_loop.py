@@ -79,7 +79,8 @@ def make_trainer(log_dir, epochs=3, save_every=0, amp=False, shared=None, local=
 def run_fit(log_dir, epochs=3, save_every=0, stop_after=None, resume="no", max_steps=None):
     """Train a linear model with SGD + StepLR under ``fit``; ``stop_after``: SIGTERM received after this many
     steps of this call. A second module, per-rank state (``local``), drifts by a random step each batch.
-    -> (trainer, {"model", "drift"}, (fixed start, fixed end) or the Terminated raised, [(epoch, indices)])."""
+    -> (trainer, {"model", "drift", "loss_batches": indices of every batch the loss saw},
+    (fixed start, fixed end) or the Terminated raised, [(epoch, indices) of every step])."""
     seed_everything(0)
     model, drift = torch.nn.Linear(12, 1), torch.nn.Linear(1, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -87,10 +88,12 @@ def run_fit(log_dir, epochs=3, save_every=0, stop_after=None, resume="no", max_s
     shared = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
     trainer = make_trainer(log_dir, epochs, save_every, shared=shared, local={"drift": drift}, max_steps=max_steps)
     loader, sampler = make_loader(Points(), trainer.info, batch_size=3, num_workers=0, shuffle=True, drop_last=True)
-    trainer.resume(resume)
-    calls = []
+    resumed = trainer.resume(resume)
+    assert resumed == (resume != "no" and trainer.global_step > 0)
+    calls, seen = [], []
 
     def loss_fn(batch):  # a random term: a resumed run must also restore the RNG
+        seen.append(batch.ind.tolist())
         return (model(batch.img.flatten(1)) - 1).square().mean() + 0.01 * torch.rand(()).item()
 
     def train_step(epoch, batch):
@@ -111,7 +114,7 @@ def run_fit(log_dir, epochs=3, save_every=0, stop_after=None, resume="no", max_s
     finally:
         PREEMPTION.received = False
     assert not PREEMPTION.deferred
-    return trainer, {"model": model, "drift": drift}, result, calls
+    return trainer, {"model": model, "drift": drift, "loss_batches": seen}, result, calls
 
 
 def test_fit_trains_every_batch_logs_each_step_and_steps_the_schedule_per_epoch(tmp_path):
@@ -126,7 +129,7 @@ def test_fit_trains_every_batch_logs_each_step_and_steps_the_schedule_per_epoch(
     assert [r["epoch"] for r in trainer.records] == [0.0] * 4 + [1.0] * 4 + [2.0] * 4
     assert (trainer.epoch, trainer.batch) == (3, 0)
     # the fixed-batch loss: the first batch, before and after training, under a fixed RNG state
-    assert trainer.fixed["ind"] == calls[0][1]
+    assert trainer.fixed["ind"] == calls[0][1] and nets["loss_batches"][-1] == calls[0][1]
     x = Points().x[calls[0][1]].flatten(1)
     with torch.random.fork_rng():
         torch.manual_seed(FIXED_BATCH_SEED)
@@ -168,9 +171,28 @@ def test_resume_says_where_it_continues_and_reports_whether_it_did(tmp_path, cap
     assert trainer.global_step == 12 and len(trainer.records) == 12
 
 
-def test_max_steps_caps_the_batches_of_each_epoch(tmp_path):
-    trainer, _, _, calls = run_fit(tmp_path, epochs=2, max_steps=2)
-    assert [epoch for epoch, _ in calls] == [0, 0, 1, 1] and trainer.global_step == 4
+def test_max_steps_caps_the_batches_of_each_epoch_also_when_resumed_inside_it(tmp_path):
+    trainer, _, _, calls = run_fit(tmp_path, epochs=2, max_steps=3)
+    assert [epoch for epoch, _ in calls] == [0, 0, 0, 1, 1, 1] and trainer.global_step == 6
+    run_fit(tmp_path / "b", epochs=2, max_steps=3, stop_after=2)
+    trainer, _, _, rest = run_fit(tmp_path / "b", epochs=2, max_steps=3, resume="yes")
+    assert [epoch for epoch, _ in rest] == [0, 1, 1, 1] and trainer.global_step == 6
+
+
+def test_resume_no_starts_over_and_removes_the_saved_state(tmp_path):
+    run_fit(tmp_path, stop_after=5)
+    assert (tmp_path / "state_toy.pt").exists()
+    trainer, _, _, calls = run_fit(tmp_path, resume="no")
+    assert len(calls) == 12 and trainer.records[0]["step"] == 1
+
+
+def test_the_loss_scaler_state_is_saved_and_resumed(tmp_path):
+    trainer = make_trainer(tmp_path, shared={"model": torch.nn.Linear(2, 1)})
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=True)
+    trainer.save_state()
+    again = make_trainer(tmp_path, shared={"model": torch.nn.Linear(2, 1)})
+    again.scaler = torch.amp.GradScaler("cpu", init_scale=2.0, enabled=True)
+    assert again.resume("yes") and again.scaler.get_scale() == 1024.0
 
 
 def test_fit_saves_the_resumable_state_every_n_steps_and_at_each_epoch_end(tmp_path, monkeypatch):
