@@ -509,6 +509,8 @@ def test_ctrl_c_of_run_sh_exits_130(tmp_path, toy_dirs, dino_ckpt):
         text=True,
         env={**os.environ, **env},
         start_new_session=True,
+        # SIGINT at its default, as in a terminal: a shell ignores it in background jobs, and children inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     log = Path(store_of(train_mediator, flags(tmp_path / "out", dino_ckpt, toy_dirs["train"])).output_dir("mediator"))
     deadline = time.time() + 120

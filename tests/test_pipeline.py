@@ -401,6 +401,7 @@ def test_ctrl_c_stops_a_stage_without_artifacts(tmp_path, toy_dirs, dino_ckpt):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal, even in a background job
     )
     log = dataset_dir(out, toy_dirs["train"][0]) / "modularity" / "dino_tiny8" / "16" / "mediator.running.jsonl"
     deadline = time.time() + 120
