@@ -1,8 +1,11 @@
 """torch.hub entries: a trained CAUSE segmenter from local files. ``source="local"`` reads this clone's folder
 and every argument is a path on your disk: nothing is fetched.
 
-    segmenter = torch.hub.load(clone_dir, "cause_tr", source="local", ckpt="dinov2_vitb14_reg4_pretrain.pth",
-                               segment="segment_tr.pth", cluster="cluster_tr.pth", codebook="modular.npy")
+    segmenter = torch.hub.load(
+        "/path/to/this/clone", "cause_tr", source="local",  # a folder on disk, never a repository name
+        ckpt="/data/checkpoint/dinov2_vitb14_reg4_pretrain.pth", segment="/data/CAUSE/segment_tr.pth",
+        cluster="/data/CAUSE/cluster_tr.pth", codebook="/data/CAUSE/modular.npy",
+    )
 
 Both take the arguments of ``engine.segmenter.CauseSegmenter.from_files`` and return that module.
 """

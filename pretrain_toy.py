@@ -25,7 +25,6 @@ it gives on one fixed toy picture. ``weights/toy_vit_dino.pth`` was made with ``
 import argparse
 import copy
 import glob
-import hashlib
 import json
 import math
 import os
@@ -272,21 +271,20 @@ def record_path(out: str) -> str:
 @torch.no_grad()
 def fingerprint(path: str) -> dict:
     """Tokens of the backbone saved at ``path`` on one fixed picture (the textures world's sample of seed 0,
-    64 px, normalised as the stages do): the first 8 values of the first 4 tokens and the mean absolute
+    64 px, through the stages' transform): the first 8 values of the first 4 tokens and the mean absolute
     token. A file that gives them again is the recorded one, however it was stored."""
     backbone = load_backbone(path, family="dino")
-    image = torch.from_numpy(toy_sample(np.random.default_rng(0), 64, 6)[0]).permute(2, 0, 1).float() / 255
-    mean, std = (torch.tensor(v)[:, None, None] for v in (backbone.mean, backbone.std))
-    tokens = backbone(((image - mean) / std)[None])[0].double()
+    transform = SegmentationTransform(64, "center", backbone.mean, backbone.std)
+    image = transform(Image.fromarray(toy_sample(np.random.default_rng(0), 64, 6)[0]), None)[0]
+    tokens = backbone(image[None])[0].double()
     return {"first": [[round(v, 6) for v in row] for row in tokens[:4, :8].tolist()],
             "mean_abs": round(float(tokens.abs().mean()), 6)}  # fmt: skip
 
 
-def write_record(args, seconds: float) -> None:
-    """``record_path(args.out)``: the flags, this run's seconds, the file's sha256 and :func:`fingerprint`."""
-    with open(args.out, "rb") as f:
-        sha256 = hashlib.sha256(f.read()).hexdigest()
-    flags = {k: v for k, v in vars(args).items() if k not in ("resume", "save_every", "max_steps")}
+def write_record(args, sha256: str, seconds: float) -> None:
+    """``record_path(args.out)``: the flags (the thread count included), this run's seconds, the file's sha256 and
+    :func:`fingerprint`."""
+    flags = {k: v for k, v in vars(args).items() if k == "threads" or k not in RESUME_FREE}
     record = {"flags": flags, "seconds": round(seconds), "sha256": sha256, "fingerprint": fingerprint(args.out)}
     atomic_write_bytes(record_path(args.out), json.dumps(record, indent=1).encode())
 
@@ -363,10 +361,10 @@ def train(args) -> list[dict]:
     weights = teacher.dino_state_dict()
     if args.centre_tokens:
         weights["norm.bias"] -= token_mean(weights, image_dir, args.centre_tokens)
-    atomic_torch_save({k: v.half() if args.half else v for k, v in weights.items()}, args.out)
+    sha256 = atomic_torch_save({k: v.half() if args.half else v for k, v in weights.items()}, args.out)
     if os.path.isfile(state_file):
         os.remove(state_file)
-    write_record(args, time.time() - started)
+    write_record(args, sha256, time.time() - started)
     print(f"[pretrain toy] {total} steps ({time.time() - started:.0f} s); DINO-layout teacher written to {args.out}")
     return history
 
