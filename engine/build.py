@@ -9,7 +9,8 @@ import torch
 
 from engine.store import PRODUCER, ArtifactMismatchError
 from loader.datasets import build_dataset
-from models.backbone import checkpoint_files, load_backbone
+from models.backbone import load_backbone
+from models.files import checkpoint_files
 from modules.segment import SEGMENT_HEADS, Cluster
 
 # What a wrong value in each field of a file points at.

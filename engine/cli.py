@@ -21,7 +21,9 @@ from loader.batches import make_loader, seed_everything
 from loader.datasets import dataset_info
 from loader.feature_cache import FeatureCache, TokenSource
 from loader.toy import ensure_toy
-from models.backbone import FrozenViT, checkpoint_files, checkpoint_stem, normalisation_hint
+from models.backbone import FrozenViT, checkpoint_stem
+from models.files import checkpoint_files
+from models.normalisation import normalisation_hint
 from utils.atomic import remove_stale_temporaries
 from utils.distributed import PREEMPTION, DistInfo, Terminated, all_reduce_mean, barrier, cleanup, launch, leave, setup
 from utils.errors import (

@@ -31,7 +31,8 @@ from loader.labels import (
     load_sample,
 )
 from loader.toy import TOY_CLASS_NAMES, ensure_toy
-from loader.transforms import IMAGENET_MEAN, IMAGENET_STD, SegmentationTransform
+from loader.transforms import SegmentationTransform
+from models.normalisation import IMAGENET_MEAN, IMAGENET_STD
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 

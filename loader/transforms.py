@@ -17,7 +17,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from models.backbone import IMAGENET_MEAN, IMAGENET_STD
+from models.normalisation import IMAGENET_MEAN, IMAGENET_STD
 
 RESIZE_MODES = ("center", "square")
 

@@ -39,34 +39,19 @@ from models.checkpoints import (
     timm_state_dict,
 )
 from models.dinov3 import dinov3_num_heads, load_dinov3
-from models.files import HF_WEIGHTS, UnknownCheckpointError, checkpoint_files, read_checkpoint, read_hf_config
+from models.files import HF_WEIGHTS, UnknownCheckpointError, read_checkpoint, read_hf_config
 from models.normalisation import (
     CLIP_MEAN,
     CLIP_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    NORMALISATIONS,
-    SAT_MEAN,
-    SAT_STD,
     NormalisationHintWarning,
     Triple,
     normalisation_hint,
     resolve_normalisation,
 )
-from models.positions import interpolate_position_embedding, position_rule, sincos_2d_position_embedding
+from models.positions import interpolate_position_embedding, position_rule
 from utils.errors import InvalidInputError
-
-# fmt: off
-__all__ = [
-    "load_backbone", "FrozenViT", "RandomBackboneWarning", "checkpoint_stem", "default_num_heads", "DEFAULT_ARCH",
-    "RANDOM_SEED",
-    # re-exported from models.checkpoints, models.files, models.normalisation and models.positions
-    "FAMILIES", "detect_family", "UnknownCheckpointError", "read_checkpoint", "checkpoint_files",
-    "IMAGENET_MEAN", "IMAGENET_STD", "CLIP_MEAN", "CLIP_STD", "SAT_MEAN", "SAT_STD", "NORMALISATIONS",
-    "NormalisationHintWarning", "resolve_normalisation", "normalisation_hint",
-    "sincos_2d_position_embedding", "interpolate_position_embedding",
-]
-# fmt: on
 
 DEFAULT_ARCH = "vit_tiny_patch16_224"
 RANDOM_SEED = 0

@@ -7,19 +7,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.backbone import (
-    CLIP_MEAN,
-    CLIP_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    RandomBackboneWarning,
-    UnknownCheckpointError,
-    checkpoint_stem,
-    default_num_heads,
-    interpolate_position_embedding,
-    load_backbone,
-    sincos_2d_position_embedding,
-)
+from models.backbone import RandomBackboneWarning, checkpoint_stem, default_num_heads, load_backbone
+from models.files import UnknownCheckpointError
+from models.normalisation import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from models.positions import interpolate_position_embedding, sincos_2d_position_embedding
 from tests._backbone_fixtures import make_fake_checkpoint, official_sincos_table
 
 ATOL = 1e-4

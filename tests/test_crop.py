@@ -12,7 +12,8 @@ from PIL import Image
 
 import crop_dataset
 from crop_dataset import crop_array, crop_boxes
-from loader.datasets import DatasetError, build_dataset, cropped_dir, incomplete_marker
+from loader.datasets import build_dataset, cropped_dir, incomplete_marker
+from loader.labels import DatasetError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOC_TRAIN_IDS = ["2007_000032", "2007_000039"]

@@ -8,16 +8,8 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 import loader.datasets as datasets
-from loader.datasets import (
-    BENCHMARKS,
-    DATASETS,
-    DatasetError,
-    DatasetNotFoundError,
-    build_dataset,
-    cropped_dir,
-    dataset_info,
-    incomplete_marker,
-)
+from loader.datasets import BENCHMARKS, DATASETS, build_dataset, cropped_dir, dataset_info, incomplete_marker
+from loader.labels import DatasetError, DatasetNotFoundError
 from loader.toy import ensure_toy
 
 COCO_VAL_IDS = ["000000000139", "000000000285", "000000000632"]

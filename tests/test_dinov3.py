@@ -11,7 +11,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from models.backbone import (
+from models.backbone import checkpoint_stem, default_num_heads, load_backbone
+from models.checkpoints import detect_family
+from models.files import UnknownCheckpointError, checkpoint_files, read_checkpoint
+from models.normalisation import (
     CLIP_MEAN,
     CLIP_STD,
     IMAGENET_MEAN,
@@ -19,14 +22,7 @@ from models.backbone import (
     SAT_MEAN,
     SAT_STD,
     NormalisationHintWarning,
-    UnknownCheckpointError,
-    checkpoint_files,
-    checkpoint_stem,
-    default_num_heads,
-    detect_family,
-    load_backbone,
     normalisation_hint,
-    read_checkpoint,
 )
 from tests._backbone_fixtures import (
     make_dinov3_timm,

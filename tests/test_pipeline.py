@@ -277,7 +277,8 @@ def test_two_process_stage1_matches_single_process(tmp_path, toy_dirs, dino_ckpt
 def test_backbone_normalisation_reaches_the_dataset(tmp_path, toy_dirs):
     from engine.cli import Run
     from engine.config import resolve
-    from models.backbone import CLIP_MEAN, CLIP_STD, load_backbone
+    from models.backbone import load_backbone
+    from models.normalisation import CLIP_MEAN, CLIP_STD
     from utils.distributed import setup
 
     unicom = load_backbone(

@@ -5,7 +5,8 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from loader.transforms import IMAGENET_MEAN, IMAGENET_STD, SegmentationTransform, image_to_tensor, normalize, resize_pil
+from loader.transforms import SegmentationTransform, image_to_tensor, normalize, resize_pil
+from models.normalisation import IMAGENET_MEAN, IMAGENET_STD
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
