@@ -78,6 +78,26 @@ def test_utils_imports_nothing_of_the_project_but_utils():
             assert {t.split(".")[0] for _, t, _ in project_imports(path)} <= {"utils"}, path
 
 
+def test_no_import_circle():
+    modules = {module_name(p): p for p in project_files()}
+    graph = {m: {t for _, t, _ in project_imports(p) if t in modules and t != m} for m, p in modules.items()}
+    done, path = set(), []
+
+    def visit(module):
+        if module in path:
+            return path[path.index(module) :] + [module]
+        if module in done:
+            return None
+        path.append(module)
+        circle = next(filter(None, map(visit, sorted(graph[module]))), None)
+        path.pop()
+        done.add(module)
+        return circle
+
+    circles = list(filter(None, map(visit, sorted(graph))))
+    assert not circles, " -> ".join(circles[0])
+
+
 @pytest.mark.parametrize("source", ["from engine.loop import fit\n", "import loader.datasets\n"])
 def test_an_upward_import_is_seen(tmp_path, source):
     path = tmp_path / "probe.py"

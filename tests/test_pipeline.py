@@ -50,7 +50,7 @@ def one_class_scores(label_dir, n_classes):
 
 
 @pytest.mark.parametrize("head", ["mlp", "tr"])
-def test_all_stages_learn_and_write_artifacts(tmp_path, toy_dirs, dino_ckpt, head):
+def test_all_stages_learn_and_write_artifacts(tmp_path, toy_dirs, dino_ckpt, head, capsys):
     out = tmp_path / "CAUSE"
     # 96 px at patch 8: a 12x12 grid, 9 tokens per image after grid sampling; a larger learning
     # rate so that a dozen steps move the tiny model measurably.
@@ -75,13 +75,22 @@ def test_all_stages_learn_and_write_artifacts(tmp_path, toy_dirs, dino_ckpt, hea
     seg = torch.load(art / f"segment_{head}.pth", weights_only=True)
     first = "head.f1.weight" if head == "mlp" else "head.tr.f1.weight"
     assert first in seg and "projection_head_ema.f.weight" in seg and "linear.f.weight" in seg
-    assert set(torch.load(art / f"cluster_{head}.pth", weights_only=True)) == {"codebook", "cluster_probe"}
+    cluster = torch.load(art / f"cluster_{head}.pth", weights_only=True)
+    assert set(cluster) == {"codebook", "cluster_probe"}
+    assert torch.equal(cluster["codebook"], torch.from_numpy(codebook))  # the released layout keeps the mediator
 
     # Every stage lowers its own objective on the same batch, dropout masks and grid picks.
     s1, s2, s3 = summary(out, "mediator"), summary(out, "front_door", head), summary(out, "fine_tuning", head)
     assert s1["fixed_batch_loss_end"] < s1["fixed_batch_loss_start"]
     assert s2["fixed_batch_loss_front_end"] < s2["fixed_batch_loss_front_start"]
     assert s3["fixed_batch_loss_mod_end"] < s3["fixed_batch_loss_mod_start"]
+    for stage, stage_summary in (("front_door", s2), ("fine_tuning", s3)):
+        log = (art / head / f"{stage}.jsonl").read_text().splitlines()
+        assert stage_summary["probe_acc_last"] == json.loads(log[-1])["probe_acc"]
+    assert not list(out.rglob("state_*.pt")), "a finished stage leaves no resumable state"
+    printed = capsys.readouterr().out
+    assert f"[front door {head}] saved {art / f'segment_{head}.pth'}; fixed-batch contrastive loss" in printed
+    assert f"[fine-tuning {head}] saved {art / f'cluster_{head}.pth'}; fixed-batch modularity loss" in printed
 
     run = art / head
     metrics = json.loads((run / "metrics.json").read_text())
@@ -106,6 +115,8 @@ def test_all_stages_learn_and_write_artifacts(tmp_path, toy_dirs, dino_ckpt, hea
         assert (run / name).is_file(), name
     config = json.loads((run / "config_front_door.json").read_text())
     assert config["grad_clip"] == 1.0 and config["weight_decay"] == 1e-4 and config["num_queries"] == 144
+    config = json.loads((run / "config_fine_tuning.json").read_text())
+    assert config["stage"] == "fine_tuning" and config["head"] == head and config["epoch"] == 3
     records = [json.loads(line) for line in (run / "front_door.jsonl").read_text().splitlines()]
     assert len(records) == 3 * 4 and {"loss_front", "loss_linear", "probe_acc", "lr"} <= set(records[0])
     # The learning-rate schedules (SPEC): stage 1 x0.2 every epoch, stage 3 x0.5 every two epochs.
