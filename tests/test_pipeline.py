@@ -91,6 +91,7 @@ def test_all_stages_learn_and_write_artifacts(tmp_path, toy_dirs, dino_ckpt, hea
     printed = capsys.readouterr().out
     assert f"[front door {head}] saved {art / f'segment_{head}.pth'}; fixed-batch contrastive loss" in printed
     assert f"[fine-tuning {head}] saved {art / f'cluster_{head}.pth'}; fixed-batch modularity loss" in printed
+    assert "CAUSE (cluster probe)" in printed and f"metrics: {art / head / 'metrics.json'}" in printed
 
     run = art / head
     metrics = json.loads((run / "metrics.json").read_text())

@@ -92,6 +92,19 @@ def test_every_pixel_of_every_picture_is_labelled_at_its_displayed_size(tmp_path
     assert Image.open(out / "legend.png").size[0] > 50
 
 
+def test_pictures_stream_through_without_piling_up(tmp_path, dino_ckpt, released, monkeypatch):
+    """A picture's files are written while the following ones are segmented: at most one waits (no CRF pool)."""
+    write_odd_pictures(tmp_path / "in")
+    events, scores, save_png = [], predict.CauseSegmenter.picture_scores, predict.save_png
+    monkeypatch.setattr(predict, "save_png", lambda path, *a, **k: events.append("save") or save_png(path, *a, **k))
+    monkeypatch.setattr(
+        predict.CauseSegmenter, "picture_scores", lambda *a, **k: events.append("score") or scores(*a, **k)
+    )
+    assert run_predict(dino_ckpt, "mlp", released["mlp"], tmp_path / "in", tmp_path / "out", "--crf", "no") == []
+    assert events.count("score") == 5 and events.count("save") == 5 * 3
+    assert events.index("save") < [i for i, e in enumerate(events) if e == "score"][2], events
+
+
 def test_16_bit_palette_and_exif_pictures_are_read_as_displayed(tmp_path):
     ramp = (np.arange(256 * 4).reshape(4, 256) * 64).astype(np.uint16)
     rgb = np.array(to_display_rgb(Image.fromarray(ramp)))
