@@ -1,5 +1,6 @@
 import hashlib
 import json
+import math
 import os
 
 import numpy as np
@@ -66,6 +67,125 @@ def test_loss_goes_down(image_dir):
     assert last[0] < 0.8 * first[0] and last[1] < first[1] and last[2] < first[2]
 
 
+def literal_losses(student, teacher, views, masks, corr, centers, args):
+    """The objective written out one image, one view pair and one patch at a time: (total, cls, patch)."""
+    globals_, locals_ = views
+    n = len(globals_) // 2  # images; global view v of image b is row v * n + b, local crop l is row l * n + b
+    with torch.no_grad():
+        t_cls, t_patch = teacher(globals_)
+    s_cls, s_patch = student(globals_, masks)
+    s_local = student(locals_)[0]
+
+    def ce(teacher_logits, center, student_logits):
+        p = torch.softmax((teacher_logits - center) / args.teacher_temp, dim=-1)
+        return -(p * torch.log_softmax(student_logits / args.student_temp, dim=-1)).sum()
+
+    students = [lambda b, v=v: s_cls[v * n + b] for v in range(2)]
+    students += [lambda b, c=c: s_local[c * n + b] for c in range(args.local_crops)]
+    cls_terms = [ce(t_cls[i * n + b], centers[0], students[j](b)) for i in range(2) for j in range(len(students))
+                 if j != i for b in range(n)]  # fmt: skip
+    masked, matched = [], []
+    for row in range(2 * n):
+        other = (row + n) % (2 * n)  # the image's other global view
+        for k in range(masks.shape[1]):
+            if masks[row, k]:
+                masked.append(ce(t_patch[row, k], centers[1], s_patch[row, k]))
+            if corr[row, k] >= 0:
+                matched.append(ce(t_patch[other, corr[row, k]], centers[1], s_patch[row, k]))
+    cls_loss = torch.stack(cls_terms).mean()
+    patch_loss = (torch.stack(masked).mean() + torch.stack(matched).mean()) / 2
+    return cls_loss + args.patch_weight * patch_loss, cls_loss, patch_loss
+
+
+def test_losses_equal_the_literal_recipe(image_dir):
+    """CLS loss over every (teacher global, other student view) pair, local crops included; patch loss of the
+    masked patches and of the matched patches of the other global view."""
+    args = pretrain_toy.parser().parse_args(["--image_dir", image_dir, *TINY_MODEL, "--patch_weight", "0.7"])
+    torch.manual_seed(1)
+    student, teacher = pretrain_toy.Network(args), pretrain_toy.Network(args)
+    torch.nn.init.normal_(student.mask_token)
+    views, masks, corr = pretrain_toy.batch_views(pretrain_toy.load_images(image_dir), range(4), 3, args)
+    assert masks.any() and (corr >= 0).any() and args.local_crops == 2
+    centers = (0.1 * torch.randn(args.out_dim), 0.1 * torch.randn(args.out_dim))
+    ours = pretrain_toy.losses(student, teacher, views, masks, corr, centers, args)[:3]
+    for value, literal in zip(ours, literal_losses(student, teacher, views, masks, corr, centers, args), strict=True):
+        torch.testing.assert_close(value, literal, rtol=1e-5, atol=1e-6)
+
+
+def test_training_steps_follow_the_literal_recipe(image_dir, tmp_path):
+    """Three steps of pretrain_toy.py (warm-up then cosine, prototypes frozen in the first epoch, gradients
+    clipped) leave the student, teacher and centres of a literal AdamW + EMA loop written out here."""
+    flags = ["--epochs", "2", "--warmup_epochs", "1", "--freeze_prototypes", "1", "--grad_clip", "0.05"]
+    pretrain(image_dir, tmp_path / "toy.pth", *flags, "--max_steps", "3")
+    saved = torch.load(str(tmp_path / "toy.pth") + ".state.pt", map_location="cpu", weights_only=False)
+
+    args = pretrain_toy.parser().parse_args(["--image_dir", image_dir, *TINY_MODEL, *flags])
+    torch.manual_seed(args.seed)
+    images = pretrain_toy.load_images(image_dir)
+    student = pretrain_toy.Network(args)
+    teacher = pretrain_toy.Network(args)
+    teacher.load_state_dict(student.state_dict())
+    named = list(student.named_parameters())
+    decay = [p for n, p in named if p.ndim > 1 and "token" not in n and "pos_embed" not in n]
+    rest = [p for n, p in named if not (p.ndim > 1 and "token" not in n and "pos_embed" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": rest}])
+    optimizer.param_groups[1]["weight_decay"] = 0.0
+    centers = (torch.zeros(args.out_dim), torch.zeros(args.out_dim))
+    per_epoch, total = 2, 4  # 8 images, batches of 4, 2 epochs
+    for step in range(3):
+        epoch = step // per_epoch
+        order = torch.randperm(8, generator=torch.Generator().manual_seed(args.seed * 7919 + epoch))
+        batch = order[(step % per_epoch) * 4 : (step % per_epoch + 1) * 4]
+        views, masks, corr = pretrain_toy.batch_views(images, batch, step, args)
+        if step < per_epoch:  # linear warm-up over one epoch
+            lr = args.lr * (step + 1) / per_epoch
+        else:
+            lr = 1e-6 + (args.lr - 1e-6) * 0.5 * (1 + math.cos(math.pi * (step - per_epoch) / (total - per_epoch)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, _, _, means = pretrain_toy.losses(student, teacher, views, masks, corr, centers, args)
+        optimizer.zero_grad()
+        loss.backward()
+        if epoch < 1:  # --freeze_prototypes 1
+            student.head.prototypes.grad = None
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 0.05)
+        optimizer.step()
+        momentum = 1.0 + (args.momentum - 1.0) * 0.5 * (1 + math.cos(math.pi * step / total))
+        with torch.no_grad():
+            for t, s in zip(teacher.parameters(), student.parameters()):
+                t.copy_(momentum * t + (1 - momentum) * s)
+        centers = tuple(args.center_momentum * c + (1 - args.center_momentum) * m for c, m in zip(centers, means))
+    assert saved["step"] == 3
+    for name, network in (("student", student), ("teacher", teacher)):
+        for key, value in network.state_dict().items():
+            torch.testing.assert_close(
+                saved[name][key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} {key}: {m}"
+            )
+    for ours, literal in zip(saved["centers"], centers, strict=True):
+        torch.testing.assert_close(ours, literal, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_patches_see_the_mask_token_only(image_dir):
+    """With every patch masked the network sees no pixel: two different pictures give the same outputs."""
+    args = pretrain_toy.parser().parse_args(["--image_dir", image_dir, *TINY_MODEL])
+    torch.manual_seed(0)
+    network = pretrain_toy.Network(args)
+    img = torch.randn(2, 3, args.global_size, args.global_size)
+    grid = (args.global_size // args.patch_size) ** 2
+    cls, patch = network(img, torch.ones(2, grid, dtype=torch.bool))
+    torch.testing.assert_close(cls[0], cls[1])
+    torch.testing.assert_close(patch[0], patch[1])
+    cls, patch = network(img, torch.zeros(2, grid, dtype=torch.bool))
+    assert not torch.allclose(patch[0], patch[1])
+    torch.testing.assert_close(network(img)[1], patch)
+
+
+def test_pair_flags_take_two_values():
+    args = pretrain_toy.parser().parse_args(["--global_scale", "0.2", "0.6", "--mask_ratio", "0.3", "0.4"])
+    assert args.global_scale == [0.2, 0.6] and args.mask_ratio == [0.3, 0.4]
+    assert pretrain_toy.parser().parse_args([]).local_scale == (0.03, 0.15)
+
+
 def test_view_geometry_maps_pixels_back():
     """view_to_image sends each pixel of a view (crop without resampling, flip, quarter turns) to the
     image pixel it shows; image_to_view inverts it; correspondences pair patches showing one point."""
@@ -100,14 +220,23 @@ def test_seed_decides_every_draw(image_dir, tmp_path):
     assert not torch.equal(a["blocks.0.attn.qkv.weight"], c["blocks.0.attn.qkv.weight"])
 
 
-def test_resume_equals_uninterrupted(image_dir, tmp_path):
+def test_resume_equals_uninterrupted(image_dir, tmp_path, monkeypatch, capsys):
     pretrain(image_dir, tmp_path / "straight.pth", "--epochs", "3")
     out = tmp_path / "resumed.pth"
-    pretrain(image_dir, out, "--epochs", "3", "--max_steps", "3")
+    saves = []
+    save = pretrain_toy.atomic_torch_save
+    monkeypatch.setattr(
+        pretrain_toy, "atomic_torch_save", lambda obj, path: saves.append(obj.get("step")) or save(obj, path)
+    )
+    pretrain(image_dir, out, "--epochs", "3", "--max_steps", "3", "--save_every", "2")
+    assert saves == [2, 3]  # every --save_every steps, and where it stopped
     assert not out.exists() and os.path.isfile(pretrain_toy.state_path(str(out)))
+    assert f"stopped at step 3/6; --resume yes continues from {out}.state.pt" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="flags changed: lr"):
         pretrain(image_dir, out, "--epochs", "3", "--resume", "yes", "--lr", "2e-3")
-    history = pretrain(image_dir, out, "--epochs", "3", "--resume", "yes")
+    # A pair flag given as its default is the same flag as the default it was started with.
+    history = pretrain(image_dir, out, "--epochs", "3", "--resume", "yes", "--global_scale", "0.15", "0.5")
+    assert "6 steps" in capsys.readouterr().out
     assert [record["step"] for record in history] == list(range(1, 7))
     assert_same(weights(tmp_path / "straight.pth"), weights(out))
     assert not os.path.exists(pretrain_toy.state_path(str(out)))  # a finished run leaves no state
