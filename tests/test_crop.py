@@ -175,6 +175,30 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(DatasetError, match="only applies to --crop_type five"):
         crop_dataset.crop_dataset("pascalvoc", str(tmp_path), crop_ratio=0.3, progress=False)
 
+    tiny = tmp_path / "tiny"
+    make_voc_train(tiny, height=3, width=1)  # a 1-pixel-wide picture has no 0.3-size crop
+    with pytest.raises(DatasetError, match=r"image .*\.jpg \(1x3\) is too small to crop at ratio 0\.3"):
+        crop_dataset.crop_dataset("pascalvoc", str(tiny), progress=False)
+
+
+def test_main_reports_the_crops_and_a_ctrl_c(tmp_path, monkeypatch, capsys):
+    make_coco_train(tmp_path)
+    argv = ["--dataset", "cocostuff27", "--data_dir", str(tmp_path), "--num_workers", "0"]
+    crop_dataset.main(argv)
+    crop_root = cropped_dir("cocostuff27", str(tmp_path))
+    assert capsys.readouterr().out == f"15 crops in {crop_root} (15 written now, 0 already there)\n"
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(crop_dataset, "crop_dataset", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        crop_dataset.main(argv)
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == (
+        "crop_dataset.py: interrupted; the crops written so far are complete, rerun the same command to finish\n"
+    )
+
 
 def test_script_exits_with_code_2_and_one_line(tmp_path):
     result = subprocess.run(
