@@ -159,6 +159,15 @@ def test_from_run_gives_predict_py_matched_classes(tmp_path, trained_run, toy_di
     assert all(torch.equal(again[k], v) for k, v in segmenter.state_dict().items())
 
 
+def test_from_run_keeps_the_runs_crf_weight(tmp_path, trained_run):
+    """The CRF weight comes from the run's configuration (a copy of it with --crf_alpha 5 here)."""
+    run_dir, _ = trained_run
+    config = json.loads((run_dir / "config_test.json").read_text())
+    (tmp_path / "config_test.json").write_text(json.dumps({**config, "crf_alpha": 5.0}))
+    assert CauseSegmenter.from_run(tmp_path).crf_alpha == 5.0
+    assert CauseSegmenter.from_run(tmp_path, crf_alpha=2.0).crf_alpha == 2.0
+
+
 def test_from_run_on_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(Exception, match="not a run dir"):
         CauseSegmenter.from_run(tmp_path)

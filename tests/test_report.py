@@ -1,5 +1,6 @@
 """report.html: written by test.py, self-contained, and rendered by a real browser (headless Chromium)."""
 
+import io
 import json
 import re
 import shutil
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 
 import test as test_stage
-from engine.report import SECTIONS, STAGES, render_report
+from engine.report import SECTIONS, STAGES, iou_chart, render_report
 from tests._released_heads import head_flags, write_released_heads
 from tests._stage_flags import dataset_dir, parse
 
@@ -100,6 +101,21 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert pixels.shape == (2400, 1200)
     assert pixels.std() > 20  # text, tables and pictures, not a blank page
     assert (pixels < 128).mean() > 0.01
+
+
+def bar_pixels(png):
+    """Mask of the chart's bar colour (#4a7ab5) in a PNG."""
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    return np.abs(rgb - [0x4A, 0x7A, 0xB5]).sum(-1) < 30
+
+
+def test_iou_chart_draws_one_bar_per_class_first_on_top():
+    full, empty = bar_pixels(iou_chart([100.0, 0.0], ["a", "b"])), bar_pixels(iou_chart([0.0, 0.0], ["a", "b"]))
+    assert not empty.any() and full.sum() > 1000
+    rows = np.nonzero(full.any(1))[0]
+    assert rows.max() < full.shape[0] / 2  # the first class's bar is the upper one
+    many = Image.open(io.BytesIO(iou_chart([50.0, float("nan"), 10.0] * 10, [str(i) for i in range(30)])))
+    assert many.size[1] > Image.open(io.BytesIO(iou_chart([1.0], ["a"]))).size[1]  # taller with more classes
 
 
 def test_a_missing_stage_log_is_said_not_hidden(tmp_path):
