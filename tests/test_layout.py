@@ -17,9 +17,14 @@ MAX_LINES = 400
 
 
 def project_files():
-    """Every Python file of the project outside tests, benchmarks and the virtual environment."""
-    skipped = {"tests", "benchmarks", "scripts", ".venv", "docs"}
-    return sorted(p for p in ROOT.rglob("*.py") if not skipped & set(p.relative_to(ROOT).parts[:-1]))
+    """Every Python file of the project outside tests, benchmarks, hidden folders (.venv) and mutmut's copy."""
+    skipped = {"tests", "benchmarks", "scripts", "docs", "mutants"}
+
+    def kept(path):
+        folders = path.relative_to(ROOT).parts[:-1]
+        return not skipped & set(folders) and not any(folder.startswith(".") for folder in folders)
+
+    return sorted(filter(kept, ROOT.rglob("*.py")))
 
 
 def module_name(path):
