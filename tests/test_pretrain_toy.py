@@ -186,6 +186,29 @@ def test_pair_flags_take_two_values():
     assert pretrain_toy.parser().parse_args([]).local_scale == (0.03, 0.15)
 
 
+def test_colour_jitter_is_brightness_contrast_saturation_in_that_order():
+    """A jittered view equals the same crop unjittered, then scaled in brightness, contrast about its mean and
+    saturation about its luma, with the factors 1 + jitter * U(-1, 1) drawn after the geometry."""
+    image = torch.randint(60, 200, (3, 40, 52), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+
+    def view(jitter):
+        out, geometry = random_view(image, 16, (0.3, 0.6), jitter, True, torch.Generator().manual_seed(7))
+        return out * std + mean, geometry
+
+    (plain, geometry), (jittered, same) = view(0.0), view(0.4)
+    assert same == geometry
+    draws = torch.Generator().manual_seed(7)
+    torch.rand(7, generator=draws)
+    brightness, contrast, saturation = (1 + 0.4 * (2 * torch.rand(3, generator=draws) - 1)).tolist()
+    expected = plain * brightness
+    expected = (expected - expected.mean()) * contrast + expected.mean()
+    luma = 0.299 * expected[0] + 0.587 * expected[1] + 0.114 * expected[2]
+    expected = ((expected - luma) * saturation + luma).clamp(0, 1)
+    assert min(abs(brightness - 1), abs(contrast - 1), abs(saturation - 1)) > 0.01
+    torch.testing.assert_close(jittered, expected, rtol=0, atol=1e-5)
+
+
 def test_view_geometry_maps_pixels_back():
     """view_to_image sends each pixel of a view (crop without resampling, flip, quarter turns) to the
     image pixel it shows; image_to_view inverts it; correspondences pair patches showing one point."""
