@@ -11,7 +11,7 @@ from PIL import Image
 import pretrain_toy
 from loader.toy import PARTS_CLASS_NAMES, TOY_WORLDS, ensure_toy, parts_sample, toy_dir
 from loader.transforms import SegmentationTransform
-from loader.views import correspondences, image_to_view, random_view, view_to_image
+from loader.views import correspondences, image_to_view, patch_masks, random_view, view_to_image
 from models.backbone import load_backbone
 from models.checkpoints import detect_family
 from models.normalisation import IMAGENET_MEAN, IMAGENET_STD
@@ -207,6 +207,14 @@ def test_colour_jitter_is_brightness_contrast_saturation_in_that_order():
     expected = ((expected - luma) * saturation + luma).clamp(0, 1)
     assert min(abs(brightness - 1), abs(contrast - 1), abs(saturation - 1)) > 0.01
     torch.testing.assert_close(jittered, expected, rtol=0, atol=1e-5)
+
+
+def test_patch_masks_mask_a_share_of_crops_within_the_ratio():
+    masks = patch_masks(4000, 4, (0.25, 0.5), 0.3, torch.Generator().manual_seed(0))
+    counts = masks.sum(1)
+    assert masks.shape == (4000, 16) and abs((counts > 0).float().mean().item() - 0.3) < 0.03
+    assert counts[counts > 0].min() >= 4 and counts.max() <= 8  # 25 % to 50 % of 16 patches
+    assert not patch_masks(50, 4, (0.25, 0.5), 0.0, torch.Generator().manual_seed(0)).any()
 
 
 def test_view_geometry_maps_pixels_back():
