@@ -7,13 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import predict
 import test as test_stage
 from engine import cli
+from engine.build import load_into, read_artifact
+from engine.store import ArtifactMismatchError
 from loader.images import list_images, output_stems, to_display_rgb
 from loader.labels import read_image
+from modules.segment import SegmentMLP
 from tests._released_heads import CLASSES, head_flags, write_released_heads
 from tests._stage_flags import parse
 from utils.errors import EXIT_SKIPPED_INPUTS, BadInputError
@@ -227,6 +231,26 @@ def test_mismatched_head_is_one_line_naming_both_sides(tmp_path, dino_ckpt, rele
     message = str(err.value)
     assert "\n" not in message and str(released["tr"]["segment"]) in message
     assert expected in message.split("; expected")[0] and "expected" in message
+
+
+def test_a_state_that_does_not_load_is_one_line_naming_the_file():
+    """Past the pre-flight's description check: a strict-load failure and a cluster file of other tensors."""
+    segment, extra = SegmentMLP(48, 8, 16, 6), {"head.surprise": torch.zeros(1)}
+    with pytest.raises(ArtifactMismatchError) as err:
+        load_into(segment, {**segment.state_dict(), **extra}, "/runs/segment_mlp.pth")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("/runs/segment_mlp.pth does not fit the SegmentMLP built")
+    assert "head.surprise" in message
+
+    class Store:
+        def state(self, kind):
+            return {"centroids": torch.zeros(6, 8)}
+
+        def path(self, kind):
+            return f"/runs/{kind}_mlp.pth"
+
+    with pytest.raises(ArtifactMismatchError, match=r"^/runs/cluster_mlp.pth holds \['centroids'\], not codebook"):
+        read_artifact(Store(), "cluster", None, 48)
 
 
 def test_mismatched_head_from_the_command_line_exits_2(tmp_path, dino_ckpt, released, capsys):
