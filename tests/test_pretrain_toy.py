@@ -80,9 +80,9 @@ def literal_losses(student, teacher, views, masks, corr, centers, args):
         p = torch.softmax((teacher_logits - center) / args.teacher_temp, dim=-1)
         return -(p * torch.log_softmax(student_logits / args.student_temp, dim=-1)).sum()
 
-    students = [lambda b, v=v: s_cls[v * n + b] for v in range(2)]
-    students += [lambda b, c=c: s_local[c * n + b] for c in range(args.local_crops)]
-    cls_terms = [ce(t_cls[i * n + b], centers[0], students[j](b)) for i in range(2) for j in range(len(students))
+    students = [s_cls[v * n : (v + 1) * n] for v in range(2)]  # per view: its n images' outputs
+    students += [s_local[c * n : (c + 1) * n] for c in range(args.local_crops)]
+    cls_terms = [ce(t_cls[i * n + b], centers[0], students[j][b]) for i in range(2) for j in range(len(students))
                  if j != i for b in range(n)]  # fmt: skip
     masked, matched = [], []
     for row in range(2 * n):
@@ -125,11 +125,11 @@ def test_training_steps_follow_the_literal_recipe(image_dir, tmp_path):
     student = pretrain_toy.Network(args)
     teacher = pretrain_toy.Network(args)
     teacher.load_state_dict(student.state_dict())
-    named = list(student.named_parameters())
-    decay = [p for n, p in named if p.ndim > 1 and "token" not in n and "pos_embed" not in n]
-    rest = [p for n, p in named if not (p.ndim > 1 and "token" not in n and "pos_embed" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": rest}])
-    optimizer.param_groups[1]["weight_decay"] = 0.0
+    decayed = {n: p.ndim > 1 and "token" not in n and "pos_embed" not in n for n, p in student.named_parameters()}
+    groups = [[p for n, p in student.named_parameters() if decayed[n] == flag] for flag in (True, False)]
+    optimizer = torch.optim.AdamW(
+        [{"params": groups[0], "weight_decay": args.weight_decay}, {"params": groups[1], "weight_decay": 0.0}]
+    )
     centers = (torch.zeros(args.out_dim), torch.zeros(args.out_dim))
     per_epoch, total = 2, 4  # 8 images, batches of 4, 2 epochs
     for step in range(3):
